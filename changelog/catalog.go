@@ -1,0 +1,84 @@
+package changelog
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/dstl-dev/dstl/internal/envelope"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// Stream definitions live at catalog/<name>, apart from the streams/ tree,
+// so that listing streams reads only definitions.
+const catalogPrefix = "catalog/"
+
+const streamConfigKind = "stream-config"
+
+func catalogKey(name string) string { return catalogPrefix + name }
+
+// createStream records a new stream's definition create-only: of two
+// racing creators of one name exactly one succeeds.
+func createStream(ctx context.Context, store upload.BlobStore, cfg StreamConfig) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	data, err := envelope.Seal(streamConfigKind, cfg)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", cfg.Name, err)
+	}
+	err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
+	if errors.Is(err, upload.ErrAlreadyExists) {
+		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+	}
+	if err != nil {
+		return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
+	}
+	return nil
+}
+
+// getStream reads a stream's definition.
+func getStream(ctx context.Context, store upload.BlobStore, name string) (StreamConfig, error) {
+	if err := ValidateStreamName(name); err != nil {
+		return StreamConfig{}, err
+	}
+	data, err := readAll(ctx, store, catalogKey(name))
+	if errors.Is(err, upload.ErrNotFound) {
+		return StreamConfig{}, fmt.Errorf("stream %s: %w", name, ErrStreamNotFound)
+	}
+	if err != nil {
+		return StreamConfig{}, fmt.Errorf("stream %s: read definition: %w", name, err)
+	}
+	var cfg StreamConfig
+	if err := envelope.Open(catalogKey(name), data, streamConfigKind, &cfg); err != nil {
+		return StreamConfig{}, fmt.Errorf("stream %s: %w", name, err)
+	}
+	if cfg.Name != name {
+		return StreamConfig{}, fmt.Errorf("stream %s: definition names %q: %w", name, cfg.Name, envelope.ErrCorrupt)
+	}
+	if err := cfg.Validate(); err != nil {
+		return StreamConfig{}, fmt.Errorf("stream %s: stored definition: %v: %w", name, err, envelope.ErrCorrupt)
+	}
+	return cfg, nil
+}
+
+// listStreams returns the names of every stream, in order.
+func listStreams(ctx context.Context, store upload.BlobStore) ([]string, error) {
+	var names []string
+	startAfter := ""
+	for {
+		page, err := store.List(ctx, catalogPrefix, startAfter, 1000)
+		if err != nil {
+			return nil, fmt.Errorf("list streams: %w", err)
+		}
+		for _, obj := range page.Objects {
+			names = append(names, strings.TrimPrefix(obj.Key, catalogPrefix))
+		}
+		if page.Next == "" {
+			return names, nil
+		}
+		startAfter = page.Next
+	}
+}

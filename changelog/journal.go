@@ -1,0 +1,185 @@
+package changelog
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/dstl-dev/dstl/internal/envelope"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+const journalEntryKind = "journal-entry"
+
+// maxAppendFailures bounds how often an append retries after attempts that
+// made no progress (transient errors). Lost races are not counted: each one
+// means another writer appended, so contention cannot exhaust the bound.
+const maxAppendFailures = 16
+
+// journal reads and appends one stream's journal on the blob store. It caches
+// the fold of every entry read so far; refresh reads only newer entries.
+type journal struct {
+	store  upload.BlobStore
+	stream string
+	now    func() time.Time
+	nonce  func() string
+
+	mu    sync.Mutex // guards state; held across blob-store I/O to serialise appends
+	state journalState
+}
+
+func newJournal(store upload.BlobStore, cfg StreamConfig, now func() time.Time, nonce func() string) *journal {
+	return &journal{store: store, stream: cfg.Name, now: now, nonce: nonce, state: newJournalState(cfg.KeyGroups)}
+}
+
+// refresh reads and folds every entry after the cached position.
+func (j *journal) refresh(ctx context.Context) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	_, err := j.refreshLocked(ctx)
+	return err
+}
+
+// refreshLocked folds new entries into j.state and returns them.
+func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, error) {
+	prefix := journalPrefix(j.stream)
+	startAfter := ""
+	if j.state.seq > 0 {
+		startAfter = journalKey(j.stream, j.state.seq)
+	}
+	var read []JournalEntry
+	for {
+		page, err := j.store.List(ctx, prefix, startAfter, 1000)
+		if err != nil {
+			return read, fmt.Errorf("stream %s: list journal: %w", j.stream, err)
+		}
+		for _, obj := range page.Objects {
+			seq, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
+			if err != nil || journalKey(j.stream, seq) != obj.Key {
+				return read, fmt.Errorf("stream %s: journal object %s: not an entry name: %w", j.stream, obj.Key, envelope.ErrCorrupt)
+			}
+			e, err := j.readEntry(ctx, obj.Key)
+			if err != nil {
+				return read, err
+			}
+			if e.Seq != seq {
+				return read, fmt.Errorf("stream %s: journal object %s holds entry %d: %w", j.stream, obj.Key, e.Seq, envelope.ErrCorrupt)
+			}
+			if err := j.state.apply(e); err != nil {
+				return read, fmt.Errorf("stream %s: journal object %s: %w", j.stream, obj.Key, err)
+			}
+			read = append(read, e)
+		}
+		if page.Next == "" {
+			return read, nil
+		}
+		startAfter = page.Next
+	}
+}
+
+func (j *journal) readEntry(ctx context.Context, key string) (JournalEntry, error) {
+	data, err := readAll(ctx, j.store, key)
+	if err != nil {
+		return JournalEntry{}, fmt.Errorf("stream %s: read journal entry: %w", j.stream, err)
+	}
+	var e JournalEntry
+	if err := envelope.Open(key, data, journalEntryKind, &e); err != nil {
+		return JournalEntry{}, fmt.Errorf("stream %s: %w", j.stream, err)
+	}
+	return e, nil
+}
+
+// errNothingToAppend, returned by a proposal, ends an append successfully
+// without writing: the state already says what the caller wanted.
+var errNothingToAppend = errors.New("nothing to append")
+
+// append writes the entry that propose builds from the newest state at the
+// next position. If another writer takes that position first, it re-reads the
+// journal and asks propose again, so a proposal always sees every entry
+// before the one it writes. propose may return errNothingToAppend, or any
+// other error to stop. append returns the entry as written, or the zero
+// entry when nothing was appended.
+//
+// A write whose acknowledgement was lost (a timeout after the object was
+// created) is recognised by its nonce when the journal is re-read.
+func (j *journal) append(ctx context.Context, propose func(*journalState) (JournalEntry, error)) (JournalEntry, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	nonce := j.nonce()
+	var lastErr error
+	for failures := 0; failures < maxAppendFailures; {
+		read, err := j.refreshLocked(ctx)
+		for _, e := range read {
+			if e.Nonce == nonce {
+				return e, nil // an earlier attempt landed after all
+			}
+		}
+		if err != nil {
+			return JournalEntry{}, errors.Join(err, lastErr)
+		}
+		e, err := propose(&j.state)
+		if errors.Is(err, errNothingToAppend) {
+			return JournalEntry{}, nil
+		}
+		if err != nil {
+			return JournalEntry{}, err
+		}
+		e.Seq, e.Nonce, e.TimeMs = j.state.seq+1, nonce, j.now().UnixMilli()
+		// Validate against a copy first: a proposal that does not follow
+		// from the state is a bug and must never reach the blob store.
+		trial := j.state.clone()
+		if err := trial.apply(e); err != nil {
+			return JournalEntry{}, fmt.Errorf("stream %s: proposed %w", j.stream, err)
+		}
+		data, err := envelope.Seal(journalEntryKind, e)
+		if err != nil {
+			return JournalEntry{}, fmt.Errorf("stream %s: %w", j.stream, err)
+		}
+		key := journalKey(j.stream, e.Seq)
+		err = j.store.PutIfAbsent(ctx, key, bytes.NewReader(data), int64(len(data)))
+		switch {
+		case err == nil:
+			j.state = trial
+			return e, nil
+		case errors.Is(err, upload.ErrAlreadyExists):
+			// Lost the race: re-read and decide again.
+		case upload.IsTransient(err):
+			// Unknown outcome: re-read; the nonce tells if it landed.
+			failures++
+			lastErr = fmt.Errorf("stream %s: append journal entry %d: %w", j.stream, e.Seq, err)
+			if ctx.Err() != nil {
+				return JournalEntry{}, errors.Join(ctx.Err(), lastErr)
+			}
+		default:
+			return JournalEntry{}, fmt.Errorf("stream %s: append journal entry %d: %w", j.stream, e.Seq, err)
+		}
+	}
+	return JournalEntry{}, fmt.Errorf("stream %s: journal append gave up after %d failed attempts: %w", j.stream, maxAppendFailures, lastErr)
+}
+
+// snapshot returns a copy of the cached state, safe to read without locks.
+func (j *journal) snapshot() journalState {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.state.clone()
+}
+
+// readAll fetches a whole small object.
+func readAll(ctx context.Context, store upload.BlobStore, key string) ([]byte, error) {
+	rc, err := store.Get(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	data, err := io.ReadAll(rc)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", key, err)
+	}
+	return data, nil
+}

@@ -1,0 +1,76 @@
+package changelog
+
+import (
+	"errors"
+	"fmt"
+	"path"
+
+	"github.com/dstl-dev/dstl/changelog/keygroup"
+)
+
+// Typed errors of the changelog. Callers test with errors.Is; messages name
+// the stream, writer or key group concerned.
+var (
+	ErrInvalidStreamName = errors.New("invalid stream name")
+	ErrStreamNotFound    = errors.New("stream not found")
+	ErrStreamExists      = errors.New("stream already exists")
+	// ErrFenced: a newer epoch opened for an overlapping key-group range;
+	// this writer can never make a change visible again.
+	ErrFenced = errors.New("writer fenced by a newer epoch")
+	// ErrCheckpointTooOld: a checkpoint id not above the newest complete one.
+	ErrCheckpointTooOld = errors.New("checkpoint id not above the newest complete checkpoint")
+	// ErrOrphanedKeyGroups: a checkpoint cannot complete because key groups
+	// that hold state have no open writer (a partially overlapping epoch
+	// fenced their owner); open writers for them first.
+	ErrOrphanedKeyGroups = errors.New("key groups without an open writer")
+	// ErrCheckpointNotFound: no complete checkpoint with that id.
+	ErrCheckpointNotFound = errors.New("checkpoint not found")
+)
+
+// StreamConfig is a stream's immutable definition, stored create-only at
+// catalog/<name>.
+type StreamConfig struct {
+	Name        string `json:"name"`
+	KeyGroups   int    `json:"key_groups"`
+	CreatedAtMs int64  `json:"created_at_ms"`
+}
+
+// MaxStreamNameLen bounds stream names; they appear in blob keys.
+const MaxStreamNameLen = 128
+
+// ValidateStreamName accepts 1..128 characters of [A-Za-z0-9._-], not
+// starting with '.' or '-', so that a name is always one safe path element.
+func ValidateStreamName(name string) error {
+	if len(name) == 0 || len(name) > MaxStreamNameLen {
+		return fmt.Errorf("stream name %q: must be 1..%d characters: %w", name, MaxStreamNameLen, ErrInvalidStreamName)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' ||
+			(i > 0 && (c == '.' || c == '-'))
+		if !ok {
+			return fmt.Errorf("stream name %q: character %q at %d: want [A-Za-z0-9._-], not leading '.' or '-': %w", name, c, i, ErrInvalidStreamName)
+		}
+	}
+	return nil
+}
+
+// Validate checks a stream definition.
+func (c StreamConfig) Validate() error {
+	if err := ValidateStreamName(c.Name); err != nil {
+		return err
+	}
+	if err := keygroup.ValidateCount(c.KeyGroups); err != nil {
+		return fmt.Errorf("stream %s: %w", c.Name, err)
+	}
+	return nil
+}
+
+// Blob-store keys of a stream. Numbers are zero-padded to 20 digits so that
+// lexicographic listing order is numeric order.
+func streamPrefix(name string) string    { return path.Join("streams", name) + "/" }
+func streamConfigKey(name string) string { return streamPrefix(name) + "stream" }
+func journalPrefix(name string) string   { return streamPrefix(name) + "journal/" }
+func journalKey(name string, seq uint64) string {
+	return fmt.Sprintf("%s%020d", journalPrefix(name), seq)
+}

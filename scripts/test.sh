@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): formatting, vet, every test under
+# the race detector, and a short fuzz run of every fuzz target.
+#
+#   FUZZTIME=30s ./scripts/test.sh     # longer fuzzing
+#   SKIP_FUZZ=1 ./scripts/test.sh      # no fuzzing (local iteration only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FUZZTIME="${FUZZTIME:-10s}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "gofmt"
+unformatted="$(gofmt -l $(git ls-files --cached --others --exclude-standard '*.go'))"
+if [[ -n "$unformatted" ]]; then
+  echo "gofmt: these files need formatting:"; echo "$unformatted"; exit 1
+fi
+
+step "go vet ./..."
+go vet ./...
+
+step "go build ./... and the release binary (same script as the Dockerfile)"
+go build ./...
+OUT="$(mktemp -d)/dstl" ./scripts/build.sh
+
+# Every package runs under -race: nearly all of dstl is concurrent, and the
+# few that are not cost little extra.
+step "go test -race ./..."
+go test -race -count=1 -timeout 25m ./...
+
+# go test hides a passing package's output; show that the S3 conformance
+# suite really ran against the S3-compatible server (never skipped).
+step "S3 conformance suite against versitygw on loopback (verbose)"
+if ! s3out="$(go test -count=1 -v -run '^TestConformance$' ./upload/s3 2>&1)"; then
+  echo "$s3out"; echo "S3 conformance suite failed"; exit 1
+fi
+grep -E '^(=== RUN|--- (PASS|FAIL|SKIP)|\s+--- (PASS|FAIL|SKIP)|ok|PASS)|s3server:' <<<"$s3out"
+if grep -q -- '--- SKIP' <<<"$s3out"; then echo "S3 conformance tests were skipped"; exit 1; fi
+
+if [[ -n "${SKIP_FUZZ:-}" ]]; then
+  step "fuzzing skipped (SKIP_FUZZ set)"; exit 0
+fi
+# Every Fuzz* target in the module, found by name, so a new decoder's fuzz
+# target can never be forgotten here.
+step "fuzz (${FUZZTIME} each)"
+grep -rlE --include='*_test.go' '^func Fuzz[A-Za-z0-9_]+\(' . | grep -v '^./tools/' | sort |
+while read -r file; do
+  dir="$(dirname "$file")"
+  for target in $(grep -oE '^func Fuzz[A-Za-z0-9_]+' "$file" | sed 's/^func //'); do
+    echo "--- fuzz $dir $target"
+    go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$dir"
+  done
+done
+step "all checks passed"
