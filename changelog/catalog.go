@@ -29,15 +29,32 @@ func createStream(ctx context.Context, store upload.BlobStore, cfg StreamConfig)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", cfg.Name, err)
 	}
-	err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
-	if errors.Is(err, upload.ErrAlreadyExists) {
-		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+	var lastErr error
+	for attempt := range maxCreateAttempts {
+		err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, upload.ErrAlreadyExists) && attempt > 0:
+			// An earlier attempt may have landed without its
+			// acknowledgement: the same definition is ours.
+			if old, gerr := getStream(ctx, store, cfg.Name); gerr == nil && old == cfg {
+				return nil
+			}
+			return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+		case errors.Is(err, upload.ErrAlreadyExists):
+			return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+		case !upload.IsTransient(err) || ctx.Err() != nil:
+			return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
+		}
+		lastErr = err
 	}
-	if err != nil {
-		return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
-	}
-	return nil
+	return fmt.Errorf("stream %s: create: %w", cfg.Name, lastErr)
 }
+
+// maxCreateAttempts bounds the retries of a stream creation on transient
+// errors (the S3 SDK retries underneath as well).
+const maxCreateAttempts = 5
 
 // getStream reads a stream's definition.
 func getStream(ctx context.Context, store upload.BlobStore, name string) (StreamConfig, error) {

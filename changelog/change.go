@@ -122,9 +122,3 @@ func (c *Change) validate(i int, r keygroup.Range, l Limits) error {
 	}
 	return nil
 }
-
-// changeBytes is what a change costs in memory and in flight, for
-// back-pressure accounting (the scheduler counts the same way).
-func changeBytes(c *segments.Change) int64 {
-	return int64(len(c.Key) + len(c.Value) + len(c.State) + 32)
-}

@@ -38,20 +38,34 @@ func newJournal(store upload.BlobStore, cfg StreamConfig, now func() time.Time, 
 	return &journal{store: store, stream: cfg.Name, now: now, nonce: nonce, state: newJournalState(cfg.KeyGroups)}
 }
 
-// refresh reads and folds every entry after the cached position.
+// refresh reads and folds every entry after the cached position. The blob
+// reads happen outside the lock, so concurrent refreshes (every writer of a
+// checkpoint does one) run in parallel instead of queueing; entries another
+// refresh folded meanwhile are skipped.
 func (j *journal) refresh(ctx context.Context) error {
 	j.mu.Lock()
+	from := j.state.seq
+	j.mu.Unlock()
+	entries, err := j.readAfter(ctx, from)
+	j.mu.Lock()
 	defer j.mu.Unlock()
-	_, err := j.refreshLocked(ctx)
+	for _, e := range entries {
+		if e.Seq <= j.state.seq {
+			continue
+		}
+		if aerr := j.state.apply(e); aerr != nil {
+			return errors.Join(fmt.Errorf("stream %s: journal entry %d: %w", j.stream, e.Seq, aerr), err)
+		}
+	}
 	return err
 }
 
-// refreshLocked folds new entries into j.state and returns them.
-func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, error) {
+// readAfter reads the entries after seq, in order, up to the first error.
+func (j *journal) readAfter(ctx context.Context, seq uint64) ([]JournalEntry, error) {
 	prefix := journalPrefix(j.stream)
 	startAfter := ""
-	if j.state.seq > 0 {
-		startAfter = journalKey(j.stream, j.state.seq)
+	if seq > 0 {
+		startAfter = journalKey(j.stream, seq)
 	}
 	var read []JournalEntry
 	for {
@@ -60,19 +74,16 @@ func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, error) {
 			return read, fmt.Errorf("stream %s: list journal: %w", j.stream, err)
 		}
 		for _, obj := range page.Objects {
-			seq, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
-			if err != nil || journalKey(j.stream, seq) != obj.Key {
+			n, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
+			if err != nil || journalKey(j.stream, n) != obj.Key {
 				return read, fmt.Errorf("stream %s: journal object %s: not an entry name: %w", j.stream, obj.Key, envelope.ErrCorrupt)
 			}
 			e, err := j.readEntry(ctx, obj.Key)
 			if err != nil {
 				return read, err
 			}
-			if e.Seq != seq {
+			if e.Seq != n {
 				return read, fmt.Errorf("stream %s: journal object %s holds entry %d: %w", j.stream, obj.Key, e.Seq, envelope.ErrCorrupt)
-			}
-			if err := j.state.apply(e); err != nil {
-				return read, fmt.Errorf("stream %s: journal object %s: %w", j.stream, obj.Key, err)
 			}
 			read = append(read, e)
 		}
@@ -81,6 +92,18 @@ func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, error) {
 		}
 		startAfter = page.Next
 	}
+}
+
+// refreshLocked folds new entries into j.state and returns them. The
+// caller holds j.mu (append keeps it across its whole read-propose-write).
+func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, error) {
+	entries, err := j.readAfter(ctx, j.state.seq)
+	for i, e := range entries {
+		if aerr := j.state.apply(e); aerr != nil {
+			return entries[:i], errors.Join(fmt.Errorf("stream %s: journal entry %d: %w", j.stream, e.Seq, aerr), err)
+		}
+	}
+	return entries, err
 }
 
 func (j *journal) readEntry(ctx context.Context, key string) (JournalEntry, error) {

@@ -185,6 +185,25 @@ func (s *journalState) checkCompletion(id uint64, parts []PartRef) error {
 	return nil
 }
 
+// completable reports whether checkpoint id could still complete from this
+// state: it is not complete, newer than the newest complete one, and no
+// key groups are orphaned. A state read later may say otherwise.
+func (s *journalState) completable(id uint64) bool {
+	_, done := s.checkpoint(id)
+	return !done && id > s.lastCheckpoint() && len(s.orphaned()) == 0
+}
+
+// partsComplete reports whether every live epoch has a part: a closed one
+// its final part, an open one a part in recorded.
+func (s *journalState) partsComplete(recorded map[uint64]bool) bool {
+	for _, ep := range s.live {
+		if !ep.Closed && !recorded[ep.Epoch] {
+			return false
+		}
+	}
+	return true
+}
+
 // fenced reports whether epoch is no longer live, and which epoch fenced it.
 func (s *journalState) fenced(epoch uint64) (by uint64, ok bool) {
 	by, ok = s.fencedBy[epoch]

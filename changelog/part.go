@@ -106,7 +106,7 @@ func writePart(ctx context.Context, store upload.BlobStore, p Part) (PartRef, er
 			return PartRef{}, rerr
 		}
 		if old.UpToSQN != p.UpToSQN || old.LogID != p.LogID {
-			return PartRef{}, fmt.Errorf("checkpoint %d part of epoch %d already recorded up to SQN %d, now %d: %w", p.Checkpoint, p.Epoch, old.UpToSQN, p.UpToSQN, ErrCheckpointTooOld)
+			return PartRef{}, fmt.Errorf("checkpoint %d part of epoch %d already recorded up to SQN %d, now %d; use a new checkpoint id: %w", p.Checkpoint, p.Epoch, old.UpToSQN, p.UpToSQN, ErrCheckpointConflict)
 		}
 		return ref, nil
 	}

@@ -23,6 +23,10 @@ var (
 	// that hold state have no open writer (a partially overlapping epoch
 	// fenced their owner); open writers for them first.
 	ErrOrphanedKeyGroups = errors.New("key groups without an open writer")
+	// ErrCheckpointConflict: this writer already recorded a different part
+	// for that checkpoint id (an earlier attempt that did not complete);
+	// checkpoint under a new id.
+	ErrCheckpointConflict = errors.New("checkpoint part already recorded differently")
 	// ErrCheckpointNotFound: no complete checkpoint with that id.
 	ErrCheckpointNotFound = errors.New("checkpoint not found")
 )

@@ -1,8 +1,8 @@
 // Package upload is the boundary between dstl and its blob store (the "DFS":
 // a local directory or any S3-compatible object store). It defines the small
 // BlobStore interface every backend implements, the typed errors they return,
-// and (later) the batching upload scheduler that turns many logs' appends into
-// one segment object per flush.
+// and the batching upload scheduler (scheduler.go) that turns many logs'
+// appends into one segment object per flush.
 //
 // Backends live in their own packages, named after what they wrap:
 // upload/file (a local file system) and upload/s3 (aws-sdk-go-v2). The

@@ -199,6 +199,11 @@ func (s *Store) publish(tmp, dst string) error {
 			if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.EEXIST) {
 				return errFileConflict
 			}
+			// A concurrent Delete pruned an empty parent between our
+			// check and our mkdir: create the path again.
+			if errors.Is(err, fs.ErrNotExist) && attempt < 10 {
+				continue
+			}
 			return err
 		}
 		err := os.Link(tmp, dst)

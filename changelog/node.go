@@ -1,0 +1,397 @@
+package changelog
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/dstl-dev/dstl/changelog/locallog"
+	"github.com/dstl-dev/dstl/internal/clock"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// Options configure a Node.
+type Options struct {
+	// Store is the blob store (the source of truth).
+	Store upload.BlobStore
+	// DataDir holds the node's local state: its id and its local log.
+	DataDir string
+	// NodeID names the node in segment keys; default: a random id created
+	// on first start and kept in DataDir/node-id.
+	NodeID string
+	Clock  clock.Clock
+	Limits Limits
+	// Scheduler configures the upload scheduler; Store, Node and Clock are
+	// filled in by Open.
+	Scheduler upload.SchedulerOptions
+	// LocalLog configures the local log; Dir defaults to DataDir/locallog.
+	LocalLog locallog.Options
+	// RetainCheckpoints is how many of the newest complete checkpoints of
+	// each stream keep their segments from garbage collection (default 3).
+	RetainCheckpoints int
+	// GCGrace protects segment objects younger than this from garbage
+	// collection, so an object being uploaded is never deleted (default 10m).
+	GCGrace time.Duration
+	// GCInterval is the period of the background garbage collection of
+	// this node's segments (default 1m; negative disables it).
+	GCInterval time.Duration
+	// JournalRefresh is how often writers re-read their streams' journals
+	// to learn that another node fenced them (default 1s).
+	JournalRefresh time.Duration
+	Logger         *slog.Logger
+}
+
+// ErrClosed: the node or writer was closed.
+var ErrClosed = errors.New("closed")
+
+// ErrWriterNotFound: a resume named a log this node does not hold.
+var ErrWriterNotFound = errors.New("writer not found")
+
+// Node is one dstl node's changelog: its streams' journals, its writers,
+// its local log and its upload scheduler.
+type Node struct {
+	opts  Options
+	store upload.BlobStore
+	clock clock.Clock
+	id    string
+	log   *slog.Logger
+	sched *upload.Scheduler
+	wal   *locallog.Log
+
+	runCancel context.CancelFunc
+	runDone   chan error
+	gcDone    chan struct{}
+
+	mu        sync.Mutex
+	closed    bool
+	streams   map[string]*streamHandle
+	writers   map[string]*Writer // live writers by log id
+	recovered map[string]*recoveredLog
+	parts     map[string]Part // checkpoint parts read so far (immutable)
+}
+
+// streamHandle is a stream as this node knows it: its definition and its
+// journal, shared by every writer of the stream on the node.
+type streamHandle struct {
+	cfg     StreamConfig
+	journal *journal
+}
+
+// Open starts a node: it recovers the local log (changes acknowledged
+// `local` but not uploaded are queued for upload again), rebuilds each
+// recovered log's segment references from the blob store, and starts the
+// upload scheduler.
+func Open(ctx context.Context, opts Options) (*Node, error) {
+	if opts.Store == nil {
+		return nil, errors.New("changelog: Options.Store is required")
+	}
+	if opts.DataDir == "" {
+		return nil, errors.New("changelog: Options.DataDir is required")
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.Real{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.RetainCheckpoints <= 0 {
+		opts.RetainCheckpoints = 3
+	}
+	if opts.GCGrace <= 0 {
+		opts.GCGrace = 10 * time.Minute
+	}
+	if opts.GCInterval == 0 {
+		opts.GCInterval = time.Minute
+	}
+	if opts.JournalRefresh <= 0 {
+		opts.JournalRefresh = time.Second
+	}
+	opts.Limits = opts.Limits.withDefaults()
+	if err := os.MkdirAll(opts.DataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("changelog: data dir: %w", err)
+	}
+	if opts.NodeID == "" {
+		id, err := loadNodeID(opts.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		opts.NodeID = id
+	}
+	n := &Node{
+		opts:      opts,
+		store:     opts.Store,
+		clock:     opts.Clock,
+		id:        opts.NodeID,
+		log:       opts.Logger,
+		streams:   map[string]*streamHandle{},
+		writers:   map[string]*Writer{},
+		recovered: map[string]*recoveredLog{},
+		parts:     map[string]Part{},
+	}
+	// Segment keys carry the node's flush sequence: continue after the
+	// newest one so that keys keep sorting in upload order.
+	objs, err := listSegments(ctx, opts.Store, opts.NodeID)
+	if err != nil {
+		return nil, fmt.Errorf("changelog: %w", err)
+	}
+	so := opts.Scheduler
+	so.Store, so.Node, so.Clock = opts.Store, opts.NodeID, opts.Clock
+	for _, o := range objs {
+		if seq, ok := segmentSeq(segmentPrefix(opts.NodeID), o.Key); ok && seq >= so.FirstSeq {
+			so.FirstSeq = seq + 1
+		}
+	}
+	sched, err := upload.NewScheduler(so)
+	if err != nil {
+		return nil, fmt.Errorf("changelog: %w", err)
+	}
+	n.sched = sched
+	lo := opts.LocalLog
+	if lo.Dir == "" {
+		lo.Dir = filepath.Join(opts.DataDir, "locallog")
+	}
+	wal, rec, err := locallog.Open(lo)
+	if err != nil {
+		return nil, fmt.Errorf("changelog: recover local log: %w", err)
+	}
+	n.wal = wal
+	if err := n.recover(ctx, rec, objs); err != nil {
+		_ = wal.Close()
+		return nil, err
+	}
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	n.runCancel, n.runDone, n.gcDone = cancel, make(chan error, 1), make(chan struct{})
+	go func() { n.runDone <- sched.Run(runCtx) }()
+	go n.runBackground(runCtx)
+	return n, nil
+}
+
+// runBackground runs the periodic garbage collection and journal refresh
+// (which tells writers that another node fenced them) until ctx ends.
+func (n *Node) runBackground(ctx context.Context) {
+	defer close(n.gcDone)
+	nextGC := n.clock.Now().Add(n.opts.GCInterval)
+	for {
+		if err := clock.Sleep(ctx, n.clock, n.opts.JournalRefresh); err != nil {
+			return
+		}
+		n.refreshWriters(ctx)
+		if n.opts.GCInterval > 0 && !n.clock.Now().Before(nextGC) {
+			nextGC = n.clock.Now().Add(n.opts.GCInterval)
+			if st, err := n.CollectGarbage(ctx); err != nil {
+				if ctx.Err() == nil {
+					n.log.Warn("segment garbage collection failed", "err", err)
+				}
+			} else if st.Deleted > 0 {
+				n.log.Info("segment garbage collection", "deleted", st.Deleted, "bytes", st.DeletedBytes, "kept", st.Referenced, "young", st.Young)
+			}
+		}
+	}
+}
+
+// refreshWriters re-reads the journal of every stream with a live writer
+// here and fences the writers a newer epoch (on any node) overlaps.
+func (n *Node) refreshWriters(ctx context.Context) {
+	n.mu.Lock()
+	byStream := map[*streamHandle][]*Writer{}
+	for _, w := range n.writers {
+		byStream[w.stream] = append(byStream[w.stream], w)
+	}
+	n.mu.Unlock()
+	for h, ws := range byStream {
+		if err := h.journal.refresh(ctx); err != nil {
+			if ctx.Err() == nil {
+				n.log.Warn("journal refresh failed", "stream", h.cfg.Name, "err", err)
+			}
+			continue
+		}
+		st := h.journal.snapshot()
+		for _, w := range ws {
+			if by, ok := st.fenced(w.epoch); ok {
+				w.fence(by)
+			}
+		}
+	}
+}
+
+// ID returns the node's id.
+func (n *Node) ID() string { return n.id }
+
+// Scheduler returns the node's upload scheduler (for metrics).
+func (n *Node) Scheduler() *upload.Scheduler { return n.sched }
+
+// Close stops the node gracefully: every change acknowledged so far, in
+// any durability, is uploaded before it returns (unless ctx ends first),
+// then the scheduler and the local log stop. Writers are detached, not
+// closed: their epochs stay live and can be resumed after a restart.
+func (n *Node) Close(ctx context.Context) error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	writers := make([]*Writer, 0, len(n.writers))
+	for _, w := range n.writers {
+		writers = append(writers, w)
+	}
+	n.mu.Unlock()
+
+	var errs []error
+	for _, w := range writers {
+		if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, ErrFenced) {
+			errs = append(errs, err)
+		}
+	}
+	if err := n.sched.FlushNow(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("final upload: %w", err))
+	}
+	for _, w := range writers {
+		w.detach(ErrClosed)
+	}
+	n.runCancel()
+	if err := <-n.runDone; err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, fmt.Errorf("upload scheduler: %w", err))
+	}
+	<-n.gcDone
+	if err := n.wal.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("local log: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// CreateStream defines a new stream. keyGroups 0 means keygroup.Default.
+func (n *Node) CreateStream(ctx context.Context, name string, keyGroups int) (StreamConfig, error) {
+	if keyGroups == 0 {
+		keyGroups = 128
+	}
+	cfg := StreamConfig{Name: name, KeyGroups: keyGroups, CreatedAtMs: n.clock.Now().UnixMilli()}
+	if err := createStream(ctx, n.store, cfg); err != nil {
+		return StreamConfig{}, err
+	}
+	return cfg, nil
+}
+
+// Stream returns a stream's definition.
+func (n *Node) Stream(ctx context.Context, name string) (StreamConfig, error) {
+	h, err := n.streamHandle(ctx, name)
+	if err != nil {
+		return StreamConfig{}, err
+	}
+	return h.cfg, nil
+}
+
+// ListStreams returns every stream's name.
+func (n *Node) ListStreams(ctx context.Context) ([]string, error) {
+	return listStreams(ctx, n.store)
+}
+
+func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, error) {
+	n.mu.Lock()
+	h, ok := n.streams[name]
+	n.mu.Unlock()
+	if ok {
+		return h, nil
+	}
+	cfg, err := getStream(ctx, n.store, name)
+	if err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
+	h, ok = n.streams[name]
+	if !ok {
+		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce)}
+		n.streams[name] = h
+	}
+	n.mu.Unlock()
+	// The handle is kept even if this read fails: the entries read so far
+	// stay folded, and the next refresh continues after them.
+	if err := h.journal.refresh(ctx); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// Checkpoints returns the complete checkpoints of a stream, oldest first.
+func (n *Node) Checkpoints(ctx context.Context, stream string) ([]CheckpointComplete, error) {
+	h, err := n.streamHandle(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.journal.refresh(ctx); err != nil {
+		return nil, err
+	}
+	st := h.journal.snapshot()
+	return st.checkpoints, nil
+}
+
+func newNonce() string {
+	var b [12]byte
+	_, _ = crand.Read(b[:]) // crypto/rand.Read never fails on Linux
+	return hex.EncodeToString(b[:])
+}
+
+// loadNodeID reads DataDir/node-id, creating it on first start.
+func loadNodeID(dir string) (string, error) {
+	p := filepath.Join(dir, "node-id")
+	data, err := os.ReadFile(p)
+	if err == nil {
+		id := strings.TrimSpace(string(data))
+		if id == "" || strings.ContainsAny(id, "/ \t") {
+			return "", fmt.Errorf("changelog: %s holds an invalid node id %q", p, id)
+		}
+		return id, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("changelog: read node id: %w", err)
+	}
+	id := "n" + newNonce()[:16]
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, []byte(id+"\n"), 0o644); err != nil {
+		return "", fmt.Errorf("changelog: write node id: %w", err)
+	}
+	f, err := os.Open(tmp)
+	if err == nil {
+		err = f.Sync()
+		f.Close()
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		return "", fmt.Errorf("changelog: write node id: %w", err)
+	}
+	return id, nil
+}
+
+// crash stops the node as a kill -9 would, as far as that is possible in
+// process: nothing more is uploaded, buffered changes are lost, and no
+// writer or epoch is closed. The local log and the blob store keep what
+// they had. Tests use it to restart a node on the same data directory.
+func (n *Node) crash() {
+	n.mu.Lock()
+	n.closed = true
+	writers := make([]*Writer, 0, len(n.writers)+len(n.recovered))
+	for _, w := range n.writers {
+		writers = append(writers, w)
+	}
+	for _, r := range n.recovered {
+		writers = append(writers, r.writer)
+	}
+	n.mu.Unlock()
+	n.runCancel()
+	<-n.runDone
+	<-n.gcDone
+	for _, w := range writers {
+		w.detach(ErrClosed)
+	}
+	_ = n.wal.Close()
+}

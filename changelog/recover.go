@@ -1,0 +1,185 @@
+package changelog
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/dstl-dev/dstl/changelog/locallog"
+	"github.com/dstl-dev/dstl/segments"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// recoveredLog is a log this node wrote before a restart. Its un-uploaded
+// changes (from the local log) are uploaded again at once; a client can
+// reattach to it with WriterConfig.Resume while its epoch is live.
+type recoveredLog struct {
+	meta   walMeta
+	writer *Writer // registered with the scheduler, not live until resumed
+}
+
+func segmentPrefix(node string) string { return "segments/" + node + "/" }
+
+// segmentSeq parses the flush sequence number out of a segment key
+// (segments/<node>/<20-digit seq>-<suffix>.seg).
+func segmentSeq(prefix, key string) (uint64, bool) {
+	name := strings.TrimPrefix(key, prefix)
+	if len(name) < 20 {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(name[:20], 10, 64)
+	return seq, err == nil
+}
+
+// listSegments lists every segment object this node wrote.
+func listSegments(ctx context.Context, store upload.BlobStore, node string) ([]upload.ObjectInfo, error) {
+	prefix := segmentPrefix(node)
+	var out []upload.ObjectInfo
+	startAfter := ""
+	for {
+		page, err := store.List(ctx, prefix, startAfter, 1000)
+		if err != nil {
+			return nil, fmt.Errorf("list segments of node %s: %w", node, err)
+		}
+		out = append(out, page.Objects...)
+		if page.Next == "" {
+			return out, nil
+		}
+		startAfter = page.Next
+	}
+}
+
+// scanSegments reads the index of every listed segment (one range read
+// each) and returns, per log id, its segments in upload order. This rebuilds
+// what a node knew about its logs' segments before a restart.
+func scanSegments(ctx context.Context, store upload.BlobStore, objs []upload.ObjectInfo, want func(logID string) bool) (map[string][]SegmentBlocks, error) {
+	out := map[string][]SegmentBlocks{}
+	for _, o := range objs {
+		rd, err := segments.Open(upload.ReaderAt(ctx, store, o.Key, o.Size), o.Size, o.Key)
+		if err != nil {
+			return nil, fmt.Errorf("scan segments: %w", err)
+		}
+		byLog := map[string][]segments.BlockInfo{}
+		for _, b := range rd.Blocks() {
+			if want(b.LogID) {
+				byLog[b.LogID] = append(byLog[b.LogID], b)
+			}
+		}
+		for id, blocks := range byLog {
+			out[id] = append(out[id], SegmentBlocks{Key: o.Key, Size: o.Size, Blocks: spansOf(blocks)})
+		}
+	}
+	for _, segs := range out {
+		slices.SortStableFunc(segs, func(a, b SegmentBlocks) int {
+			switch {
+			case a.firstSQN() < b.firstSQN():
+				return -1
+			case a.firstSQN() > b.firstSQN():
+				return 1
+			}
+			return 0
+		})
+	}
+	return out, nil
+}
+
+// recover turns the local log's survivors into recovered writers whose
+// un-uploaded changes are handed to the scheduler again. SQNs make it
+// idempotent: a change already in an uploaded segment (its upload mark was
+// lost in the crash) is dropped from the tail, and replay skips duplicates.
+func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []upload.ObjectInfo) error {
+	if rec == nil || len(rec.Logs) == 0 {
+		return nil
+	}
+	segs, err := scanSegments(ctx, n.store, objs, func(id string) bool { _, ok := rec.Logs[id]; return ok })
+	if err != nil {
+		return fmt.Errorf("changelog: recover: %w", err)
+	}
+	var total int64
+	for logID, rl := range rec.Logs {
+		var meta walMeta
+		if err := json.Unmarshal(rl.Meta, &meta); err != nil || logIDOf(meta.Stream, meta.Epoch) != logID {
+			return fmt.Errorf("changelog: recover log %s: bad metadata %q: %w", logID, rl.Meta, locallog.ErrCorrupt)
+		}
+		w := &Writer{
+			node: n, cfg: WriterConfig{Stream: meta.Stream, KeyGroups: meta.KeyGroups}, epoch: meta.Epoch,
+			logID: logID, from: meta.FromCheckpoint, truncatedBefore: max(meta.TruncatedBefore, 1), done: make(chan struct{}),
+		}
+		for _, s := range segs[logID] {
+			w.uploaded = max(w.uploaded, s.lastSQN())
+		}
+		w.segs = dropBefore(segs[logID], w.truncatedBefore)
+		// A truncation point is only ever recorded for uploaded changes, and
+		// its segments may be gone: never reuse an SQN below it.
+		w.uploaded = max(w.uploaded, rl.Uploaded, w.truncatedBefore-1)
+		for _, c := range rl.Changes {
+			if c.SQN <= w.uploaded {
+				continue
+			}
+			if want := w.uploaded + uint64(len(w.tail)) + 1; c.SQN != want {
+				return fmt.Errorf("changelog: recover log %s: local log has SQN %d where %d was expected: %w", logID, c.SQN, want, locallog.ErrCorrupt)
+			}
+			c.LogID = logID
+			w.tail = append(w.tail, c)
+			total += upload.ChangeBytes(c)
+		}
+		w.next = w.uploaded + uint64(len(w.tail)) + 1
+		w.walDurable = w.next - 1
+		n.recovered[logID] = &recoveredLog{meta: meta, writer: w}
+		n.sched.Register(w)
+		n.log.Info("recovered log", "log", logID, "uploaded", w.uploaded, "pending", len(w.tail))
+	}
+	// Recovered bytes count against the in-flight bound like appends. One
+	// reservation: the scheduler admits any size when nothing is in flight,
+	// and it is not running yet, so a second one could wait forever.
+	if err := n.sched.Reserve(ctx, total); err != nil {
+		return fmt.Errorf("changelog: recover: %w", err)
+	}
+	return nil
+}
+
+// resumeWriter reattaches a recovered log whose epoch is still live.
+func (n *Node) resumeWriter(ctx context.Context, h *streamHandle, cfg WriterConfig) (*Writer, error) {
+	logID := logIDOf(cfg.Stream, cfg.Resume)
+	n.mu.Lock()
+	rl, ok := n.recovered[logID]
+	if live, isLive := n.writers[logID]; isLive {
+		n.mu.Unlock()
+		if live.cfg.KeyGroups != cfg.KeyGroups {
+			return nil, fmt.Errorf("resume %s: key groups %s, the epoch owns %s: %w", logID, cfg.KeyGroups, live.cfg.KeyGroups, ErrInvalidChange)
+		}
+		return live, nil
+	}
+	n.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("resume %s: this node holds no such log: %w", logID, ErrWriterNotFound)
+	}
+	if rl.meta.KeyGroups != cfg.KeyGroups {
+		return nil, fmt.Errorf("resume %s: key groups %s, the epoch owns %s: %w", logID, cfg.KeyGroups, rl.meta.KeyGroups, ErrInvalidChange)
+	}
+	if err := h.journal.refresh(ctx); err != nil {
+		return nil, err
+	}
+	st := h.journal.snapshot()
+	if by, fenced := st.fenced(cfg.Resume); fenced {
+		return nil, fmt.Errorf("resume %s: fenced by epoch %d: %w", logID, by, ErrFenced)
+	}
+	if i := st.liveIndex(cfg.Resume); i < 0 || st.live[i].Closed {
+		return nil, fmt.Errorf("resume %s: epoch is not live: %w", logID, ErrFenced)
+	}
+	n.mu.Lock()
+	if n.recovered[logID] != rl {
+		n.mu.Unlock()
+		return n.resumeWriter(ctx, h, cfg) // raced with another resume
+	}
+	delete(n.recovered, logID)
+	w := rl.writer
+	w.stream = h
+	w.cfg = cfg
+	n.writers[logID] = w
+	n.mu.Unlock()
+	return w, nil
+}

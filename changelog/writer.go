@@ -1,0 +1,447 @@
+package changelog
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/segments"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// WriterConfig says which key groups of which stream a writer owns.
+type WriterConfig struct {
+	Stream    string
+	KeyGroups keygroup.Range
+	// FromCheckpoint is the complete checkpoint whose state the writer
+	// starts from; 0 means the newest complete one (or empty if none).
+	FromCheckpoint uint64
+	// Resume, if not zero, reattaches to the live epoch of that number whose
+	// log this node recovered after a restart, instead of opening a new
+	// epoch. Its un-uploaded changes and SQNs carry on.
+	Resume uint64
+}
+
+// Writer is the single owner of a key-group range of a stream under one
+// epoch. Its changes form one log, numbered by SQN from 1.
+//
+// Invariants:
+//   - SQNs are assigned under mu, consecutively, so a log is one sequence
+//     without gaps (brief invariant 2).
+//   - tail holds every change with SQN in (uploaded, next), in SQN order;
+//     tail[:drained] is being uploaded by the current flush.
+//   - a change acknowledged Local is in the local log, and so is every
+//     change of the log before it (walMu serialises local-log writes of a
+//     log, so the local log never has a gap a crash could expose).
+type Writer struct {
+	node   *Node
+	stream *streamHandle
+	cfg    WriterConfig
+	epoch  uint64
+	logID  string
+	from   uint64 // checkpoint the epoch started from
+
+	mu       sync.Mutex
+	next     uint64 // next SQN to assign
+	tail     []segments.Change
+	drained  int
+	uploaded uint64 // every SQN ≤ uploaded is in an uploaded segment
+	// segs lists the uploaded segments holding the log's changes from
+	// truncatedBefore on, in SQN order.
+	segs            []SegmentBlocks
+	truncatedBefore uint64
+	// flushGen counts finished flushes that carried this log's changes;
+	// lastErr is the error of the newest failed one.
+	flushGen uint64
+	lastErr  error
+	// done is closed and replaced at every finished flush, waking waiters.
+	done chan struct{}
+	// dead is set once the writer is fenced or closed; every call fails.
+	dead error
+
+	walMu      sync.Mutex
+	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
+
+	truncMu sync.Mutex
+}
+
+func logIDOf(stream string, epoch uint64) string { return fmt.Sprintf("%s/%d", stream, epoch) }
+
+// walMeta is what the local log keeps about a log, to resume it after a
+// restart.
+type walMeta struct {
+	Stream         string         `json:"stream"`
+	Epoch          uint64         `json:"epoch"`
+	KeyGroups      keygroup.Range `json:"key_groups"`
+	FromCheckpoint uint64         `json:"from_checkpoint"`
+	// TruncatedBefore is durable before a truncation drops any segment
+	// reference, so a restart never resurrects a released prefix whose
+	// segments may already be deleted.
+	TruncatedBefore uint64 `json:"truncated_before,omitempty"`
+}
+
+// meta returns the writer's local-log metadata.
+func (w *Writer) meta(truncatedBefore uint64) []byte {
+	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore})
+	return data
+}
+
+// OpenWriter opens a writer: a new epoch over cfg.KeyGroups that fences
+// every older writer of overlapping key groups, on any node. Changes of
+// fenced writers after the checkpoint the new writer starts from never
+// reach a restore or a replay.
+func (n *Node) OpenWriter(ctx context.Context, cfg WriterConfig) (*Writer, error) {
+	if err := n.checkOpen(); err != nil {
+		return nil, err
+	}
+	h, err := n.streamHandle(ctx, cfg.Stream)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.KeyGroups.Validate(h.cfg.KeyGroups); err != nil {
+		return nil, fmt.Errorf("stream %s: %w", cfg.Stream, err)
+	}
+	if cfg.Resume != 0 {
+		return n.resumeWriter(ctx, h, cfg)
+	}
+	e, err := h.journal.append(ctx, func(s *journalState) (JournalEntry, error) {
+		from := cfg.FromCheckpoint
+		if from == 0 {
+			from = s.lastCheckpoint()
+		} else if _, ok := s.checkpoint(from); !ok {
+			return JournalEntry{}, fmt.Errorf("stream %s: checkpoint %d: %w", cfg.Stream, from, ErrCheckpointNotFound)
+		}
+		return JournalEntry{Kind: EntryEpochOpen, Open: &EpochOpen{KeyGroups: cfg.KeyGroups, Node: n.id, FromCheckpoint: from}}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	w := n.newWriter(h, cfg, e.Seq, e.Open.FromCheckpoint)
+	if err := n.wal.SetMeta(ctx, w.logID, w.meta(1)); err != nil {
+		return nil, fmt.Errorf("writer %s: record in local log: %w", w.logID, err)
+	}
+	n.attach(w)
+	return w, nil
+}
+
+func (n *Node) newWriter(h *streamHandle, cfg WriterConfig, epoch, from uint64) *Writer {
+	return &Writer{
+		node: n, stream: h, cfg: cfg, epoch: epoch, logID: logIDOf(h.cfg.Name, epoch), from: from,
+		next: 1, truncatedBefore: 1, done: make(chan struct{}),
+	}
+}
+
+// attach registers w as a live writer, fencing at once any writer of this
+// node that the new epoch overlaps (writers on other nodes learn it from the
+// journal).
+func (n *Node) attach(w *Writer) {
+	n.mu.Lock()
+	var fenced []*Writer
+	for _, o := range n.writers {
+		if o.cfg.Stream == w.cfg.Stream && o.epoch < w.epoch && o.cfg.KeyGroups.Overlaps(w.cfg.KeyGroups) {
+			fenced = append(fenced, o)
+		}
+	}
+	n.writers[w.logID] = w
+	n.mu.Unlock()
+	for _, o := range fenced {
+		o.fence(w.epoch)
+	}
+	n.sched.Register(w)
+}
+
+func (n *Node) detach(w *Writer) {
+	n.mu.Lock()
+	if n.writers[w.logID] == w {
+		delete(n.writers, w.logID)
+	}
+	n.mu.Unlock()
+}
+
+func (n *Node) checkOpen() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return fmt.Errorf("node %s: %w", n.id, ErrClosed)
+	}
+	return nil
+}
+
+// Epoch returns the writer's epoch.
+func (w *Writer) Epoch() uint64 { return w.epoch }
+
+// LogID returns the writer's log id ("<stream>/<epoch>").
+func (w *Writer) LogID() string { return w.logID }
+
+// KeyGroups returns the writer's key-group range.
+func (w *Writer) KeyGroups() keygroup.Range { return w.cfg.KeyGroups }
+
+// FromCheckpoint returns the checkpoint the writer's state started from.
+func (w *Writer) FromCheckpoint() uint64 { return w.from }
+
+// LastSQN returns the SQN of the newest appended change (0 if none).
+func (w *Writer) LastSQN() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.next - 1
+}
+
+// fence kills the writer because epoch `by` overlaps it.
+func (w *Writer) fence(by uint64) {
+	w.kill(fmt.Errorf("writer %s: fenced by epoch %d: %w", w.logID, by, ErrFenced))
+}
+
+// kill makes every later call fail with err and drops the pending tail:
+// changes of a dead writer must never be uploaded after its death.
+func (w *Writer) kill(err error) {
+	w.mu.Lock()
+	if w.dead != nil {
+		w.mu.Unlock()
+		return
+	}
+	w.dead = err
+	var discarded int64
+	for i := w.drained; i < len(w.tail); i++ {
+		discarded += upload.ChangeBytes(w.tail[i])
+	}
+	w.tail = w.tail[:w.drained]
+	w.wakeLocked()
+	w.mu.Unlock()
+	w.node.sched.Release(discarded)
+	w.node.detach(w)
+	w.node.sched.Unregister(w)
+}
+
+// detach stops the writer without uploading more (node shutdown: the caller
+// has already persisted what it wanted).
+func (w *Writer) detach(err error) { w.kill(fmt.Errorf("writer %s: %w", w.logID, err)) }
+
+func (w *Writer) wakeLocked() {
+	close(w.done)
+	w.done = make(chan struct{})
+}
+
+// Append validates batch, assigns it consecutive SQNs and returns the first
+// and last once the batch is as durable as d asks. The batch is all or
+// nothing: one invalid change rejects the whole batch. Append blocks while
+// the node's in-flight bytes are at their bound (back-pressure), honouring
+// ctx.
+func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (first, last uint64, err error) {
+	if err := w.alive(); err != nil {
+		return 0, 0, err
+	}
+	if len(batch) == 0 {
+		return 0, 0, fmt.Errorf("writer %s: empty batch: %w", w.logID, ErrInvalidChange)
+	}
+	if d == Replicated {
+		return 0, 0, fmt.Errorf("writer %s: %v durability needs a cluster: %w", w.logID, d, ErrUnsupportedDurability)
+	}
+	if d != Buffered && d != Local {
+		return 0, 0, fmt.Errorf("writer %s: %v: %w", w.logID, d, ErrUnsupportedDurability)
+	}
+	limits := w.node.opts.Limits
+	var size, bytes int64
+	for i := range batch {
+		if err := batch[i].validate(i, w.cfg.KeyGroups, limits); err != nil {
+			return 0, 0, fmt.Errorf("writer %s: %w", w.logID, err)
+		}
+		size += int64(len(batch[i].Key) + len(batch[i].Value))
+		bytes += upload.ChangeBytes(segments.Change{Key: batch[i].Key, Value: batch[i].Value, State: batch[i].State})
+	}
+	if err := w.node.sched.Reserve(ctx, bytes); err != nil {
+		return 0, 0, fmt.Errorf("writer %s: %w", w.logID, err)
+	}
+	// One allocation holds every key and value of the batch: the caller
+	// may reuse its buffers once Append returns.
+	arena := make([]byte, 0, size)
+	w.mu.Lock()
+	if w.dead != nil {
+		err := w.dead
+		w.mu.Unlock()
+		w.node.sched.Release(bytes)
+		return 0, 0, err
+	}
+	first = w.next
+	for i := range batch {
+		c := &batch[i]
+		start := len(arena)
+		arena = append(arena, c.Key...)
+		key := arena[start:len(arena):len(arena)]
+		start = len(arena)
+		arena = append(arena, c.Value...)
+		value := arena[start:len(arena):len(arena)]
+		w.tail = append(w.tail, segments.Change{
+			LogID: w.logID, SQN: w.next, KeyGroup: c.KeyGroup, State: c.State, Op: c.Op,
+			Key: key, Value: value, TimestampMs: c.TimestampMs,
+		})
+		w.next++
+	}
+	last = w.next - 1
+	w.mu.Unlock()
+
+	if d == Local {
+		if err := w.syncLocal(ctx, last); err != nil {
+			return 0, 0, err
+		}
+	}
+	return first, last, nil
+}
+
+// syncLocal makes every change up to last durable in the local log (or
+// finds it uploaded already). Holding walMu while writing keeps each log's
+// records in SQN order in the local log; the first appender to get walMu
+// writes every pending change of the log, so the others often find their
+// changes already durable (per-log group commit on top of the local log's
+// cross-log group commit).
+func (w *Writer) syncLocal(ctx context.Context, last uint64) error {
+	w.walMu.Lock()
+	defer w.walMu.Unlock()
+	if w.walDurable >= last {
+		return nil
+	}
+	w.mu.Lock()
+	from := max(w.walDurable, w.uploaded) + 1
+	upTo := w.next - 1
+	var pending []segments.Change
+	if from <= upTo {
+		base := w.uploaded + 1 // SQN of tail[0]
+		pending = slices.Clone(w.tail[from-base : upTo-base+1])
+	}
+	w.mu.Unlock()
+	if len(pending) > 0 {
+		if err := w.node.wal.Append(ctx, w.logID, pending); err != nil {
+			return fmt.Errorf("writer %s: local log: %w", w.logID, err)
+		}
+	}
+	w.walDurable = upTo
+	return nil
+}
+
+func (w *Writer) alive() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.dead
+}
+
+// Drain implements upload.Log: it hands the scheduler every change not yet
+// being uploaded.
+func (w *Writer) Drain() []segments.Change {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.drained == len(w.tail) {
+		return nil
+	}
+	out := w.tail[w.drained:len(w.tail):len(w.tail)]
+	w.drained = len(w.tail)
+	return out
+}
+
+// Uploaded implements upload.Log: the flush that carried the last Drain
+// finished.
+func (w *Writer) Uploaded(res upload.FlushResult) {
+	w.mu.Lock()
+	w.flushGen++
+	if res.Err != nil && w.dead != nil {
+		// A dead writer is never drained again: give its bytes back.
+		var discarded int64
+		for i := range w.tail {
+			discarded += upload.ChangeBytes(w.tail[i])
+		}
+		clear(w.tail)
+		w.tail, w.drained, w.lastErr = nil, 0, res.Err
+		w.wakeLocked()
+		w.mu.Unlock()
+		w.node.sched.Release(discarded)
+		return
+	}
+	if res.Err != nil {
+		// Hand the same changes again at the next Drain.
+		w.drained = 0
+		w.lastErr = res.Err
+		w.wakeLocked()
+		w.mu.Unlock()
+		return
+	}
+	if len(res.Blocks) > 0 {
+		upTo := res.Blocks[len(res.Blocks)-1].LastSQN
+		w.segs = append(w.segs, SegmentBlocks{Key: res.Segment.Key, Size: res.Segment.Size, Blocks: spansOf(res.Blocks)})
+		n := int(upTo - w.uploaded)
+		// Compact in place: keeping the array saves regrowing it after
+		// every flush, and clearing the moved-from entries lets the
+		// uploaded changes' arenas be freed. Safe: the scheduler is done
+		// with this drain, and Replay and syncLocal copy what they read.
+		m := copy(w.tail, w.tail[n:])
+		clear(w.tail[m:])
+		w.tail = w.tail[:m]
+		if cap(w.tail) > 4*max(m, 4096) {
+			w.tail = slices.Clip(slices.Clone(w.tail)) // let a burst's array go
+		}
+		w.drained -= n
+		w.uploaded = upTo
+	}
+	w.lastErr = nil
+	// The mark goes to the local log before any persist waiter wakes, so a
+	// truncation that follows a persist is recorded after its mark.
+	w.node.wal.MarkUploaded(w.logID, w.uploaded)
+	w.wakeLocked()
+	w.mu.Unlock()
+}
+
+// PersistHandle says where a persisted prefix of a log lives.
+type PersistHandle struct {
+	LogID   string
+	UpToSQN uint64
+	// Segments lists the segments (and this log's blocks in each) holding
+	// the log's changes from its truncation point up to UpToSQN and beyond.
+	Segments []SegmentBlocks
+}
+
+// Persist returns once every change with SQN ≤ upTo (0: every change
+// appended so far) is inside uploaded segments. It asks the scheduler for a
+// flush (after its short batching delay, so concurrent persists share one
+// object). If a flush carrying its changes fails, Persist returns the
+// error; a later Persist tries again.
+func (w *Writer) Persist(ctx context.Context, upTo uint64) (PersistHandle, error) {
+	w.mu.Lock()
+	if w.dead != nil && !errors.Is(w.dead, ErrClosed) {
+		err := w.dead
+		w.mu.Unlock()
+		return PersistHandle{}, err
+	}
+	if upTo == 0 || upTo >= w.next {
+		upTo = w.next - 1
+	}
+	startGen := w.flushGen
+	requested := false
+	for w.uploaded < upTo {
+		if w.dead != nil {
+			err := w.dead
+			w.mu.Unlock()
+			return PersistHandle{}, err
+		}
+		if w.flushGen > startGen && w.lastErr != nil {
+			err := w.lastErr
+			w.mu.Unlock()
+			return PersistHandle{}, fmt.Errorf("writer %s: persist up to %d: %w", w.logID, upTo, err)
+		}
+		done := w.done
+		w.mu.Unlock()
+		if !requested {
+			w.node.sched.RequestFlush()
+			requested = true
+		}
+		select {
+		case <-ctx.Done():
+			return PersistHandle{}, fmt.Errorf("writer %s: persist up to %d: %w", w.logID, upTo, ctx.Err())
+		case <-done:
+		}
+		w.mu.Lock()
+	}
+	h := PersistHandle{LogID: w.logID, UpToSQN: upTo, Segments: slices.Clone(w.segs)}
+	w.mu.Unlock()
+	return h, nil
+}
