@@ -25,6 +25,16 @@ func createStream(ctx context.Context, store upload.BlobStore, cfg StreamConfig)
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	// An existing stream is ALREADY_EXISTS, whatever objects it has; only
+	// for a missing definition do leftover objects mean an unfinished delete.
+	if _, err := getStream(ctx, store, cfg.Name); err == nil {
+		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+	} else if !errors.Is(err, ErrStreamNotFound) {
+		return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
+	}
+	if err := checkNoLeftovers(ctx, store, cfg.Name); err != nil {
+		return err
+	}
 	data, err := envelope.Seal(streamConfigKind, cfg)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", cfg.Name, err)

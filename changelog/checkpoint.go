@@ -46,6 +46,10 @@ func (w *Writer) Checkpoint(ctx context.Context, id uint64, metadata []byte) (Ch
 	if err != nil {
 		return CheckpointResult{}, err
 	}
+	if !w.lastLocalPart(id) {
+		// Another writer of this node stores its part later and completes.
+		return CheckpointResult{ID: id, Part: ref}, nil
+	}
 	complete, err := w.tryComplete(ctx, id)
 	if err != nil {
 		return CheckpointResult{}, err
@@ -112,6 +116,37 @@ func (w *Writer) recordPart(ctx context.Context, id uint64, h PersistHandle, met
 		FromCheckpoint: w.from, TruncatedBefore: truncated, UpToSQN: h.UpToSQN, Segments: segs,
 		Metadata: slices.Clone(metadata),
 	})
+}
+
+// lastLocalPart records that w stored its part of id and reports whether
+// every live writer of the stream on this node has now stored one, so that
+// w is the one to try to complete it. Writers the journal (as last read)
+// says are fenced do not count: their part will never come.
+func (w *Writer) lastLocalPart(id uint64) bool {
+	h := w.stream
+	st := h.journal.snapshot()
+	h.partsMu.Lock()
+	defer h.partsMu.Unlock()
+	if h.parts == nil {
+		h.parts = map[uint64]map[uint64]bool{}
+	}
+	for old := range h.parts {
+		if old <= st.lastCheckpoint() {
+			delete(h.parts, old) // complete or too old: nobody completes it any more
+		}
+	}
+	stored := h.parts[id]
+	if stored == nil {
+		stored = map[uint64]bool{}
+		h.parts[id] = stored
+	}
+	stored[w.epoch] = true
+	for _, o := range w.node.liveWriters(h.cfg.Name) {
+		if _, fenced := st.fenced(o.epoch); !fenced && !stored[o.epoch] {
+			return false
+		}
+	}
+	return true
 }
 
 // tryComplete appends the checkpoint-complete entry for id if every live

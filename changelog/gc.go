@@ -25,8 +25,9 @@ type GCStats struct {
 //   - every live or recovered log references its segments from its
 //     truncation point on;
 //   - each of the newest RetainCheckpoints complete checkpoints of every
-//     stream references the segments its parts list, and those of the
-//     checkpoints its parts start from, recursively (a restore needs them);
+//     stream, and each checkpoint marked retained, references the segments
+//     its parts list, and those of the checkpoints its parts start from,
+//     recursively (a restore needs them);
 //   - the final part of every closed, still live epoch, and every part of a
 //     checkpoint not complete yet (it may complete later) references its
 //     segments.
@@ -119,6 +120,15 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 	retained := st.checkpoints
 	if len(retained) > n.opts.RetainCheckpoints {
 		retained = retained[len(retained)-n.opts.RetainCheckpoints:]
+	}
+	marked, err := n.RetainedCheckpoints(ctx, stream)
+	if err != nil {
+		return err
+	}
+	for _, id := range marked {
+		if cp, ok := st.checkpoint(id); ok {
+			retained = append(retained, cp)
+		}
 	}
 	for _, cp := range retained {
 		for _, p := range cp.Parts {

@@ -65,6 +65,9 @@ type EpochClose struct {
 type CheckpointComplete struct {
 	ID    uint64    `json:"id"`
 	Parts []PartRef `json:"parts"`
+	// CompletedAtMs is the time of the entry that completed it (filled in
+	// from the entry, not stored twice).
+	CompletedAtMs int64 `json:"-"`
 }
 
 // PartRef names one writer's part of a checkpoint.
@@ -156,7 +159,9 @@ func (s *journalState) apply(e JournalEntry) error {
 		if err := s.checkCompletion(e.Checkpoint.ID, e.Checkpoint.Parts); err != nil {
 			return fmt.Errorf("entry %d: %w: %w", e.Seq, err, errJournalInvalid)
 		}
-		s.checkpoints = append(s.checkpoints, *e.Checkpoint)
+		cp := *e.Checkpoint
+		cp.CompletedAtMs = e.TimeMs
+		s.checkpoints = append(s.checkpoints, cp)
 	default:
 		return fmt.Errorf("entry %d: unknown kind %q: %w", e.Seq, e.Kind, errJournalInvalid)
 	}

@@ -83,6 +83,14 @@ type Node struct {
 type streamHandle struct {
 	cfg     StreamConfig
 	journal *journal
+
+	// partsMu guards parts: per checkpoint id, the epochs of this node's
+	// writers that stored their part. Only the writer that completes the
+	// node's set reads the journal to complete the checkpoint: with many
+	// writers per node, that saves each of them a journal and a parts
+	// listing (on a loopback S3 the number of calls is what costs).
+	partsMu sync.Mutex
+	parts   map[uint64]map[uint64]bool
 }
 
 // Open starts a node: it recovers the local log (changes acknowledged
@@ -395,3 +403,6 @@ func (n *Node) crash() {
 	}
 	_ = n.wal.Close()
 }
+
+// LocalLogStats returns the local log's counters (for metrics).
+func (n *Node) LocalLogStats() locallog.Stats { return n.wal.Stats() }

@@ -273,3 +273,103 @@ func TestCloseCarriesStateIntoLaterCheckpoints(t *testing.T) {
 		t.Fatalf("append after close: %v", err)
 	}
 }
+
+func TestDeleteStreamAndRecreate(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, newFileStore(t), t.TempDir())
+	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.Append(ctx, []Change{put(0, "k", "v")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Checkpoint(ctx, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.DeleteStream(ctx, "s"); !errors.Is(err, ErrStreamBusy) {
+		t.Fatalf("delete with an open writer: %v, want ErrStreamBusy", err)
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.DeleteStream(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Stream(ctx, "s"); !errors.Is(err, ErrStreamNotFound) {
+		t.Fatalf("deleted stream: %v", err)
+	}
+	if err := n.DeleteStream(ctx, "s"); !errors.Is(err, ErrStreamNotFound) {
+		t.Fatalf("second delete: %v", err)
+	}
+	// A new stream of the same name starts from nothing.
+	if _, err := n.CreateStream(ctx, "s", 8); err != nil {
+		t.Fatal(err)
+	}
+	cps, err := n.Checkpoints(ctx, "s")
+	if err != nil || len(cps) != 0 {
+		t.Fatalf("recreated stream has checkpoints %v, %v", cps, err)
+	}
+	if cfg, _ := n.Stream(ctx, "s"); cfg.KeyGroups != 8 {
+		t.Fatalf("recreated stream has %d key groups", cfg.KeyGroups)
+	}
+}
+
+// A checkpoint marked retained keeps its segments through GC after newer
+// checkpoints subsume it; released, they go.
+func TestRetainedCheckpointSurvivesGC(t *testing.T) {
+	ctx := context.Background()
+	store := newFileStore(t)
+	opts := testNodeOptions(store, t.TempDir())
+	opts.RetainCheckpoints = 1
+	n, err := Open(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id := uint64(1); id <= 4; id++ {
+		if _, _, err := w.Append(ctx, []Change{put(0, "k", fmt.Sprint(id))}, Buffered); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Checkpoint(ctx, id, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Truncate(ctx, w.LastSQN()+1); err != nil {
+			t.Fatal(err)
+		}
+		if id == 1 {
+			if err := n.RetainCheckpoint(ctx, "s", 1, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if _, err := n.CollectGarbage(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := restoreMap(t, n, "s", 1, keygroup.Full(4)); got["0/s/k"] != "1" {
+		t.Fatalf("retained checkpoint 1 restores to %v", got)
+	}
+	st, err := n.CollectGarbage(ctx)
+	if err != nil || st.Referenced != 2 {
+		t.Fatalf("gc kept %d segments (%v), want 2: checkpoint 1 and 4", st.Referenced, err)
+	}
+	if err := n.RetainCheckpoint(ctx, "s", 1, false); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := n.CollectGarbage(ctx); err != nil || st.Deleted != 1 {
+		t.Fatalf("after release gc deleted %d (%v), want 1", st.Deleted, err)
+	}
+	if err := n.RetainCheckpoint(ctx, "s", 99, true); !errors.Is(err, ErrCheckpointNotFound) {
+		t.Fatalf("retain unknown checkpoint: %v", err)
+	}
+}

@@ -162,6 +162,19 @@ func (n *Node) detach(w *Writer) {
 	n.mu.Unlock()
 }
 
+// liveWriters returns this node's live writers of a stream.
+func (n *Node) liveWriters(stream string) []*Writer {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out []*Writer
+	for _, w := range n.writers {
+		if w.cfg.Stream == stream {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
 func (n *Node) checkOpen() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -253,6 +266,10 @@ func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (firs
 		bytes += upload.ChangeBytes(segments.Change{Key: batch[i].Key, Value: batch[i].Value, State: batch[i].State})
 	}
 	if err := w.node.sched.Reserve(ctx, bytes); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			// Waited as long as the caller allowed for upload room.
+			return 0, 0, fmt.Errorf("writer %s: no room for %d bytes in flight: %w: %w", w.logID, bytes, upload.ErrBackpressure, err)
+		}
 		return 0, 0, fmt.Errorf("writer %s: %w", w.logID, err)
 	}
 	// One allocation holds every key and value of the batch: the caller

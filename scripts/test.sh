@@ -11,13 +11,16 @@ FUZZTIME="${FUZZTIME:-10s}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "gofmt"
-unformatted="$(gofmt -l $(git ls-files --cached --others --exclude-standard '*.go'))"
+unformatted="$(find . -name '*.go' -not -path './.git/*' -print0 | xargs -0 gofmt -l)"
 if [[ -n "$unformatted" ]]; then
   echo "gofmt: these files need formatting:"; echo "$unformatted"; exit 1
 fi
 
 step "go vet ./..."
 go vet ./...
+
+step "generated API code matches api/**/*.proto (scripts/gen.sh --check)"
+./scripts/gen.sh --check
 
 step "go build ./... and the release binary (same script as the Dockerfile)"
 go build ./...

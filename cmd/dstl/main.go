@@ -51,10 +51,11 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			return bindEnv(cmd)
+			return bindSettings(cmd)
 		},
 	}
 	root.AddCommand(newServeCommand(), newVersionCommand())
+	root.AddCommand(newCLICommands(root)...)
 	return root
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,16 +17,29 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
+	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/server"
 	"github.com/dstl-dev/dstl/upload"
 	"github.com/dstl-dev/dstl/upload/blobstore"
 )
 
 type serveOptions struct {
-	dataDir   string
-	blobURL   string
-	listen    string
-	logFormat string
-	logLevel  string
+	dataDir           string
+	blobURL           string
+	listen            string
+	logFormat         string
+	logLevel          string
+	durability        string
+	uploadInterval    time.Duration
+	batchDelay        time.Duration
+	flushBytes        int64
+	maxInFlightBytes  int64
+	maxKeySize        int
+	maxValueSize      int
+	retainCheckpoints int
+	gcInterval        time.Duration
+	tlsCert, tlsKey   string
+	shutdownTimeout   time.Duration
 }
 
 func newServeCommand() *cobra.Command {
@@ -33,12 +47,19 @@ func newServeCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run a dstl node (single node, local blob store by default)",
-		Long: `Run a dstl node.
+		Long: `Run a dstl node: the stream, writer, state and checkpoint services over
+Connect, gRPC and gRPC-Web (HTTP/2 cleartext, or TLS with --tls-cert and
+--tls-key), plus /metrics, /healthz and /readyz on the same address.
 
-With no flags the node keeps its data in ./dstl-data, uses the local directory
-./dstl-data/blobs as its blob store and listens on 127.0.0.1:7600.
-Every flag can also be set with a DSTL_* environment variable, for example
-DSTL_BLOB=s3://bucket/prefix?endpoint=http://127.0.0.1:9000&path_style=true.`,
+With no flags the node keeps its data in ./dstl-data, uses ./dstl-data/blobs
+as its blob store and listens on 127.0.0.1:7600.
+
+Settings come from flags, then DSTL_* environment variables (--blob is
+DSTL_BLOB), then the config file (--config, lines of "name: value" with the
+flag names), then the defaults.
+
+SIGTERM or SIGINT shuts down gracefully: the node stops accepting requests,
+uploads everything acknowledged and exits 0. A second signal exits at once.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return serve(cmd.Context(), o)
@@ -50,6 +71,19 @@ DSTL_BLOB=s3://bucket/prefix?endpoint=http://127.0.0.1:9000&path_style=true.`,
 	f.StringVar(&o.listen, "listen", "127.0.0.1:7600", "address to serve the API, /metrics and health endpoints on")
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.StringVar(&o.durability, "durability", "buffered", "default durability of appends that do not choose: buffered or local")
+	f.DurationVar(&o.uploadInterval, "upload-interval", upload.DefaultFlushInterval, "upload whatever is pending at least this often")
+	f.DurationVar(&o.batchDelay, "batch-delay", upload.DefaultBatchDelay, "how long a persist waits so that concurrent persists share one segment")
+	f.Int64Var(&o.flushBytes, "flush-bytes", upload.DefaultFlushBytes, "upload as soon as this many bytes are pending")
+	f.Int64Var(&o.maxInFlightBytes, "max-inflight-bytes", upload.DefaultMaxInFlightBytes, "bound on bytes appended but not uploaded; appends wait (then fail with RESOURCE_EXHAUSTED) beyond it")
+	f.IntVar(&o.maxKeySize, "max-key-size", changelog.DefaultLimits.MaxKeySize, "largest key in bytes")
+	f.IntVar(&o.maxValueSize, "max-value-size", changelog.DefaultLimits.MaxValueSize, "largest value in bytes")
+	f.IntVar(&o.retainCheckpoints, "retain-checkpoints", 3, "how many of the newest checkpoints of each stream garbage collection keeps")
+	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of segment garbage collection (negative disables it)")
+	f.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate file (PEM); with --tls-key serves TLS instead of h2c")
+	f.StringVar(&o.tlsKey, "tls-key", "", "TLS private key file (PEM)")
+	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
+	addConfigFlag(cmd)
 	return cmd
 }
 
@@ -74,6 +108,13 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err != nil {
 		return err
 	}
+	durability, err := changelog.ParseDurability(o.durability)
+	if err != nil {
+		return fmt.Errorf("--durability: %w", err)
+	}
+	if (o.tlsCert == "") != (o.tlsKey == "") {
+		return errors.New("--tls-cert and --tls-key go together")
+	}
 	dataDir, err := filepath.Abs(o.dataDir)
 	if err != nil {
 		return fmt.Errorf("data dir %q: %w", o.dataDir, err)
@@ -93,8 +134,33 @@ func serve(ctx context.Context, o serveOptions) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	schedMetrics := upload.NewSchedulerMetrics()
+	reg.MustRegister(schedMetrics.Collectors()...)
+
+	nodeOpts := changelog.Options{
+		Store: store, DataDir: dataDir, Logger: log,
+		Limits:            changelog.Limits{MaxKeySize: o.maxKeySize, MaxValueSize: o.maxValueSize},
+		RetainCheckpoints: o.retainCheckpoints,
+		GCInterval:        o.gcInterval,
+	}
+	nodeOpts.Scheduler.Interval = o.uploadInterval
+	nodeOpts.Scheduler.BatchDelay = o.batchDelay
+	nodeOpts.Scheduler.FlushBytes = o.flushBytes
+	nodeOpts.Scheduler.MaxInFlightBytes = o.maxInFlightBytes
+	nodeOpts.Scheduler.Metrics = schedMetrics
+	node, err := changelog.Open(ctx, nodeOpts)
+	if err != nil {
+		return fmt.Errorf("open node: %w", err)
+	}
+	registerLocalLogMetrics(reg, node)
+	api, err := server.New(node, server.Options{DefaultDurability: durability, Registry: reg, Logger: log})
+	if err != nil {
+		_ = node.Close(context.WithoutCancel(ctx))
+		return err
+	}
 
 	mux := http.NewServeMux()
+	mux.Handle("/", api.Handler())
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -109,29 +175,66 @@ func serve(ctx context.Context, o serveOptions) error {
 
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
+		_ = node.Close(context.WithoutCancel(ctx))
 		return fmt.Errorf("listen on %s: %w", o.listen, err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	log.Info("dstl serving", "listen", ln.Addr().String(), "data_dir", dataDir, "blob", blobURL, "version", buildVersion())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: new(http.Protocols)}
+	srv.Protocols.SetHTTP1(true)
+	if o.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
+		if err != nil {
+			_ = node.Close(context.WithoutCancel(ctx))
+			return fmt.Errorf("load TLS key pair: %w", err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		srv.Protocols.SetHTTP2(true)
+		ln = tls.NewListener(ln, srv.TLSConfig)
+	} else {
+		srv.Protocols.SetUnencryptedHTTP2(true)
+	}
+	log.Info("dstl serving", "listen", ln.Addr().String(), "tls", o.tlsCert != "", "data_dir", dataDir,
+		"blob", redactURL(blobURL), "node", node.ID(), "version", buildVersion())
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
+	var serveErr error
 	select {
 	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
+		serveErr = fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
+		log.Info("shutting down: uploading everything acknowledged")
 	}
-	log.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.shutdownTimeout)
 	defer cancel()
+	// Stop accepting and let in-flight requests finish, then make every
+	// acknowledged change durable on the blob store.
 	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
+		serveErr = errors.Join(serveErr, fmt.Errorf("stop serving: %w", err))
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve: %w", err)
+	if err := api.Shutdown(shutdownCtx); err != nil {
+		serveErr = errors.Join(serveErr, fmt.Errorf("persist writers: %w", err))
 	}
-	log.Info("stopped")
-	return nil
+	if err := node.Close(shutdownCtx); err != nil {
+		serveErr = errors.Join(serveErr, fmt.Errorf("close node: %w", err))
+	}
+	if serveErr == nil {
+		log.Info("stopped: everything acknowledged is uploaded")
+	}
+	return serveErr
+}
+
+// registerLocalLogMetrics exports the local log's counters.
+func registerLocalLogMetrics(reg prometheus.Registerer, node *changelog.Node) {
+	counter := func(name, help string, v func() int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v()) })
+	}
+	reg.MustRegister(
+		counter("dstl_locallog_appends_total", "Local-durability appends written to the local log.", func() int64 { return node.LocalLogStats().Appends }),
+		counter("dstl_locallog_changes_total", "Changes written to the local log.", func() int64 { return node.LocalLogStats().Changes }),
+		counter("dstl_locallog_fsyncs_total", "Fsyncs of the local log (appends per fsync shows group commit).", func() int64 { return node.LocalLogStats().Fsyncs }),
+		counter("dstl_locallog_bytes_total", "Bytes written to the local log.", func() int64 { return node.LocalLogStats().Bytes }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "dstl_locallog_files", Help: "Local log files on disk."}, func() float64 { return float64(node.LocalLogStats().Files) }),
+	)
 }
 
 // checkBlobStore makes one cheap call to prove the blob store answers.

@@ -43,6 +43,10 @@ func Open(ctx context.Context, rawURL string) (upload.BlobStore, error) {
 	}
 	switch strings.ToLower(u.Scheme) {
 	case "file":
+		if strings.HasPrefix(rawURL, "file://./") || strings.HasPrefix(rawURL, "file://../") {
+			// file://./dir: a path relative to the working directory.
+			return openFile(rawURL[len("file://"):])
+		}
 		p, err := FilePath(u)
 		if err != nil {
 			return nil, err

@@ -1,0 +1,64 @@
+package changelog
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// Retention marks live at streams/<stream>/retained/<id>: an empty object
+// per retained checkpoint. Garbage collection keeps everything a retained
+// checkpoint needs, in addition to the newest RetainCheckpoints ones.
+
+func retainedPrefix(stream string) string { return streamPrefix(stream) + "retained/" }
+
+func retainedKey(stream string, id uint64) string {
+	return fmt.Sprintf("%s%020d", retainedPrefix(stream), id)
+}
+
+// RetainCheckpoint marks complete checkpoint id of stream retained (or
+// releases the mark when retain is false).
+func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, retain bool) error {
+	if _, err := n.completeCheckpoint(ctx, stream, id); err != nil {
+		return err
+	}
+	key := retainedKey(stream, id)
+	if !retain {
+		if err := n.store.Delete(ctx, key); err != nil {
+			return fmt.Errorf("stream %s: release checkpoint %d: %w", stream, id, err)
+		}
+		return nil
+	}
+	err := n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0)
+	if err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
+		return fmt.Errorf("stream %s: retain checkpoint %d: %w", stream, id, err)
+	}
+	return nil
+}
+
+// RetainedCheckpoints returns the ids of the checkpoints marked retained.
+func (n *Node) RetainedCheckpoints(ctx context.Context, stream string) ([]uint64, error) {
+	prefix := retainedPrefix(stream)
+	var ids []uint64
+	startAfter := ""
+	for {
+		page, err := n.store.List(ctx, prefix, startAfter, 1000)
+		if err != nil {
+			return nil, fmt.Errorf("stream %s: list retained checkpoints: %w", stream, err)
+		}
+		for _, o := range page.Objects {
+			if id, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64); err == nil {
+				ids = append(ids, id)
+			}
+		}
+		if page.Next == "" {
+			return ids, nil
+		}
+		startAfter = page.Next
+	}
+}

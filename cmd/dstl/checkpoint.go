@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+)
+
+func newCheckpointCommand(cli *cliOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "checkpoint",
+		Aliases: []string{"cp"},
+		Short:   "Create, list, show and retain checkpoints",
+	}
+	cmd.AddCommand(newCheckpointCreateCommand(cli), newCheckpointListCommand(cli),
+		newCheckpointGetCommand(cli), newCheckpointRetainCommand(cli))
+	return cmd
+}
+
+// printCheckpoint prints one checkpoint and its parts.
+func printCheckpoint(cmd *cobra.Command, cp *dstlv1.Checkpoint) error {
+	tw := newTable(cmd.OutOrStdout())
+	fmt.Fprintf(tw, "stream:\t%s\n", cp.GetStream())
+	fmt.Fprintf(tw, "id:\t%d\n", cp.GetId())
+	fmt.Fprintf(tw, "completed:\t%s\n", formatTime(cp.GetCompletedAtMs()))
+	fmt.Fprintf(tw, "retained:\t%s\n", yesNo(cp.GetRetained()))
+	fmt.Fprintf(tw, "parts:\t%d\n", len(cp.GetParts()))
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(cp.GetParts()) == 0 {
+		return nil
+	}
+	fmt.Fprintln(cmd.OutOrStdout())
+	tw = newTable(cmd.OutOrStdout())
+	fmt.Fprintln(tw, "LOG\tEPOCH\tKEY GROUPS\tUP TO SQN\tFROM CHECKPOINT\tTRUNCATED BEFORE\tSEGMENTS\tMETADATA")
+	for _, p := range cp.GetParts() {
+		md := "-"
+		if len(p.GetMetadata()) > 0 {
+			md = truncate(display(p.GetMetadata()), 40)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%d\t%s\n", p.GetLogId(), p.GetEpoch(), formatRange(p.GetKeyGroups()),
+			p.GetUpToSqn(), p.GetFromCheckpoint(), p.GetTruncatedBefore(), p.GetSegments(), md)
+	}
+	return tw.Flush()
+}
+
+func newCheckpointCreateCommand(cli *cliOptions) *cobra.Command {
+	var metadata string
+	cmd := &cobra.Command{
+		Use:   "create STREAM",
+		Short: "Checkpoint every open writer of the stream on the node",
+		Long: `Checkpoint every writer of STREAM that is open on the node (--server) under
+the next id (newest complete + 1). The checkpoint is complete once every live
+writer of the stream, on any node, has recorded its part; writers on other
+nodes record theirs when their own application checkpoints.
+
+Fails with failed_precondition when the node has no open writer of the
+stream ("dstl put" checkpoints by itself and needs no writer).`,
+		Example: "  dstl checkpoint create orders",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			res, err := call(cmd, cli, func(ctx context.Context, c *clients) (*connect.Response[dstlv1.CreateCheckpointResponse], error) {
+				return c.checkpoints.CreateCheckpoint(ctx, connect.NewRequest(&dstlv1.CreateCheckpointRequest{Stream: args[0], Metadata: []byte(metadata)}))
+			})
+			if err != nil {
+				return err
+			}
+			if cli.json {
+				return printProto(cmd.OutOrStdout(), res)
+			}
+			if !res.GetComplete() {
+				_, err := fmt.Fprintf(cmd.OutOrStdout(), "checkpoint %d of stream %s recorded by this node's writers; not complete yet (other live writers of the stream have not recorded their parts)\n",
+					res.GetCheckpoint().GetId(), args[0])
+				return err
+			}
+			return printCheckpoint(cmd, res.GetCheckpoint())
+		},
+	}
+	cmd.Flags().StringVar(&metadata, "metadata", "", "client metadata to record with each part (returned on restore)")
+	addTimeoutFlag(cmd, defaultTimeout)
+	return cmd
+}
+
+func newCheckpointListCommand(cli *cliOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "list STREAM",
+		Aliases: []string{"ls"},
+		Short:   "List a stream's complete checkpoints, oldest first",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			res, err := call(cmd, cli, func(ctx context.Context, c *clients) (*connect.Response[dstlv1.ListCheckpointsResponse], error) {
+				return c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(&dstlv1.ListCheckpointsRequest{Stream: args[0]}))
+			})
+			if err != nil {
+				return err
+			}
+			if cli.json {
+				return printProto(cmd.OutOrStdout(), res)
+			}
+			tw := newTable(cmd.OutOrStdout())
+			fmt.Fprintln(tw, "ID\tCOMPLETED\tRETAINED\tPARTS\tSEGMENTS")
+			for _, cp := range res.GetCheckpoints() {
+				segs := uint64(0)
+				for _, p := range cp.GetParts() {
+					segs += uint64(p.GetSegments())
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\n", cp.GetId(), formatTime(cp.GetCompletedAtMs()), yesNo(cp.GetRetained()), len(cp.GetParts()), segs)
+			}
+			return tw.Flush()
+		},
+	}
+	addTimeoutFlag(cmd, defaultTimeout)
+	return cmd
+}
+
+func newCheckpointGetCommand(cli *cliOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "get STREAM ID",
+		Short: "Show a complete checkpoint and its parts",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseID(args[1])
+			if err != nil {
+				return err
+			}
+			res, err := call(cmd, cli, func(ctx context.Context, c *clients) (*connect.Response[dstlv1.GetCheckpointResponse], error) {
+				return c.checkpoints.GetCheckpoint(ctx, connect.NewRequest(&dstlv1.GetCheckpointRequest{Stream: args[0], Id: id}))
+			})
+			if err != nil {
+				return err
+			}
+			if cli.json {
+				return printProto(cmd.OutOrStdout(), res)
+			}
+			return printCheckpoint(cmd, res.GetCheckpoint())
+		},
+	}
+	addTimeoutFlag(cmd, defaultTimeout)
+	return cmd
+}
+
+func newCheckpointRetainCommand(cli *cliOptions) *cobra.Command {
+	var release bool
+	cmd := &cobra.Command{
+		Use:   "retain STREAM ID",
+		Short: "Keep a checkpoint restorable (or --release it)",
+		Long: `Mark checkpoint ID of STREAM retained: garbage collection keeps everything
+it needs even after newer checkpoints subsume it. --release undoes it.`,
+		Example: `  dstl checkpoint retain orders 3
+  dstl checkpoint retain orders 3 --release`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := parseID(args[1])
+			if err != nil {
+				return err
+			}
+			res, err := call(cmd, cli, func(ctx context.Context, c *clients) (*connect.Response[dstlv1.RetainCheckpointResponse], error) {
+				return c.checkpoints.RetainCheckpoint(ctx, connect.NewRequest(&dstlv1.RetainCheckpointRequest{Stream: args[0], Id: id, Retained: !release}))
+			})
+			if err != nil {
+				return err
+			}
+			if cli.json {
+				return printProto(cmd.OutOrStdout(), res)
+			}
+			verb := "retained"
+			if release {
+				verb = "released"
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s checkpoint %d of stream %s\n", verb, id, args[0])
+			return err
+		},
+	}
+	cmd.Flags().BoolVar(&release, "release", false, "release an earlier retention instead")
+	addTimeoutFlag(cmd, defaultTimeout)
+	return cmd
+}

@@ -1,0 +1,176 @@
+// Package embedded runs a dstl node inside the process, behind the same
+// client API as a remote node and without any network: the node's API
+// handler is served by an HTTP/2 (h2c) server over an in-memory listener,
+// and the client's transport dials that listener. It is the default for
+// tests and small services:
+//
+//	node, err := embedded.Open(ctx, embedded.Options{Dir: "state"})
+//	...
+//	defer node.Close(ctx)
+//	c := node.Client() // a *dstl.Client, as from dstl.Dial
+//
+// Everything a remote node keeps is kept here too: the local log under
+// Dir, the blob store (the source of truth) under Dir/blobs unless BlobURL
+// names another one, so reopening the same Dir (or a new Dir with the same
+// BlobURL) recovers every checkpoint.
+package embedded
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/dstl-dev/dstl/changelog"
+	dstl "github.com/dstl-dev/dstl/sdk/go"
+	"github.com/dstl-dev/dstl/server"
+	"github.com/dstl-dev/dstl/upload"
+	"github.com/dstl-dev/dstl/upload/blobstore"
+)
+
+// Options configure an embedded node.
+type Options struct {
+	// Dir is the node's data directory (required).
+	Dir string
+	// BlobURL is the blob store: a path, file:///path or
+	// s3://bucket/prefix?...; default Dir/blobs.
+	BlobURL string
+	// Durability is the node's default durability of appends (default
+	// buffered).
+	Durability dstl.Durability
+	// ClientOptions configure the client (timeouts, retries,
+	// interceptors); WithHTTPClient is overridden.
+	ClientOptions []dstl.Option
+	// Node tweaks the changelog node's options before it opens (upload
+	// interval, limits, ...); Store and DataDir are already set.
+	Node func(*changelog.Options)
+	// Handler wraps the node's HTTP handler (e.g. for fault injection in
+	// tests).
+	Handler func(http.Handler) http.Handler
+	Logger  *slog.Logger
+}
+
+// Node is a running embedded node.
+type Node struct {
+	client *dstl.Client
+	node   *changelog.Node
+	api    *server.Server
+	hs     *http.Server
+	ln     *pipeListener
+	tr     *http.Transport
+	store  upload.BlobStore
+	served chan error
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open starts a node on opts.Dir and returns it with a connected client.
+func Open(ctx context.Context, opts Options) (*Node, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("embedded: Options.Dir is required")
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("embedded: dir %q: %w", opts.Dir, err)
+	}
+	blobURL := opts.BlobURL
+	if blobURL == "" {
+		blobURL = "file://" + filepath.Join(dir, "blobs")
+	}
+	var durability changelog.Durability
+	switch opts.Durability {
+	case dstl.DurabilityDefault, dstl.Buffered:
+		durability = changelog.Buffered
+	case dstl.Local:
+		durability = changelog.Local
+	default:
+		return nil, fmt.Errorf("embedded: durability %v is not available on a single node", opts.Durability)
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	store, err := blobstore.Open(ctx, blobURL)
+	if err != nil {
+		return nil, fmt.Errorf("embedded: open blob store: %w", err)
+	}
+	nodeOpts := changelog.Options{Store: store, DataDir: dir, Logger: logger}
+	if opts.Node != nil {
+		opts.Node(&nodeOpts)
+		nodeOpts.Store, nodeOpts.DataDir = store, dir
+	}
+	node, err := changelog.Open(ctx, nodeOpts)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("embedded: open node: %w", err)
+	}
+	api, err := server.New(node, server.Options{DefaultDurability: durability, Logger: logger})
+	if err != nil {
+		_ = node.Close(context.WithoutCancel(ctx))
+		store.Close()
+		return nil, fmt.Errorf("embedded: %w", err)
+	}
+	var h http.Handler = api.Handler()
+	if opts.Handler != nil {
+		h = opts.Handler(h)
+	}
+	n := &Node{node: node, api: api, store: store, ln: newPipeListener(), served: make(chan error, 1)}
+	n.hs = &http.Server{Handler: h, Protocols: new(http.Protocols), ReadHeaderTimeout: 10 * time.Second}
+	n.hs.Protocols.SetUnencryptedHTTP2(true)
+	go func() { n.served <- n.hs.Serve(n.ln) }()
+
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	n.tr = &http.Transport{Protocols: p, DialContext: n.ln.DialContext}
+	copts := append(append([]dstl.Option(nil), opts.ClientOptions...), dstl.WithHTTPClient(&http.Client{Transport: n.tr}))
+	n.client, err = dstl.Dial(ctx, "http://embedded.dstl", copts...)
+	if err != nil {
+		_ = n.Close(ctx)
+		return nil, err
+	}
+	return n, nil
+}
+
+// Client returns the node's client.
+func (n *Node) Client() *dstl.Client { return n.client }
+
+// ChangelogNode returns the node's changelog, for tools and tests.
+func (n *Node) ChangelogNode() *changelog.Node { return n.node }
+
+// Close shuts the node down gracefully: it stops serving (letting calls in
+// flight finish), persists every open writer so that everything
+// acknowledged is on the blob store, and closes the node. Close open
+// Writers first: changes still buffered in a Writer are not seen by the
+// node.
+func (n *Node) Close(ctx context.Context) error {
+	n.closeOnce.Do(func() { n.closeErr = n.close(ctx) })
+	return n.closeErr
+}
+
+func (n *Node) close(ctx context.Context) error {
+	var errs []error
+	n.tr.CloseIdleConnections()
+	if err := n.hs.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("embedded: stop serving: %w", err))
+		_ = n.hs.Close()
+	}
+	if err := <-n.served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		errs = append(errs, fmt.Errorf("embedded: serve: %w", err))
+	}
+	n.tr.CloseIdleConnections()
+	if err := n.api.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("embedded: persist writers: %w", err))
+	}
+	if err := n.node.Close(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("embedded: close node: %w", err))
+	}
+	if err := n.store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("embedded: close blob store: %w", err))
+	}
+	return errors.Join(errs...)
+}

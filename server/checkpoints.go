@@ -1,0 +1,132 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"connectrpc.com/connect"
+
+	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+	"github.com/dstl-dev/dstl/changelog"
+)
+
+type checkpointService struct{ s *Server }
+
+// checkpointProto describes complete checkpoint cp with its parts.
+func (s *Server) checkpointProto(ctx context.Context, stream string, cp changelog.CheckpointComplete, retained []uint64) (*dstlv1.Checkpoint, error) {
+	parts, err := s.node.CheckpointParts(ctx, stream, cp.ID)
+	if err != nil {
+		return nil, err
+	}
+	out := &dstlv1.Checkpoint{Stream: stream, Id: cp.ID, CompletedAtMs: cp.CompletedAtMs, Retained: slices.Contains(retained, cp.ID)}
+	for _, p := range parts {
+		out.Parts = append(out.Parts, &dstlv1.CheckpointPart{
+			Epoch: p.Epoch, KeyGroups: rangeProto(p.KeyGroups), LogId: p.LogID, UpToSqn: p.UpToSQN,
+			FromCheckpoint: p.FromCheckpoint, TruncatedBefore: p.TruncatedBefore, Segments: uint32(len(p.Segments)), Metadata: p.Metadata,
+		})
+	}
+	return out, nil
+}
+
+func (s *Server) checkpoint(ctx context.Context, stream string, id uint64) (*dstlv1.Checkpoint, error) {
+	cps, err := s.node.Checkpoints(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	i := slices.IndexFunc(cps, func(c changelog.CheckpointComplete) bool { return c.ID == id })
+	if i < 0 {
+		return nil, fmt.Errorf("stream %s: checkpoint %d: %w", stream, id, changelog.ErrCheckpointNotFound)
+	}
+	retained, err := s.node.RetainedCheckpoints(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	return s.checkpointProto(ctx, stream, cps[i], retained)
+}
+
+// CreateCheckpoint checkpoints every open writer of the stream on this node
+// under the id after the newest complete one.
+func (x *checkpointService) CreateCheckpoint(ctx context.Context, req *connect.Request[dstlv1.CreateCheckpointRequest]) (*connect.Response[dstlv1.CreateCheckpointResponse], error) {
+	s := x.s
+	stream := req.Msg.GetStream()
+	cps, err := s.node.Checkpoints(ctx, stream)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	id := uint64(1)
+	if len(cps) > 0 {
+		id = cps[len(cps)-1].ID + 1
+	}
+	s.mu.Lock()
+	var writers []*changelog.Writer
+	for wid, w := range s.writers {
+		if streamOf(wid) == stream {
+			writers = append(writers, w)
+		}
+	}
+	s.mu.Unlock()
+	if len(writers) == 0 {
+		return nil, toConnect(fmt.Errorf("stream %s has no open writer on this node to checkpoint: %w", stream, errNoWriters))
+	}
+	complete := false
+	for _, w := range writers {
+		res, err := w.Checkpoint(ctx, id, req.Msg.GetMetadata())
+		if err != nil {
+			s.writerFailed(w, err)
+			return nil, toConnect(err)
+		}
+		complete = complete || res.Complete
+	}
+	out := &dstlv1.CreateCheckpointResponse{Complete: complete, Checkpoint: &dstlv1.Checkpoint{Stream: stream, Id: id}}
+	if complete {
+		if out.Checkpoint, err = s.checkpoint(ctx, stream, id); err != nil {
+			return nil, toConnect(err)
+		}
+	}
+	return connect.NewResponse(out), nil
+}
+
+// errNoWriters: a checkpoint was asked of a stream without open writers here.
+var errNoWriters = errors.New("no open writers")
+
+func (x *checkpointService) ListCheckpoints(ctx context.Context, req *connect.Request[dstlv1.ListCheckpointsRequest]) (*connect.Response[dstlv1.ListCheckpointsResponse], error) {
+	s := x.s
+	cps, err := s.node.Checkpoints(ctx, req.Msg.GetStream())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	retained, err := s.node.RetainedCheckpoints(ctx, req.Msg.GetStream())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &dstlv1.ListCheckpointsResponse{}
+	for _, cp := range cps {
+		p, err := s.checkpointProto(ctx, req.Msg.GetStream(), cp, retained)
+		if err != nil {
+			return nil, toConnect(err)
+		}
+		out.Checkpoints = append(out.Checkpoints, p)
+	}
+	return connect.NewResponse(out), nil
+}
+
+func (x *checkpointService) GetCheckpoint(ctx context.Context, req *connect.Request[dstlv1.GetCheckpointRequest]) (*connect.Response[dstlv1.GetCheckpointResponse], error) {
+	cp, err := x.s.checkpoint(ctx, req.Msg.GetStream(), req.Msg.GetId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&dstlv1.GetCheckpointResponse{Checkpoint: cp}), nil
+}
+
+func (x *checkpointService) RetainCheckpoint(ctx context.Context, req *connect.Request[dstlv1.RetainCheckpointRequest]) (*connect.Response[dstlv1.RetainCheckpointResponse], error) {
+	if err := x.s.node.RetainCheckpoint(ctx, req.Msg.GetStream(), req.Msg.GetId(), req.Msg.GetRetained()); err != nil {
+		return nil, toConnect(err)
+	}
+	cp, err := x.s.checkpoint(ctx, req.Msg.GetStream(), req.Msg.GetId())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&dstlv1.RetainCheckpointResponse{Checkpoint: cp}), nil
+}

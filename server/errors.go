@@ -1,0 +1,67 @@
+package server
+
+import (
+	"context"
+	"errors"
+
+	"connectrpc.com/connect"
+
+	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// errInvalid marks request validation failures of the server itself.
+var errInvalid = errors.New("invalid request")
+
+// toConnect maps an error of the changelog (or the server) to the connect
+// code a client can act on; the message keeps the wrapped context, which
+// names what was wrong.
+func toConnect(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	return connect.NewError(codeOf(err), err)
+}
+
+func codeOf(err error) connect.Code {
+	switch {
+	case errors.Is(err, upload.ErrBackpressure):
+		return connect.CodeResourceExhausted
+	case errors.Is(err, context.Canceled):
+		return connect.CodeCanceled
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.CodeDeadlineExceeded
+	case errors.Is(err, errInvalid),
+		errors.Is(err, changelog.ErrInvalidChange),
+		errors.Is(err, changelog.ErrInvalidStreamName),
+		errors.Is(err, keygroup.ErrInvalidCount),
+		errors.Is(err, keygroup.ErrInvalidRange):
+		return connect.CodeInvalidArgument
+	case errors.Is(err, changelog.ErrStreamNotFound),
+		errors.Is(err, changelog.ErrCheckpointNotFound),
+		errors.Is(err, changelog.ErrWriterNotFound),
+		errors.Is(err, errWriterUnknown):
+		return connect.CodeNotFound
+	case errors.Is(err, changelog.ErrStreamExists):
+		return connect.CodeAlreadyExists
+	case errors.Is(err, changelog.ErrFenced),
+		errors.Is(err, changelog.ErrCheckpointTooOld),
+		errors.Is(err, changelog.ErrCheckpointConflict),
+		errors.Is(err, changelog.ErrOrphanedKeyGroups),
+		errors.Is(err, changelog.ErrStreamBusy),
+		errors.Is(err, changelog.ErrLogTruncated),
+		errors.Is(err, changelog.ErrClosed),
+		errors.Is(err, errNoWriters):
+		return connect.CodeFailedPrecondition
+	case errors.Is(err, changelog.ErrUnsupportedDurability):
+		return connect.CodeUnimplemented
+	case upload.IsTransient(err), errors.Is(err, upload.ErrSchedulerStopped):
+		return connect.CodeUnavailable
+	}
+	return connect.CodeInternal
+}

@@ -1,0 +1,85 @@
+package server
+
+import (
+	"context"
+	"errors"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/dstl-dev/dstl/changelog"
+)
+
+// metrics are the server's Prometheus collectors (dstl_server_*).
+type metrics struct {
+	changes           *prometheus.CounterVec
+	batches           *prometheus.CounterVec
+	bytes             prometheus.Counter
+	persistSeconds    prometheus.Histogram
+	checkpointSeconds prometheus.Histogram
+	fenced            prometheus.Counter
+	requests          *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	latency := []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	return &metrics{
+		changes:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "dstl_server_appended_changes_total", Help: "Changes appended, by durability."}, []string{"durability"}),
+		batches:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "dstl_server_appended_batches_total", Help: "Batches appended, by durability."}, []string{"durability"}),
+		bytes:             prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_server_appended_bytes_total", Help: "Key and value bytes appended."}),
+		persistSeconds:    prometheus.NewHistogram(prometheus.HistogramOpts{Name: "dstl_server_persist_seconds", Help: "Latency of successful persists.", Buckets: latency}),
+		checkpointSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "dstl_server_checkpoint_seconds", Help: "Latency of successful writer checkpoints.", Buckets: latency}),
+		fenced:            prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_server_fenced_writers_total", Help: "Writers found fenced by a newer epoch."}),
+		requests:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "dstl_server_requests_total", Help: "RPCs by procedure and result code."}, []string{"procedure", "code"}),
+	}
+}
+
+func (m *metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.requests}
+}
+
+func (m *metrics) appended(d changelog.Durability, changes, bytes int) {
+	m.changes.WithLabelValues(d.String()).Add(float64(changes))
+	m.batches.WithLabelValues(d.String()).Inc()
+	m.bytes.Add(float64(bytes))
+}
+
+// interceptor counts every RPC by procedure and code.
+func (m *metrics) interceptor() connect.Interceptor {
+	return &countingInterceptor{m: m}
+}
+
+type countingInterceptor struct{ m *metrics }
+
+func (c *countingInterceptor) count(procedure string, err error) {
+	code := "ok"
+	if err != nil {
+		var ce *connect.Error
+		if errors.As(err, &ce) {
+			code = ce.Code().String()
+		} else {
+			code = connect.CodeOf(err).String()
+		}
+	}
+	c.m.requests.WithLabelValues(procedure, code).Inc()
+}
+
+func (c *countingInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		res, err := next(ctx, req)
+		c.count(req.Spec().Procedure, err)
+		return res, err
+	}
+}
+
+func (c *countingInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (c *countingInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		err := next(ctx, conn)
+		c.count(conn.Spec().Procedure, err)
+		return err
+	}
+}

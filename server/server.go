@@ -1,0 +1,151 @@
+// Package server exposes a changelog node over Connect, gRPC and gRPC-Web:
+// the stream, writer, state and checkpoint services of api/dstl/v1, plus gRPC
+// reflection and health so stock gRPC tools work.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"connectrpc.com/grpchealth"
+	"connectrpc.com/grpcreflect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
+	"github.com/dstl-dev/dstl/changelog"
+)
+
+// Options configure a Server.
+type Options struct {
+	// DefaultDurability applies to appends that do not choose one.
+	DefaultDurability changelog.Durability
+	// BackpressureWait is how long an append waits for upload room before
+	// failing with RESOURCE_EXHAUSTED (default 5s).
+	BackpressureWait time.Duration
+	// MaxMessageBytes bounds a request message (default 64 MiB).
+	MaxMessageBytes int
+	// State serves reads; default the changelog-backed LiveState.
+	State StateReader
+	// Registry receives the server's metrics; nil registers nothing.
+	Registry prometheus.Registerer
+	Logger   *slog.Logger
+}
+
+// Server implements the dstl services over one changelog node.
+type Server struct {
+	node    *changelog.Node
+	opts    Options
+	live    *LiveState // nil if opts.State is another implementation
+	state   StateReader
+	metrics *metrics
+	log     *slog.Logger
+
+	mu      sync.Mutex
+	writers map[string]*changelog.Writer
+}
+
+// New returns a server for node.
+func New(node *changelog.Node, opts Options) (*Server, error) {
+	if opts.BackpressureWait <= 0 {
+		opts.BackpressureWait = 5 * time.Second
+	}
+	if opts.MaxMessageBytes <= 0 {
+		opts.MaxMessageBytes = 64 << 20
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State}
+	if s.state == nil {
+		s.live = NewLiveState(node)
+		s.state = s.live
+	}
+	s.metrics = newMetrics()
+	if opts.Registry != nil {
+		for _, c := range s.metrics.collectors() {
+			if err := opts.Registry.Register(c); err != nil {
+				return nil, fmt.Errorf("server: register metrics: %w", err)
+			}
+		}
+	}
+	return s, nil
+}
+
+// Handler returns the HTTP handler serving every service, reflection and
+// health, to be mounted at the root of an h2c (or TLS) server.
+func (s *Server) Handler() http.Handler {
+	opts := []connect.HandlerOption{
+		connect.WithInterceptors(s.metrics.interceptor()),
+		connect.WithReadMaxBytes(s.opts.MaxMessageBytes),
+	}
+	mux := http.NewServeMux()
+	mux.Handle(dstlv1connect.NewStreamServiceHandler(&streamService{s}, opts...))
+	mux.Handle(dstlv1connect.NewWriterServiceHandler(&writerService{s}, opts...))
+	mux.Handle(dstlv1connect.NewStateServiceHandler(&stateService{s}, opts...))
+	mux.Handle(dstlv1connect.NewCheckpointServiceHandler(&checkpointService{s}, opts...))
+	services := []string{
+		dstlv1connect.StreamServiceName, dstlv1connect.WriterServiceName,
+		dstlv1connect.StateServiceName, dstlv1connect.CheckpointServiceName,
+	}
+	reflector := grpcreflect.NewStaticReflector(services...)
+	mux.Handle(grpcreflect.NewHandlerV1(reflector))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
+	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))
+	return mux
+}
+
+// errWriterUnknown: a writer id this server does not hold.
+var errWriterUnknown = errors.New("unknown writer")
+
+func (s *Server) writer(id string) (*changelog.Writer, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w, ok := s.writers[id]
+	if !ok {
+		return nil, fmt.Errorf("writer %q is not open on this node (open it, or resume its epoch after a restart): %w", id, errWriterUnknown)
+	}
+	return w, nil
+}
+
+// writerFailed drops a writer that was fenced or closed from the server's
+// table and its read view.
+func (s *Server) writerFailed(w *changelog.Writer, err error) {
+	if !errors.Is(err, changelog.ErrFenced) && !errors.Is(err, changelog.ErrClosed) {
+		return
+	}
+	s.mu.Lock()
+	if s.writers[w.LogID()] == w {
+		delete(s.writers, w.LogID())
+	}
+	s.mu.Unlock()
+	if errors.Is(err, changelog.ErrFenced) {
+		s.metrics.fenced.Inc()
+		if s.live != nil {
+			s.live.WriterFenced(streamOf(w.LogID()), w.LogID())
+		}
+	}
+}
+
+// Shutdown persists every open writer so that everything acknowledged is
+// on the blob store; the node's Close does the rest.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	writers := make([]*changelog.Writer, 0, len(s.writers))
+	for _, w := range s.writers {
+		writers = append(writers, w)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, w := range writers {
+		if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, changelog.ErrFenced) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
