@@ -72,9 +72,8 @@ func (c StreamConfig) Validate() error {
 
 // Blob-store keys of a stream. Numbers are zero-padded to 20 digits so that
 // lexicographic listing order is numeric order.
-func streamPrefix(name string) string    { return path.Join("streams", name) + "/" }
-func streamConfigKey(name string) string { return streamPrefix(name) + "stream" }
-func journalPrefix(name string) string   { return streamPrefix(name) + "journal/" }
+func streamPrefix(name string) string  { return path.Join("streams", name) + "/" }
+func journalPrefix(name string) string { return streamPrefix(name) + "journal/" }
 func journalKey(name string, seq uint64) string {
 	return fmt.Sprintf("%s%020d", journalPrefix(name), seq)
 }

@@ -19,6 +19,10 @@ fi
 step "go vet ./..."
 go vet ./...
 
+# Pinned: a new staticcheck release must not fail an old commit.
+step "staticcheck ./..."
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
 step "generated API code matches api/**/*.proto (scripts/gen.sh --check)"
 ./scripts/gen.sh --check
 

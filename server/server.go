@@ -93,7 +93,9 @@ func (s *Server) Handler() http.Handler {
 		dstlv1connect.StreamServiceName, dstlv1connect.WriterServiceName,
 		dstlv1connect.StateServiceName, dstlv1connect.CheckpointServiceName,
 	}
-	reflector := grpcreflect.NewStaticReflector(services...)
+	// Reflection lists health and reflection too, as grpc-go servers do.
+	reflector := grpcreflect.NewStaticReflector(append(services,
+		grpchealth.HealthV1ServiceName, grpcreflect.ReflectV1ServiceName, grpcreflect.ReflectV1AlphaServiceName)...)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
 	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))

@@ -326,8 +326,6 @@ func (c *Client) DeleteStream(ctx context.Context, name string) error {
 // KeyGroupRange is an inclusive range of key groups [Lo, Hi].
 type KeyGroupRange struct{ Lo, Hi int }
 
-func (r KeyGroupRange) contains(kg uint16) bool { return r.Lo <= int(kg) && int(kg) <= r.Hi }
-
 func rangeOf(p *dstlv1.KeyGroupRange) KeyGroupRange {
 	return KeyGroupRange{Lo: int(p.GetLo()), Hi: int(p.GetHi())}
 }
