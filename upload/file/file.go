@@ -248,8 +248,14 @@ func (s *Store) mkdirs(dir string) error {
 	}
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			if info, serr := os.Stat(dir); serr == nil && info.IsDir() {
+			info, serr := os.Stat(dir)
+			if serr == nil && info.IsDir() {
 				return nil
+			}
+			if errors.Is(serr, fs.ErrNotExist) {
+				// Created by another put and pruned by a Delete since:
+				// the caller retries.
+				return serr
 			}
 		}
 		return err
