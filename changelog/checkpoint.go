@@ -29,7 +29,10 @@ func (w *Writer) Checkpoint(ctx context.Context, id uint64, metadata []byte) (Ch
 	if id == 0 {
 		return CheckpointResult{}, fmt.Errorf("writer %s: checkpoint id 0: %w", w.logID, ErrInvalidChange)
 	}
-	if err := w.alive(); err != nil {
+	w.mu.Lock()
+	err := w.deadOrClosingLocked()
+	w.mu.Unlock()
+	if err != nil {
 		return CheckpointResult{}, err
 	}
 	if err := w.checkJournal(ctx, id); err != nil {
@@ -265,6 +268,23 @@ func (w *Writer) Close(ctx context.Context) error {
 		}
 		return err
 	}
+	// From here no SQN is assigned: the final part covers every
+	// acknowledged change. A Close that fails reopens the writer.
+	w.mu.Lock()
+	if err := w.deadOrClosingLocked(); err != nil {
+		w.mu.Unlock()
+		return err
+	}
+	w.closing = true
+	w.mu.Unlock()
+	closed := false
+	defer func() {
+		if !closed {
+			w.mu.Lock()
+			w.closing = false
+			w.mu.Unlock()
+		}
+	}()
 	h, err := w.Persist(ctx, 0)
 	if err != nil {
 		return err
@@ -285,8 +305,8 @@ func (w *Writer) Close(ctx context.Context) error {
 	if err != nil && !errors.Is(err, ErrFenced) {
 		return err
 	}
+	closed = true
 	w.kill(fmt.Errorf("writer %s: %w", w.logID, ErrClosed))
-	w.node.wal.Forget(w.logID)
 	return nil
 }
 

@@ -22,7 +22,17 @@ var ErrStreamBusy = errors.New("stream busy")
 // stream that still exists and can be deleted again; CreateStream refuses a
 // name whose old objects are still there.
 func (n *Node) DeleteStream(ctx context.Context, name string) error {
-	if _, err := getStream(ctx, n.store, name); err != nil {
+	if _, err := getStream(ctx, n.store, name); errors.Is(err, ErrStreamNotFound) {
+		// Objects a writer on another node stored after an earlier delete
+		// would keep the name from being created again: clear them.
+		if leftovers := checkNoLeftovers(ctx, n.store, name); errors.Is(leftovers, ErrStreamBusy) {
+			if err := deletePrefix(ctx, n.store, streamPrefix(name)); err != nil {
+				return fmt.Errorf("stream %s: delete leftovers: %w", name, err)
+			}
+			return nil
+		}
+		return err
+	} else if err != nil {
 		return err
 	}
 	n.mu.Lock()

@@ -28,9 +28,9 @@ type GCStats struct {
 //     stream, and each checkpoint marked retained, references the segments
 //     its parts list, and those of the checkpoints its parts start from,
 //     recursively (a restore needs them);
-//   - the final part of every closed, still live epoch, and every part of a
-//     checkpoint not complete yet (it may complete later) references its
-//     segments.
+//   - the final part of every closed, still live epoch, the checkpoint every
+//     live epoch started from, and every part of a checkpoint not complete
+//     yet (it may complete later) reference their segments.
 //
 // Invariant (brief invariant 5): an object is deleted only when none of
 // these references it, its flush has settled (the scheduler has delivered
@@ -141,6 +141,21 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		if ep.Closed {
 			if err := addPart(ep.FinalPart.Key); err != nil {
 				return err
+			}
+		}
+		// A live epoch's next checkpoint restores through the checkpoint
+		// it started from, however old: keep that base alive too.
+		if ep.FromCheckpoint != 0 {
+			base, ok := st.checkpoint(ep.FromCheckpoint)
+			if !ok {
+				return fmt.Errorf("gc: stream %s: epoch %d starts from checkpoint %d, which is not complete", stream, ep.Epoch, ep.FromCheckpoint)
+			}
+			for _, p := range base.Parts {
+				if p.KeyGroups.Overlaps(ep.KeyGroups) {
+					if err := addPart(p.Key); err != nil {
+						return err
+					}
+				}
 			}
 		}
 	}

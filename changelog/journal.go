@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dstl-dev/dstl/internal/envelope"
@@ -25,17 +26,21 @@ const maxAppendFailures = 16
 // journal reads and appends one stream's journal on the blob store. It caches
 // the fold of every entry read so far; refresh reads only newer entries.
 type journal struct {
-	store  upload.BlobStore
-	stream string
-	now    func() time.Time
-	nonce  func() string
+	store       upload.BlobStore
+	stream      string
+	incarnation string
+	now         func() time.Time
+	nonce       func() string
+	gone        atomic.Bool // the stream was deleted: this journal is dead
 
 	mu    sync.Mutex // guards state; held across blob-store I/O to serialise appends
 	state journalState
 }
 
 func newJournal(store upload.BlobStore, cfg StreamConfig, now func() time.Time, nonce func() string) *journal {
-	return &journal{store: store, stream: cfg.Name, now: now, nonce: nonce, state: newJournalState(cfg.KeyGroups)}
+	st := newJournalState(cfg.KeyGroups)
+	st.incarnation = cfg.Incarnation
+	return &journal{store: store, stream: cfg.Name, incarnation: cfg.Incarnation, now: now, nonce: nonce, state: st}
 }
 
 // refresh reads and folds every entry after the cached position. The blob
@@ -146,6 +151,11 @@ func (j *journal) append(ctx context.Context, propose func(*journalState) (Journ
 		if err != nil {
 			return JournalEntry{}, errors.Join(err, lastErr)
 		}
+		// Appends decide who may write and what is restorable: first make
+		// sure the stream is still the one this journal belongs to.
+		if err := j.checkCatalog(ctx); err != nil {
+			return JournalEntry{}, err
+		}
 		e, err := propose(&j.state)
 		if errors.Is(err, errNothingToAppend) {
 			return JournalEntry{}, nil
@@ -153,7 +163,7 @@ func (j *journal) append(ctx context.Context, propose func(*journalState) (Journ
 		if err != nil {
 			return JournalEntry{}, err
 		}
-		e.Seq, e.Nonce, e.TimeMs = j.state.seq+1, nonce, j.now().UnixMilli()
+		e.Seq, e.Nonce, e.TimeMs, e.Incarnation = j.state.seq+1, nonce, j.now().UnixMilli(), j.incarnation
 		// Validate against a copy first: a proposal that does not follow
 		// from the state is a bug and must never reach the blob store.
 		trial := j.state.clone()
@@ -185,6 +195,19 @@ func (j *journal) append(ctx context.Context, propose func(*journalState) (Journ
 	}
 	return JournalEntry{}, fmt.Errorf("stream %s: journal append gave up after %d failed attempts: %w", j.stream, maxAppendFailures, lastErr)
 }
+
+// checkCatalog fails with ErrStreamNotFound, and marks the journal gone, if
+// the stream was deleted or replaced by a new stream of the same name.
+func (j *journal) checkCatalog(ctx context.Context) error {
+	cfg, err := getStream(ctx, j.store, j.stream)
+	if errors.Is(err, ErrStreamNotFound) || (err == nil && cfg.Incarnation != j.incarnation) {
+		j.gone.Store(true)
+		return fmt.Errorf("stream %s: deleted since this node read it: %w", j.stream, ErrStreamNotFound)
+	}
+	return err
+}
+
+func (j *journal) isGone() bool { return j.gone.Load() }
 
 // snapshot returns a copy of the cached state, safe to read without locks.
 func (j *journal) snapshot() journalState {

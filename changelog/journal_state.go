@@ -37,6 +37,8 @@ type JournalEntry struct {
 	// Nonce identifies the proposer, so that an append whose acknowledgement
 	// was lost recognises its own entry when it re-reads the journal.
 	Nonce string `json:"nonce"`
+	// Incarnation is the stream's (StreamConfig.Incarnation).
+	Incarnation string `json:"incarnation,omitempty"`
 
 	Open       *EpochOpen          `json:"open,omitempty"`
 	Close      *EpochClose         `json:"close,omitempty"`
@@ -98,8 +100,9 @@ var errJournalInvalid = errors.New("invalid journal entry")
 
 // journalState is the fold of a stream's journal up to Seq.
 type journalState struct {
-	keyGroups int
-	seq       uint64
+	keyGroups   int
+	incarnation string
+	seq         uint64
 	// live holds the live epochs sorted by KeyGroups.Lo; ranges are disjoint.
 	live []EpochState
 	// fencedBy maps a fenced epoch to the epoch that fenced it.
@@ -120,6 +123,9 @@ func newJournalState(keyGroups int) journalState {
 func (s *journalState) apply(e JournalEntry) error {
 	if e.Seq != s.seq+1 {
 		return fmt.Errorf("entry %d after %d: %w", e.Seq, s.seq, errJournalInvalid)
+	}
+	if e.Incarnation != s.incarnation {
+		return fmt.Errorf("entry %d belongs to another incarnation of the stream (deleted and created again): %w", e.Seq, ErrStreamNotFound)
 	}
 	switch {
 	case e.Kind == EntryEpochOpen && e.Open != nil:

@@ -25,7 +25,15 @@ func newFileStore(t *testing.T) upload.BlobStore {
 	return s
 }
 
+// testJournal returns a journal of cfg's stream, creating the stream's
+// definition first if it does not exist (appends check it).
 func testJournal(store upload.BlobStore, cfg StreamConfig, node string) *journal {
+	if cfg.Incarnation == "" {
+		cfg.Incarnation = "test"
+	}
+	if err := createStream(context.Background(), store, cfg); err != nil && !errors.Is(err, ErrStreamExists) {
+		panic(err)
+	}
 	var n atomic.Uint64
 	return newJournal(store, cfg, time.Now, func() string { return fmt.Sprintf("%s-%d", node, n.Add(1)) })
 }

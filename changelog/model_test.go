@@ -66,6 +66,9 @@ type modelWriter struct {
 	log             []segments.Change // every change it appended, SQN i+1 at i
 	durable         uint64            // every SQN ≤ durable was acknowledged durable
 	truncatedBefore uint64
+	// baseOK: the checkpoint it started from restores (no truncated log
+	// without a snapshot anywhere in its chain).
+	baseOK bool
 }
 
 // state returns the writer's model state covering SQNs up to upTo.
@@ -90,10 +93,14 @@ type model struct {
 	writers  []*modelWriter
 	zombies  []*modelWriter
 	expected map[uint64]map[string]string
-	complete []uint64
-	nextID   uint64
-	step     int
-	trace    []string
+	// restorable[id] is false for a checkpoint some part of which (or of
+	// its chain) has a truncated log: until snapshots exist, its restore
+	// must fail with ErrLogTruncated rather than return a partial state.
+	restorable map[uint64]bool
+	complete   []uint64
+	nextID     uint64
+	step       int
+	trace      []string
 }
 
 func newModel(t *testing.T, seed uint64) *model {
@@ -110,7 +117,7 @@ func newModel(t *testing.T, seed uint64) *model {
 	}})
 	m := &model{
 		t: t, ctx: context.Background(), rng: rand.New(rand.NewPCG(seed, seed*31+7)), seed: seed,
-		inner: inner, store: store, dataDir: t.TempDir(), expected: map[uint64]map[string]string{}, nextID: 1,
+		inner: inner, store: store, dataDir: t.TempDir(), expected: map[uint64]map[string]string{}, restorable: map[uint64]bool{}, nextID: 1,
 	}
 	opts := testNodeOptions(store, m.dataDir)
 	opts.Scheduler.BaseBackoff, opts.Scheduler.MaxBackoff = 1, 2 // nanoseconds: retries without waiting
@@ -267,11 +274,14 @@ func (m *model) checkpoint() {
 		return
 	}
 	want := map[string]string{}
+	ok := true
 	for _, mw := range m.writers {
 		maps.Copy(want, mw.state(uint64(len(mw.log))))
 		mw.durable = uint64(len(mw.log))
+		ok = ok && mw.baseOK && mw.truncatedBefore <= 1
 	}
 	m.expected[id] = want
+	m.restorable[id] = ok
 	m.complete = append(m.complete, id)
 	m.logf("checkpoint %d complete (%d keys)", id, len(want))
 	m.checkCheckpoint(id)
@@ -323,7 +333,11 @@ func (m *model) openWriter(r keygroup.Range, from uint64) *modelWriter {
 			}
 		}
 	}
-	return &modelWriter{w: w, r: r, base: base, truncatedBefore: 1}
+	baseOK := true
+	if f := w.FromCheckpoint(); f != 0 {
+		baseOK = m.restorable[f]
+	}
+	return &modelWriter{w: w, r: r, base: base, truncatedBefore: 1, baseOK: baseOK}
 }
 
 func (m *model) reopen() {
@@ -425,10 +439,16 @@ func (m *model) checkCheckpoints() {
 func (m *model) checkCheckpoint(id uint64) {
 	got := map[string]string{}
 	for c, err := range m.observer.RestoreChanges(m.ctx, "m", id, keygroup.Full(modelKeyGroups)) {
+		if err != nil && !m.restorable[id] && errors.Is(err, ErrLogTruncated) {
+			return // refused, as it must be without a snapshot
+		}
 		if err != nil {
 			m.fatalf("restore checkpoint %d: %v", id, err)
 		}
 		applyChange(got, c)
+	}
+	if !m.restorable[id] {
+		m.fatalf("checkpoint %d has a truncated log without a snapshot, but restored without ErrLogTruncated", id)
 	}
 	if !maps.Equal(got, m.expected[id]) {
 		m.fatalf("checkpoint %d restores to\n  %v\nwant\n  %v", id, got, m.expected[id])

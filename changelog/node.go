@@ -192,6 +192,7 @@ func (n *Node) runBackground(ctx context.Context) {
 			return
 		}
 		n.refreshWriters(ctx)
+		n.releaseRecovered(ctx)
 		if n.opts.GCInterval > 0 && !n.clock.Now().Before(nextGC) {
 			nextGC = n.clock.Now().Add(n.opts.GCInterval)
 			if st, err := n.CollectGarbage(ctx); err != nil {
@@ -202,6 +203,53 @@ func (n *Node) runBackground(ctx context.Context) {
 				n.log.Info("segment garbage collection", "deleted", st.Deleted, "bytes", st.DeletedBytes, "kept", st.Referenced, "young", st.Young)
 			}
 		}
+	}
+}
+
+// releaseRecovered drops recovered logs nobody can resume any more (their
+// epoch was fenced or closed, or their stream deleted) once their tail is
+// uploaded: the local log forgets them and their segments stop being GC
+// roots of this node.
+func (n *Node) releaseRecovered(ctx context.Context) {
+	n.mu.Lock()
+	var logs []*recoveredLog
+	for _, r := range n.recovered {
+		logs = append(logs, r)
+	}
+	n.mu.Unlock()
+	for _, r := range logs {
+		w := r.writer
+		w.mu.Lock()
+		pending := len(w.tail)
+		w.mu.Unlock()
+		if pending > 0 {
+			continue // upload it first: it was acknowledged
+		}
+		h, err := n.streamHandle(ctx, r.meta.Stream)
+		live := false
+		switch {
+		case errors.Is(err, ErrStreamNotFound):
+		case err != nil:
+			continue
+		default:
+			if err := h.journal.refresh(ctx); err != nil {
+				continue
+			}
+			st := h.journal.snapshot()
+			i := st.liveIndex(w.epoch)
+			live = i >= 0 && !st.live[i].Closed
+		}
+		if live {
+			continue
+		}
+		n.mu.Lock()
+		if n.recovered[w.logID] == r {
+			delete(n.recovered, w.logID)
+		}
+		n.mu.Unlock()
+		n.sched.Unregister(w)
+		n.wal.Forget(w.logID)
+		n.log.Info("released recovered log", "log", w.logID)
 	}
 }
 
@@ -281,7 +329,7 @@ func (n *Node) CreateStream(ctx context.Context, name string, keyGroups int) (St
 	if keyGroups == 0 {
 		keyGroups = 128
 	}
-	cfg := StreamConfig{Name: name, KeyGroups: keyGroups, CreatedAtMs: n.clock.Now().UnixMilli()}
+	cfg := StreamConfig{Name: name, KeyGroups: keyGroups, CreatedAtMs: n.clock.Now().UnixMilli(), Incarnation: newNonce()}
 	if err := createStream(ctx, n.store, cfg); err != nil {
 		return StreamConfig{}, err
 	}
@@ -305,6 +353,10 @@ func (n *Node) ListStreams(ctx context.Context) ([]string, error) {
 func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, error) {
 	n.mu.Lock()
 	h, ok := n.streams[name]
+	if ok && h.journal.isGone() {
+		delete(n.streams, name) // deleted (and maybe created again) since
+		ok = false
+	}
 	n.mu.Unlock()
 	if ok {
 		return h, nil
@@ -315,7 +367,7 @@ func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, er
 	}
 	n.mu.Lock()
 	h, ok = n.streams[name]
-	if !ok {
+	if !ok || h.journal.isGone() {
 		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce)}
 		n.streams[name] = h
 	}

@@ -373,3 +373,63 @@ func TestRetainedCheckpointSurvivesGC(t *testing.T) {
 		t.Fatalf("retain unknown checkpoint: %v", err)
 	}
 }
+
+// A node whose view of a stream predates its deletion (by another node)
+// and re-creation never writes into the new stream's journal, and a writer
+// of the deleted stream cannot complete checkpoints; the name stays usable.
+func TestStaleStreamAcrossDeleteAndRecreate(t *testing.T) {
+	ctx := context.Background()
+	store := newFileStore(t)
+	a := openTestNode(t, store, t.TempDir())
+	b := openTestNode(t, store, t.TempDir())
+	if _, err := a.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	zombie, err := b.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := zombie.Append(ctx, []Change{put(0, "old", "1")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := zombie.Checkpoint(ctx, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Node a deletes the stream (b's writer lives on another node) ...
+	if err := a.DeleteStream(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	// ... and b's writer cannot complete a checkpoint of it any more.
+	if _, err := zombie.Checkpoint(ctx, 2, nil); !errors.Is(err, ErrStreamNotFound) {
+		t.Fatalf("checkpoint of a deleted stream: %v, want ErrStreamNotFound", err)
+	}
+	// Its part is a leftover; deleting again clears it, and the name is free.
+	if _, err := a.CreateStream(ctx, "s", 8); !errors.Is(err, ErrStreamBusy) {
+		t.Fatalf("create over leftovers: %v, want ErrStreamBusy", err)
+	}
+	if err := a.DeleteStream(ctx, "s"); err != nil {
+		t.Fatalf("delete of leftovers: %v", err)
+	}
+	if _, err := a.CreateStream(ctx, "s", 8); err != nil {
+		t.Fatal(err)
+	}
+	// b's stale view: opening a writer uses the new stream, from scratch.
+	w, err := b.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(8)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Epoch() != 1 || w.FromCheckpoint() != 0 {
+		t.Fatalf("writer of the new stream: epoch %d from %d, want 1 from 0", w.Epoch(), w.FromCheckpoint())
+	}
+	if _, _, err := w.Append(ctx, []Change{put(5, "new", "2")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Checkpoint(ctx, 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	// A third node reads the new stream's journal without trouble.
+	c := openTestNode(t, store, t.TempDir())
+	if got := restoreMap(t, c, "s", 1, keygroup.Full(8)); fmt.Sprint(got) != "map[5/s/new:2]" {
+		t.Fatalf("new stream's checkpoint 1 = %v", got)
+	}
+}

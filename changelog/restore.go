@@ -102,14 +102,16 @@ func (n *Node) restore(ctx context.Context, stream string, id uint64, r keygroup
 				return false
 			}
 		}
-		after := uint64(0)
 		if p.TruncatedBefore > 1 {
-			after = p.TruncatedBefore - 1
+			// The log's prefix was released; its effect lives in a snapshot
+			// that this restore does not have: refuse rather than return a
+			// state missing it (invariant 4).
+			return yield(segments.Change{}, fmt.Errorf("stream %s: checkpoint %d: log %s was truncated before SQN %d and no snapshot covers it: %w", stream, id, p.LogID, p.TruncatedBefore, ErrLogTruncated)) && false
 		}
 		if p.UpToSQN == 0 {
 			continue
 		}
-		for c, err := range replaySegments(ctx, n.store, p.LogID, p.Segments, after, p.UpToSQN, sub) {
+		for c, err := range replaySegments(ctx, n.store, p.LogID, p.Segments, 0, p.UpToSQN, sub) {
 			if err != nil {
 				return yield(c, fmt.Errorf("stream %s: checkpoint %d: %w", stream, id, err)) && false
 			}

@@ -37,6 +37,11 @@ type StreamConfig struct {
 	Name        string `json:"name"`
 	KeyGroups   int    `json:"key_groups"`
 	CreatedAtMs int64  `json:"created_at_ms"`
+	// Incarnation is a random id of this creation of the name: every
+	// journal entry carries it, so that a node holding a stale view of a
+	// stream that was deleted and created again can never write into (or
+	// read as its own) the new stream's journal.
+	Incarnation string `json:"incarnation,omitempty"`
 }
 
 // MaxStreamNameLen bounds stream names; they appear in blob keys.

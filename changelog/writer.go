@@ -62,6 +62,9 @@ type Writer struct {
 	done chan struct{}
 	// dead is set once the writer is fenced or closed; every call fails.
 	dead error
+	// closing is set while Close runs: no SQN is assigned any more, so the
+	// final part Close records covers every acknowledged change.
+	closing bool
 
 	walMu      sync.Mutex
 	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
@@ -95,6 +98,16 @@ func (w *Writer) meta(truncatedBefore uint64) []byte {
 // fenced writers after the checkpoint the new writer starts from never
 // reach a restore or a replay.
 func (n *Node) OpenWriter(ctx context.Context, cfg WriterConfig) (*Writer, error) {
+	w, err := n.openWriter(ctx, cfg)
+	if errors.Is(err, ErrStreamNotFound) {
+		// This node's view of the stream may predate a delete and create of
+		// the same name: the stale handle is dropped, try once more.
+		w, err = n.openWriter(ctx, cfg)
+	}
+	return w, err
+}
+
+func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error) {
 	if err := n.checkOpen(); err != nil {
 		return nil, err
 	}
@@ -227,11 +240,22 @@ func (w *Writer) kill(err error) {
 	w.node.sched.Release(discarded)
 	w.node.detach(w)
 	w.node.sched.Unregister(w)
+	if !errors.Is(err, errDetached) {
+		// Fenced or closed: its changes can never become visible, or are in
+		// its final part; the local log no longer needs them.
+		w.node.wal.Forget(w.logID)
+	}
 }
+
+// errDetached: the node stopped (shutdown or crash); the writer's epoch
+// stays live and can be resumed, so its local log is kept.
+var errDetached = errors.New("detached")
 
 // detach stops the writer without uploading more (node shutdown: the caller
 // has already persisted what it wanted).
-func (w *Writer) detach(err error) { w.kill(fmt.Errorf("writer %s: %w", w.logID, err)) }
+func (w *Writer) detach(err error) {
+	w.kill(fmt.Errorf("writer %s: %w: %w", w.logID, errDetached, err))
+}
 
 func (w *Writer) wakeLocked() {
 	close(w.done)
@@ -276,8 +300,7 @@ func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (firs
 	// may reuse its buffers once Append returns.
 	arena := make([]byte, 0, size)
 	w.mu.Lock()
-	if w.dead != nil {
-		err := w.dead
+	if err := w.deadOrClosingLocked(); err != nil {
 		w.mu.Unlock()
 		w.node.sched.Release(bytes)
 		return 0, 0, err
@@ -301,11 +324,31 @@ func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (firs
 	w.mu.Unlock()
 
 	if d == Local {
-		if err := w.syncLocal(ctx, last); err != nil {
+		// The batch has its SQNs and is in the log: from here it must not
+		// be reported as not appended (a retry would apply it twice). So
+		// the wait for the local log is not abandoned when ctx ends (the
+		// local log is fail-stop, so the wait is bounded), and a local log
+		// that fails kills the writer: nothing of it becomes visible.
+		if err := w.syncLocal(context.WithoutCancel(ctx), last); err != nil {
+			if !errors.Is(err, ErrFenced) && !errors.Is(err, ErrClosed) {
+				w.kill(fmt.Errorf("writer %s: %w: %w", w.logID, ErrClosed, err))
+			}
 			return 0, 0, err
 		}
 	}
 	return first, last, nil
+}
+
+// deadOrClosingLocked is the error of a call that would assign SQNs to a
+// writer that is dead or closing; the caller holds w.mu.
+func (w *Writer) deadOrClosingLocked() error {
+	if w.dead != nil {
+		return w.dead
+	}
+	if w.closing {
+		return fmt.Errorf("writer %s: closing: %w", w.logID, ErrClosed)
+	}
+	return nil
 }
 
 // syncLocal makes every change up to last durable in the local log (or
@@ -320,15 +363,10 @@ func (w *Writer) syncLocal(ctx context.Context, last uint64) error {
 	if w.walDurable >= last {
 		return nil
 	}
-	w.mu.Lock()
-	from := max(w.walDurable, w.uploaded) + 1
-	upTo := w.next - 1
-	var pending []segments.Change
-	if from <= upTo {
-		base := w.uploaded + 1 // SQN of tail[0]
-		pending = slices.Clone(w.tail[from-base : upTo-base+1])
+	pending, upTo, err := w.unsyncedLocked()
+	if err != nil {
+		return err
 	}
-	w.mu.Unlock()
 	if len(pending) > 0 {
 		if err := w.node.wal.Append(ctx, w.logID, pending); err != nil {
 			return fmt.Errorf("writer %s: local log: %w", w.logID, err)
@@ -336,6 +374,24 @@ func (w *Writer) syncLocal(ctx context.Context, last uint64) error {
 	}
 	w.walDurable = upTo
 	return nil
+}
+
+// unsyncedLocked copies the changes neither in the local log nor uploaded.
+// A dead writer's tail may have been cut: its changes must not reach the
+// local log (they can never become visible), so it reports its death.
+func (w *Writer) unsyncedLocked() ([]segments.Change, uint64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.dead != nil {
+		return nil, 0, w.dead
+	}
+	from := max(w.walDurable, w.uploaded) + 1
+	upTo := w.uploaded + uint64(len(w.tail)) // == w.next-1 while alive
+	if from > upTo {
+		return nil, upTo, nil
+	}
+	base := w.uploaded + 1 // SQN of tail[0]
+	return slices.Clone(w.tail[from-base : upTo-base+1]), upTo, nil
 }
 
 func (w *Writer) alive() error {
