@@ -1,0 +1,25 @@
+package materializer
+
+import "errors"
+
+// Errors returned by the materializer, always wrapped with context (the
+// stream, log, key or file concerned); test with errors.Is.
+var (
+	// ErrInvalidArgument: a malformed argument (empty or oversized stream
+	// name, bad key-group range, unknown op, ...).
+	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrOutOfOrder: the changes of one Apply call are not in strictly
+	// increasing SQN order, or belong to another log.
+	ErrOutOfOrder = errors.New("changes out of SQN order")
+	// ErrCorrupt: a stored key, value, snapshot file or manifest failed
+	// validation (size, checksum, bounds).
+	ErrCorrupt = errors.New("corrupt materializer data")
+	// ErrRangeNotEmpty: Import into a key-group range that already holds
+	// data.
+	ErrRangeNotEmpty = errors.New("key-group range not empty")
+	// ErrAppliedConflict: Import of a snapshot whose applied SQN of a log
+	// differs from the one this store already has for it.
+	ErrAppliedConflict = errors.New("applied SQN conflict")
+	// ErrClosed: the store is closed.
+	ErrClosed = errors.New("materializer store closed")
+)
