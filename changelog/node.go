@@ -301,12 +301,23 @@ func (n *Node) Close(ctx context.Context) error {
 	}
 	n.mu.Unlock()
 
-	var errs []error
+	// Persist every writer at once: they share flushes, so this costs one
+	// or two uploads rather than one per writer.
+	var (
+		errs []error
+		mu   sync.Mutex
+		wg   sync.WaitGroup
+	)
 	for _, w := range writers {
-		if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, ErrFenced) {
-			errs = append(errs, err)
-		}
+		wg.Go(func() {
+			if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, ErrFenced) {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		})
 	}
+	wg.Wait()
 	if err := n.sched.FlushNow(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("final upload: %w", err))
 	}

@@ -143,11 +143,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		writers = append(writers, w)
 	}
 	s.mu.Unlock()
-	var errs []error
+	// In parallel: the writers share flushes.
+	var (
+		errs []error
+		mu   sync.Mutex
+		wg   sync.WaitGroup
+	)
 	for _, w := range writers {
-		if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, changelog.ErrFenced) {
-			errs = append(errs, err)
-		}
+		wg.Go(func() {
+			if _, err := w.Persist(ctx, 0); err != nil && !errors.Is(err, changelog.ErrFenced) {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		})
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }

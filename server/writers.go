@@ -46,16 +46,28 @@ func (x *writerService) OpenWriter(ctx context.Context, req *connect.Request[dst
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	if s.live != nil {
+	s.mu.Lock()
+	already := s.writers[w.LogID()] == w // a resume of a writer this server holds
+	s.mu.Unlock()
+	// abandon closes a writer this call opened but cannot hand out, so that
+	// no live writer is left that nobody can reach (it would block deleting
+	// the stream and completing checkpoints).
+	abandon := func(err error) error {
+		if !already {
+			_ = w.Close(context.WithoutCancel(ctx))
+		}
+		return toConnect(err)
+	}
+	if s.live != nil && !already {
 		if err := s.live.WriterOpened(ctx, w); err != nil {
-			return nil, toConnect(fmt.Errorf("writer %s: build read view: %w", w.LogID(), err))
+			return nil, abandon(fmt.Errorf("writer %s: build read view: %w", w.LogID(), err))
 		}
 	}
 	var metadata [][]byte
 	if from := w.FromCheckpoint(); from != 0 {
 		parts, err := s.node.CheckpointParts(ctx, cfg.Name, from)
 		if err != nil {
-			return nil, toConnect(err)
+			return nil, abandon(err)
 		}
 		for _, p := range parts {
 			if p.KeyGroups.Overlaps(r) && len(p.Metadata) > 0 {
