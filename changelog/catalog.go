@@ -25,41 +25,44 @@ func createStream(ctx context.Context, store upload.BlobStore, cfg StreamConfig)
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	// An existing stream is ALREADY_EXISTS, whatever objects it has; only
-	// for a missing definition do leftover objects mean an unfinished delete.
-	if _, err := getStream(ctx, store, cfg.Name); err == nil {
-		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
-	} else if !errors.Is(err, ErrStreamNotFound) {
-		return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
-	}
-	if err := checkNoLeftovers(ctx, store, cfg.Name); err != nil {
-		return err
-	}
 	data, err := envelope.Seal(streamConfigKind, cfg)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", cfg.Name, err)
 	}
-	var lastErr error
 	for attempt := range maxCreateAttempts {
-		err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, upload.ErrAlreadyExists) && attempt > 0:
-			// An earlier attempt may have landed without its
-			// acknowledgement: the same definition is ours.
-			if old, gerr := getStream(ctx, store, cfg.Name); gerr == nil && old == cfg {
-				return nil
-			}
-			return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
-		case errors.Is(err, upload.ErrAlreadyExists):
-			return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
-		case !upload.IsTransient(err) || ctx.Err() != nil:
-			return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
+		err = tryCreateStream(ctx, store, cfg, data, attempt > 0)
+		if err == nil || !upload.IsTransient(err) || ctx.Err() != nil {
+			break
 		}
-		lastErr = err
 	}
-	return fmt.Errorf("stream %s: create: %w", cfg.Name, lastErr)
+	if err != nil && !errors.Is(err, ErrStreamExists) && !errors.Is(err, ErrStreamBusy) {
+		return fmt.Errorf("stream %s: create: %w", cfg.Name, err)
+	}
+	return err
+}
+
+// tryCreateStream makes one attempt at creating a stream. retry says an
+// earlier attempt failed in a way that may hide a put that landed.
+func tryCreateStream(ctx context.Context, store upload.BlobStore, cfg StreamConfig, data []byte, retry bool) error {
+	// An existing stream is ALREADY_EXISTS, whatever objects it has; only
+	// for a missing definition do leftover objects mean an unfinished delete.
+	old, err := getStream(ctx, store, cfg.Name)
+	switch {
+	case err == nil && retry && old == cfg:
+		return nil // an earlier attempt landed without its acknowledgement
+	case err == nil:
+		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
+	case !errors.Is(err, ErrStreamNotFound):
+		return err
+	}
+	if err := checkNoLeftovers(ctx, store, cfg.Name); err != nil {
+		return err
+	}
+	err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
+	if errors.Is(err, upload.ErrAlreadyExists) {
+		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists) // a racing creator won
+	}
+	return err
 }
 
 // maxCreateAttempts bounds the retries of a stream creation on transient
