@@ -306,8 +306,30 @@ func (w *Writer) Close(ctx context.Context) error {
 		return err
 	}
 	closed = true
+	if err == nil {
+		w.completePending(ctx)
+	}
 	w.kill(fmt.Errorf("writer %s: %w", w.logID, ErrClosed))
 	return nil
+}
+
+// completePending tries to complete the checkpoints other writers of this
+// node stored parts for while this one was closing: they waited for its part,
+// which its final part now stands in for, and nobody else would retry them.
+func (w *Writer) completePending(ctx context.Context) {
+	h := w.stream
+	h.partsMu.Lock()
+	ids := make([]uint64, 0, len(h.parts))
+	for id := range h.parts {
+		ids = append(ids, id)
+	}
+	h.partsMu.Unlock()
+	slices.Sort(ids)
+	for _, id := range ids {
+		// Best effort: a failure leaves the id incomplete, as it would have
+		// been anyway; the next checkpoint id completes normally.
+		_, _ = w.tryComplete(ctx, id)
+	}
 }
 
 // Truncate releases the log's prefix below SQN before: later checkpoint

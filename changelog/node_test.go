@@ -433,3 +433,42 @@ func TestStaleStreamAcrossDeleteAndRecreate(t *testing.T) {
 		t.Fatalf("new stream's checkpoint 1 = %v", got)
 	}
 }
+
+// A checkpoint whose other parts were stored while a writer of the same
+// node was closing completes when the close lands: the closing writer's
+// final part stands in for it.
+func TestCheckpointCompletesWhenTheLastWriterCloses(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, newFileStore(t), t.TempDir())
+	if _, err := n.CreateStream(ctx, "s", 8); err != nil {
+		t.Fatal(err)
+	}
+	lo, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hi, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 4, Hi: 7}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := lo.Append(ctx, []Change{put(1, "a", "1")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := hi.Append(ctx, []Change{put(5, "b", "2")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	// lo stores its part of 1; hi never checkpoints 1 but closes instead.
+	if res, err := lo.Checkpoint(ctx, 1, nil); err != nil || res.Complete {
+		t.Fatalf("lo's part: %+v, %v (must wait for hi)", res, err)
+	}
+	if err := hi.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cps, err := n.Checkpoints(ctx, "s")
+	if err != nil || len(cps) != 1 || cps[0].ID != 1 {
+		t.Fatalf("after hi closed: checkpoints %+v, %v; want checkpoint 1 complete", cps, err)
+	}
+	if got := restoreMap(t, n, "s", 1, keygroup.Full(8)); fmt.Sprint(got) != "map[1/s/a:1 5/s/b:2]" {
+		t.Fatalf("checkpoint 1 = %v", got)
+	}
+}
