@@ -239,6 +239,10 @@ func (p *Process) Stop() error {
 	return err
 }
 
+// Signal sends sig to the server process; tests freeze it with SIGSTOP (a
+// blob store that hangs) and thaw it with SIGCONT.
+func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
 // NewBucket creates an empty bucket for t and returns its coordinates.
 func (p *Process) NewBucket(t testing.TB) *Server {
 	t.Helper()

@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+	"github.com/dstl-dev/dstl/internal/s3server"
 	"github.com/dstl-dev/dstl/segments"
 	"github.com/dstl-dev/dstl/upload"
 	"github.com/dstl-dev/dstl/upload/file"
@@ -129,4 +131,55 @@ func readLog(t *testing.T, root, logID string) map[uint64]segments.Change {
 	}
 	t.Logf("%s: %d segment objects, %d changes of %s", root, objects, len(out), logID)
 	return out
+}
+
+// TestSecondSignalExitsAtOnce: while a graceful shutdown waits for a blob
+// store that hangs, a second SIGTERM ends the process at once.
+func TestSecondSignalExitsAtOnce(t *testing.T) {
+	t.Parallel()
+	proc, err := s3server.Launch(context.Background(), t.TempDir(), t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proc.Stop()
+	s3 := proc.NewBucket(t)
+	n := startNode(t, "node", nodeConfig{
+		dataDir: t.TempDir(),
+		blob:    s3.URL("dstl"),
+		env: []string{
+			"AWS_ACCESS_KEY_ID=" + s3.AccessKey, "AWS_SECRET_ACCESS_KEY=" + s3.SecretKey, "AWS_EC2_METADATA_DISABLED=true",
+		},
+		args: []string{"--upload-interval", "1h"},
+	})
+	c := n.clients("connect")
+	createStream(t, c, "sig")
+	w := openWriter(t, c, &dstlv1.OpenWriterRequest{Stream: "sig"})
+	appendBatch(t, c, w.GetWriterId(), dstlv1.Durability_DURABILITY_BUFFERED, 0, puts("s", "k", "v", 10))
+
+	// Freeze the blob store: the shutdown's final upload hangs.
+	if err := proc.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer proc.Signal(syscall.SIGCONT)
+	if err := n.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-n.done:
+		t.Fatalf("the node exited although its blob store hangs:\n%s", n.Log())
+	case <-time.After(time.Second):
+	}
+	began := time.Now()
+	if err := n.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-n.done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("a second SIGTERM did not end the node within 5s:\n%s", n.Log())
+	}
+	if !strings.Contains(n.Log(), "shutting down") {
+		t.Fatalf("the first signal did not start a graceful shutdown:\n%s", n.Log())
+	}
+	t.Logf("second SIGTERM ended the node in %v", time.Since(began).Round(time.Millisecond))
 }
