@@ -30,8 +30,14 @@ type Options struct {
 	BackpressureWait time.Duration
 	// MaxMessageBytes bounds a request message (default 64 MiB).
 	MaxMessageBytes int
-	// State serves reads; default the changelog-backed LiveState.
+	// State serves reads. Default: a PebbleState in StateDir if set (the
+	// server opens and closes it), else the in-memory LiveState. If State
+	// also implements the write hooks of LiveState and PebbleState, the
+	// server calls them.
 	State StateReader
+	// StateDir is the directory of the PebbleState serving reads. It is a
+	// cache rebuilt from the blob store: its store is wiped on New.
+	StateDir string
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -41,8 +47,9 @@ type Options struct {
 type Server struct {
 	node    *changelog.Node
 	opts    Options
-	live    *LiveState // nil if opts.State is another implementation
+	hooks   stateHooks // nil if opts.State does not take writes
 	state   StateReader
+	owned   *PebbleState // opened by New, closed by Close
 	metrics *metrics
 	log     *slog.Logger
 
@@ -62,10 +69,6 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State}
-	if s.state == nil {
-		s.live = NewLiveState(node)
-		s.state = s.live
-	}
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
 		for _, c := range s.metrics.collectors() {
@@ -74,7 +77,52 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 			}
 		}
 	}
+	switch {
+	case opts.State != nil && opts.StateDir != "":
+		return nil, errors.New("server: set Options.State or Options.StateDir, not both")
+	case opts.State != nil:
+		s.hooks, _ = opts.State.(stateHooks)
+	case opts.StateDir != "":
+		ps, err := OpenPebbleState(node, opts.StateDir, opts.Logger)
+		if err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		s.state, s.hooks, s.owned = ps, ps, ps
+	default:
+		live := NewLiveState(node)
+		s.state, s.hooks = live, live
+	}
 	return s, nil
+}
+
+// stateHooks are the write-through hooks of a read path that follows this
+// node's writers (LiveState, PebbleState).
+type stateHooks interface {
+	// WriterOpened builds the view of a writer just opened or resumed.
+	WriterOpened(ctx context.Context, w *changelog.Writer) error
+	// Appended applies an acknowledged batch, SQNs first.., of a writer.
+	Appended(stream, writerID string, first uint64, batch []changelog.Change)
+	// WriterClosed: the writer closed; its view serves until a newer
+	// writer opens its key groups.
+	WriterClosed(stream, writerID string)
+	// WriterFenced: the writer was fenced; its view is dropped.
+	WriterFenced(stream, writerID string)
+	// Forget drops a deleted stream.
+	Forget(stream string)
+}
+
+var (
+	_ stateHooks = (*LiveState)(nil)
+	_ stateHooks = (*PebbleState)(nil)
+)
+
+// Close releases what New opened (the PebbleState of Options.StateDir).
+// Call it after Shutdown, once no request is served any more.
+func (s *Server) Close() error {
+	if s.owned != nil {
+		return s.owned.Close()
+	}
+	return nil
 }
 
 // Handler returns the HTTP handler serving every service, reflection and
@@ -128,8 +176,8 @@ func (s *Server) writerFailed(w *changelog.Writer, err error) {
 	s.mu.Unlock()
 	if errors.Is(err, changelog.ErrFenced) {
 		s.metrics.fenced.Inc()
-		if s.live != nil {
-			s.live.WriterFenced(streamOf(w.LogID()), w.LogID())
+		if s.hooks != nil {
+			s.hooks.WriterFenced(streamOf(w.LogID()), w.LogID())
 		}
 	}
 }

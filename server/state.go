@@ -16,9 +16,9 @@ import (
 	"github.com/dstl-dev/dstl/segments"
 )
 
-// StateReader serves the state service. The changelog-backed LiveState is
-// the implementation until the materializer folds the changelog into Pebble
-// and implements it there.
+// StateReader serves the state service: PebbleState (data in a
+// materializer.Store) when the server has a StateDir, the in-memory
+// LiveState otherwise.
 type StateReader interface {
 	Get(ctx context.Context, stream string, kg uint16, state string, key []byte) (value []byte, found bool, err error)
 	// Scan returns up to q.Limit entries after q.After in (key group,
@@ -107,8 +107,8 @@ func (s kvState) apply(c *segments.Change) {
 // this node owns (or owned until it closed), that writer's view (the
 // checkpoint it started from plus every change it appended); for the other
 // key groups, the newest complete checkpoint, re-read at most once per
-// RefreshEvery. Everything is in memory: it is the interim read path until
-// the materializer serves reads from Pebble.
+// RefreshEvery. Everything is in memory: the read path of servers without
+// a StateDir (tests); PebbleState keeps the same views in Pebble.
 type LiveState struct {
 	node         *changelog.Node
 	refreshEvery time.Duration

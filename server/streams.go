@@ -66,8 +66,8 @@ func (x *streamService) DeleteStream(ctx context.Context, req *connect.Request[d
 	if err := x.s.node.DeleteStream(ctx, req.Msg.GetName()); err != nil {
 		return nil, toConnect(err)
 	}
-	if x.s.live != nil {
-		x.s.live.Forget(req.Msg.GetName())
+	if x.s.hooks != nil {
+		x.s.hooks.Forget(req.Msg.GetName())
 	}
 	return connect.NewResponse(&dstlv1.DeleteStreamResponse{}), nil
 }

@@ -58,8 +58,8 @@ func (x *writerService) OpenWriter(ctx context.Context, req *connect.Request[dst
 		}
 		return toConnect(err)
 	}
-	if s.live != nil && !already {
-		if err := s.live.WriterOpened(ctx, w); err != nil {
+	if s.hooks != nil && !already {
+		if err := s.hooks.WriterOpened(ctx, w); err != nil {
 			return nil, abandon(fmt.Errorf("writer %s: build read view: %w", w.LogID(), err))
 		}
 	}
@@ -134,8 +134,8 @@ func (s *Server) append(ctx context.Context, msg *dstlv1.AppendRequest) (first, 
 		return 0, 0, err
 	}
 	s.metrics.appended(d, len(batch), bytes)
-	if s.live != nil {
-		s.live.Appended(streamOf(w.LogID()), w.LogID(), first, batch)
+	if s.hooks != nil {
+		s.hooks.Appended(streamOf(w.LogID()), w.LogID(), first, batch)
 	}
 	return first, last, nil
 }
@@ -226,8 +226,8 @@ func (x *writerService) CloseWriter(ctx context.Context, req *connect.Request[ds
 	x.s.mu.Lock()
 	delete(x.s.writers, w.LogID())
 	x.s.mu.Unlock()
-	if x.s.live != nil {
-		x.s.live.WriterClosed(streamOf(w.LogID()), w.LogID())
+	if x.s.hooks != nil {
+		x.s.hooks.WriterClosed(streamOf(w.LogID()), w.LogID())
 	}
 	return connect.NewResponse(&dstlv1.CloseWriterResponse{}), nil
 }

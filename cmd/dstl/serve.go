@@ -153,7 +153,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		return fmt.Errorf("open node: %w", err)
 	}
 	registerLocalLogMetrics(reg, node)
-	api, err := server.New(node, server.Options{DefaultDurability: durability, Registry: reg, Logger: log})
+	api, err := server.New(node, server.Options{DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state")})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
 		return err
@@ -176,6 +176,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
+		_ = api.Close()
 		return fmt.Errorf("listen on %s: %w", o.listen, err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: new(http.Protocols)}
@@ -184,6 +185,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {
 			_ = node.Close(context.WithoutCancel(ctx))
+			_ = api.Close()
 			return fmt.Errorf("load TLS key pair: %w", err)
 		}
 		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
@@ -216,6 +218,9 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	if err := node.Close(shutdownCtx); err != nil {
 		serveErr = errors.Join(serveErr, fmt.Errorf("close node: %w", err))
+	}
+	if err := api.Close(); err != nil {
+		serveErr = errors.Join(serveErr, fmt.Errorf("close state store: %w", err))
 	}
 	if serveErr == nil {
 		log.Info("stopped: everything acknowledged is uploaded")

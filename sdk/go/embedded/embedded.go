@@ -109,7 +109,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		store.Close()
 		return nil, fmt.Errorf("embedded: open node: %w", err)
 	}
-	api, err := server.New(node, server.Options{DefaultDurability: durability, Logger: logger})
+	api, err := server.New(node, server.Options{DefaultDurability: durability, Logger: logger, StateDir: filepath.Join(dir, "state")})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
 		store.Close()
@@ -168,6 +168,9 @@ func (n *Node) close(ctx context.Context) error {
 	}
 	if err := n.node.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("embedded: close node: %w", err))
+	}
+	if err := n.api.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("embedded: close state store: %w", err))
 	}
 	if err := n.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("embedded: close blob store: %w", err))
