@@ -97,18 +97,11 @@ func getStream(ctx context.Context, store upload.BlobStore, name string) (Stream
 // listStreams returns the names of every stream, in order.
 func listStreams(ctx context.Context, store upload.BlobStore) ([]string, error) {
 	var names []string
-	startAfter := ""
-	for {
-		page, err := store.List(ctx, catalogPrefix, startAfter, 1000)
+	for o, err := range upload.Walk(ctx, store, catalogPrefix, "") {
 		if err != nil {
 			return nil, fmt.Errorf("list streams: %w", err)
 		}
-		for _, obj := range page.Objects {
-			names = append(names, strings.TrimPrefix(obj.Key, catalogPrefix))
-		}
-		if page.Next == "" {
-			return names, nil
-		}
-		startAfter = page.Next
+		names = append(names, strings.TrimPrefix(o.Key, catalogPrefix))
 	}
+	return names, nil
 }

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strconv"
-	"strings"
 )
 
 // CheckpointResult says what a writer's Checkpoint achieved.
@@ -231,24 +229,15 @@ func (w *Writer) tryComplete(ctx context.Context, id uint64) (bool, error) {
 
 // listParts returns the epochs that recorded a part of checkpoint id.
 func (w *Writer) listParts(ctx context.Context, id uint64) (map[uint64]bool, error) {
-	prefix := checkpointPrefix(w.cfg.Stream, id)
-	out := map[uint64]bool{}
-	startAfter := ""
-	for {
-		page, err := w.node.store.List(ctx, prefix, startAfter, 1000)
-		if err != nil {
-			return nil, fmt.Errorf("writer %s: list parts of checkpoint %d: %w", w.logID, id, err)
-		}
-		for _, o := range page.Objects {
-			if ep, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64); err == nil {
-				out[ep] = true
-			}
-		}
-		if page.Next == "" {
-			return out, nil
-		}
-		startAfter = page.Next
+	epochs, err := listNumbered(ctx, w.node.store, checkpointPrefix(w.cfg.Stream, id))
+	if err != nil {
+		return nil, fmt.Errorf("writer %s: list parts of checkpoint %d: %w", w.logID, id, err)
 	}
+	out := make(map[uint64]bool, len(epochs))
+	for _, ep := range epochs {
+		out[ep] = true
+	}
+	return out, nil
 }
 
 // Close ends the writer gracefully: it persists every change, records a

@@ -63,20 +63,15 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 
 // deletePrefix deletes every object whose key starts with prefix.
 func deletePrefix(ctx context.Context, store upload.BlobStore, prefix string) error {
-	for {
-		page, err := store.List(ctx, prefix, "", 1000)
+	for o, err := range upload.Walk(ctx, store, prefix, "") {
 		if err != nil {
 			return err
 		}
-		for _, o := range page.Objects {
-			if err := store.Delete(ctx, o.Key); err != nil {
-				return err
-			}
-		}
-		if page.Next == "" {
-			return nil
+		if err := store.Delete(ctx, o.Key); err != nil {
+			return err
 		}
 	}
+	return nil
 }
 
 // checkNoLeftovers refuses to create a stream whose name still has objects

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/dstl-dev/dstl/upload"
 )
 
 // GCStats reports one garbage collection of a node's segments.
@@ -209,20 +211,14 @@ func (n *Node) pendingParts(ctx context.Context, stream string, lastComplete uin
 	// '~' sorts after every digit: start after all parts of lastComplete.
 	startAfter := fmt.Sprintf("%s%020d/~", prefix, lastComplete)
 	var keys []string
-	for {
-		page, err := n.store.List(ctx, prefix, startAfter, 1000)
+	for o, err := range upload.Walk(ctx, n.store, prefix, startAfter) {
 		if err != nil {
 			return nil, fmt.Errorf("gc: stream %s: list pending parts: %w", stream, err)
 		}
-		for _, o := range page.Objects {
-			id, _, ok := strings.Cut(strings.TrimPrefix(o.Key, prefix), "/")
-			if v, err := strconv.ParseUint(id, 10, 64); ok && err == nil && v > lastComplete {
-				keys = append(keys, o.Key)
-			}
+		id, _, ok := strings.Cut(strings.TrimPrefix(o.Key, prefix), "/")
+		if v, err := strconv.ParseUint(id, 10, 64); ok && err == nil && v > lastComplete {
+			keys = append(keys, o.Key)
 		}
-		if page.Next == "" {
-			return keys, nil
-		}
-		startAfter = page.Next
 	}
+	return keys, nil
 }

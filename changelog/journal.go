@@ -73,30 +73,24 @@ func (j *journal) readAfter(ctx context.Context, seq uint64) ([]JournalEntry, er
 		startAfter = journalKey(j.stream, seq)
 	}
 	var read []JournalEntry
-	for {
-		page, err := j.store.List(ctx, prefix, startAfter, 1000)
+	for obj, err := range upload.Walk(ctx, j.store, prefix, startAfter) {
 		if err != nil {
 			return read, fmt.Errorf("stream %s: list journal: %w", j.stream, err)
 		}
-		for _, obj := range page.Objects {
-			n, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
-			if err != nil || journalKey(j.stream, n) != obj.Key {
-				return read, fmt.Errorf("stream %s: journal object %s: not an entry name: %w", j.stream, obj.Key, envelope.ErrCorrupt)
-			}
-			e, err := j.readEntry(ctx, obj.Key)
-			if err != nil {
-				return read, err
-			}
-			if e.Seq != n {
-				return read, fmt.Errorf("stream %s: journal object %s holds entry %d: %w", j.stream, obj.Key, e.Seq, envelope.ErrCorrupt)
-			}
-			read = append(read, e)
+		n, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
+		if err != nil || journalKey(j.stream, n) != obj.Key {
+			return read, fmt.Errorf("stream %s: journal object %s: not an entry name: %w", j.stream, obj.Key, envelope.ErrCorrupt)
 		}
-		if page.Next == "" {
-			return read, nil
+		e, err := j.readEntry(ctx, obj.Key)
+		if err != nil {
+			return read, err
 		}
-		startAfter = page.Next
+		if e.Seq != n {
+			return read, fmt.Errorf("stream %s: journal object %s holds entry %d: %w", j.stream, obj.Key, e.Seq, envelope.ErrCorrupt)
+		}
+		read = append(read, e)
 	}
+	return read, nil
 }
 
 // refreshLocked folds new entries into j.state and returns them. The

@@ -36,20 +36,14 @@ func segmentSeq(prefix, key string) (uint64, bool) {
 
 // listSegments lists every segment object this node wrote.
 func listSegments(ctx context.Context, store upload.BlobStore, node string) ([]upload.ObjectInfo, error) {
-	prefix := segmentPrefix(node)
 	var out []upload.ObjectInfo
-	startAfter := ""
-	for {
-		page, err := store.List(ctx, prefix, startAfter, 1000)
+	for o, err := range upload.Walk(ctx, store, segmentPrefix(node), "") {
 		if err != nil {
 			return nil, fmt.Errorf("list segments of node %s: %w", node, err)
 		}
-		out = append(out, page.Objects...)
-		if page.Next == "" {
-			return out, nil
-		}
-		startAfter = page.Next
+		out = append(out, o)
 	}
+	return out, nil
 }
 
 // scanSegments reads the index of every listed segment (one range read

@@ -5,8 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 
 	"github.com/dstl-dev/dstl/upload"
 )
@@ -43,22 +41,9 @@ func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, r
 
 // RetainedCheckpoints returns the ids of the checkpoints marked retained.
 func (n *Node) RetainedCheckpoints(ctx context.Context, stream string) ([]uint64, error) {
-	prefix := retainedPrefix(stream)
-	var ids []uint64
-	startAfter := ""
-	for {
-		page, err := n.store.List(ctx, prefix, startAfter, 1000)
-		if err != nil {
-			return nil, fmt.Errorf("stream %s: list retained checkpoints: %w", stream, err)
-		}
-		for _, o := range page.Objects {
-			if id, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64); err == nil {
-				ids = append(ids, id)
-			}
-		}
-		if page.Next == "" {
-			return ids, nil
-		}
-		startAfter = page.Next
+	ids, err := listNumbered(ctx, n.store, retainedPrefix(stream))
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: list retained checkpoints: %w", stream, err)
 	}
+	return ids, nil
 }

@@ -1,11 +1,15 @@
 package changelog
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path"
+	"strconv"
+	"strings"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/upload"
 )
 
 // Typed errors of the changelog. Callers test with errors.Is; messages name
@@ -79,6 +83,23 @@ func (c StreamConfig) Validate() error {
 // lexicographic listing order is numeric order.
 func streamPrefix(name string) string  { return path.Join("streams", name) + "/" }
 func journalPrefix(name string) string { return streamPrefix(name) + "journal/" }
+
+// listNumbered returns the numbers that name the objects directly under
+// prefix (parts by epoch, retention marks by checkpoint id), in order.
+// Keys that are not a number are ignored.
+func listNumbered(ctx context.Context, store upload.BlobStore, prefix string) ([]uint64, error) {
+	var out []uint64
+	for o, err := range upload.Walk(ctx, store, prefix, "") {
+		if err != nil {
+			return nil, err
+		}
+		if n, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
 func journalKey(name string, seq uint64) string {
 	return fmt.Sprintf("%s%020d", journalPrefix(name), seq)
 }

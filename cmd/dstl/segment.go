@@ -196,41 +196,33 @@ With --json it prints one object per line:
 			}
 			var count, bad int
 			var total int64
-			after := ""
-			for {
-				page, err := store.List(ctx, prefix, after, 1000)
+			for obj, err := range upload.Walk(ctx, store, prefix, "") {
 				if err != nil {
 					_ = tw.Flush()
 					return fmt.Errorf("list %s: %w", prefix, err)
 				}
-				for _, obj := range page.Objects {
-					count++
-					total += obj.Size
-					s := segmentSummary{Key: obj.Key, Size: obj.Size, Modified: obj.ModTime.UTC(), Logs: []logSummary{}}
-					r, err := segments.Open(upload.ReaderAt(ctx, store, obj.Key, obj.Size), obj.Size, obj.Key)
-					if err != nil {
-						bad++
-						s.Error = err.Error()
-					} else {
-						s = summarize(obj, r.Blocks())
-					}
-					if cli.json {
-						if err := json.NewEncoder(out).Encode(s); err != nil {
-							return err
-						}
-						continue
-					}
-					if s.Error != "" {
-						fmt.Fprintf(tw, "%s\t%s\t%s\tERROR: %s\t\t\t\n", s.Key, humanBytes(s.Size), s.Modified.Format(time.RFC3339), s.Error)
-						continue
-					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Key, humanBytes(s.Size), s.Modified.Format(time.RFC3339),
-						s.Blocks, s.Changes, len(s.Logs), sqnRanges(s.Logs))
+				count++
+				total += obj.Size
+				s := segmentSummary{Key: obj.Key, Size: obj.Size, Modified: obj.ModTime.UTC(), Logs: []logSummary{}}
+				r, err := segments.Open(upload.ReaderAt(ctx, store, obj.Key, obj.Size), obj.Size, obj.Key)
+				if err != nil {
+					bad++
+					s.Error = err.Error()
+				} else {
+					s = summarize(obj, r.Blocks())
 				}
-				if page.Next == "" {
-					break
+				if cli.json {
+					if err := json.NewEncoder(out).Encode(s); err != nil {
+						return err
+					}
+					continue
 				}
-				after = page.Next
+				if s.Error != "" {
+					fmt.Fprintf(tw, "%s\t%s\t%s\tERROR: %s\t\t\t\n", s.Key, humanBytes(s.Size), s.Modified.Format(time.RFC3339), s.Error)
+					continue
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Key, humanBytes(s.Size), s.Modified.Format(time.RFC3339),
+					s.Blocks, s.Changes, len(s.Logs), sqnRanges(s.Logs))
 			}
 			if !cli.json {
 				if err := tw.Flush(); err != nil {
