@@ -14,8 +14,6 @@
 package s3server
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -31,15 +29,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dstl-dev/dstl/internal/toolbin"
+
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
 )
 
 const (
-	modulePath = "github.com/dstl-dev/dstl"
-	gwModule   = "github.com/versity/versitygw"
-	gwPackage  = gwModule + "/cmd/versitygw"
+	gwModule = "github.com/versity/versitygw"
 	// Region is the region every server reports.
 	Region = "us-east-1"
 	// AccessKey and SecretKey are the root credentials of every server.
@@ -335,125 +333,8 @@ func (b *tailBuffer) String() string {
 	return strings.TrimSpace(string(b.buf))
 }
 
-// RepoRoot finds the dstl repository root: the nearest directory at or above
-// the working directory whose go.mod declares the dstl module.
-func RepoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if data, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && modulePathOf(data) == modulePath {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("no go.mod of module %s at or above the working directory", modulePath)
-		}
-		dir = parent
-	}
-}
-
-func modulePathOf(gomod []byte) string {
-	sc := bufio.NewScanner(bytes.NewReader(gomod))
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) >= 2 && f[0] == "module" {
-			return strings.Trim(f[1], `"`)
-		}
-	}
-	return ""
-}
-
-// gwVersion reads the versitygw version pinned in the tools module.
-func gwVersion(toolsDir string) (string, error) {
-	data, err := os.ReadFile(filepath.Join(toolsDir, "go.mod"))
-	if err != nil {
-		return "", err
-	}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(sc.Text()), "require "))
-		if len(f) >= 2 && f[0] == gwModule {
-			return f[1], nil
-		}
-	}
-	return "", fmt.Errorf("%s/go.mod does not require %s", toolsDir, gwModule)
-}
-
-// Binary returns the path of the versitygw binary, building it into the user
-// cache directory first if needed.
+// Binary returns the path of the versitygw binary pinned in tools/s3gw,
+// building it into the user cache directory first if needed.
 func Binary(ctx context.Context, logf func(format string, args ...any)) (string, error) {
-	root, err := RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	toolsDir := filepath.Join(root, "tools", "s3gw")
-	version, err := gwVersion(toolsDir)
-	if err != nil {
-		return "", err
-	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return "", fmt.Errorf("no cache directory for the versitygw binary: %w", err)
-	}
-	dir := filepath.Join(cache, "dstl", "versitygw-"+version)
-	bin := filepath.Join(dir, "versitygw")
-	if isExecutable(bin) {
-		return bin, nil
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", err
-	}
-	defer lock.Close()
-	if err := flock(ctx, lock); err != nil {
-		return "", fmt.Errorf("lock %s: %w", dir, err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
-	if isExecutable(bin) { // built by another process while we waited
-		return bin, nil
-	}
-	logf("s3server: building versitygw %s into %s (a cold build takes a minute or two)", version, bin)
-	start := time.Now()
-	tmp := fmt.Sprintf("%s.tmp-%d", bin, os.Getpid())
-	// "go test" puts its toolchain's bin directory first in PATH.
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", tmp, gwPackage)
-	cmd.Dir = toolsDir
-	cmd.Env = append(os.Environ(), "GOWORK=off")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		_ = os.Remove(tmp)
-		return "", fmt.Errorf("build versitygw %s: %w\n%s", version, err, out)
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		_ = os.Remove(tmp)
-		return "", err
-	}
-	logf("s3server: built versitygw %s in %v", version, time.Since(start).Round(time.Second))
-	return bin, nil
-}
-
-func flock(ctx context.Context, f *os.File) error {
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func isExecutable(path string) bool {
-	info, err := os.Stat(path)
-	return err == nil && info.Mode().IsRegular() && info.Mode()&0o111 != 0
+	return toolbin.Build(ctx, toolbin.Tool{Name: "versitygw", ToolsDir: "tools/s3gw", Module: gwModule, Package: gwModule + "/cmd/versitygw"}, logf)
 }

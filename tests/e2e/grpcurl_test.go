@@ -1,24 +1,20 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/dstl-dev/dstl/internal/toolbin"
+
 	"github.com/dstl-dev/dstl/changelog/keygroup"
-	"github.com/dstl-dev/dstl/internal/s3server"
 )
 
 const grpcurlModule = "github.com/fullstorydev/grpcurl"
@@ -150,8 +146,8 @@ var grpcurlOnce struct {
 
 // grpcurlBinary returns the grpcurl binary pinned in tools/grpcurl/go.mod,
 // building it once per machine into the user cache directory
-// (os.UserCacheDir()/dstl/grpcurl-<version>/grpcurl) under a file lock, as
-// internal/s3server does for versitygw. A cold build takes about a minute.
+// (os.UserCacheDir()/dstl/grpcurl-<version>/grpcurl) under a file lock
+// (internal/toolbin). A cold build takes about a minute.
 func grpcurlBinary(t *testing.T) string {
 	t.Helper()
 	grpcurlOnce.Lock()
@@ -159,101 +155,10 @@ func grpcurlBinary(t *testing.T) string {
 	if grpcurlOnce.bin != "" {
 		return grpcurlOnce.bin
 	}
-	bin, err := buildGRPCurl(t.Context(), t.Logf)
+	bin, err := toolbin.Build(t.Context(), toolbin.Tool{Name: "grpcurl", ToolsDir: "tools/grpcurl", Module: grpcurlModule, Package: grpcurlModule + "/cmd/grpcurl"}, t.Logf)
 	if err != nil {
 		t.Fatalf("grpcurl: %v", err)
 	}
 	grpcurlOnce.bin = bin
 	return bin
-}
-
-func buildGRPCurl(ctx context.Context, logf func(string, ...any)) (string, error) {
-	root, err := s3server.RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	toolsDir := filepath.Join(root, "tools", "grpcurl")
-	version, err := requiredVersion(filepath.Join(toolsDir, "go.mod"), grpcurlModule)
-	if err != nil {
-		return "", err
-	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return "", fmt.Errorf("no cache directory for the grpcurl binary: %w", err)
-	}
-	dir := filepath.Join(cache, "dstl", "grpcurl-"+version)
-	bin := filepath.Join(dir, "grpcurl")
-	if isExecutable(bin) {
-		return bin, nil
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", err
-	}
-	defer lock.Close()
-	if err := flock(ctx, lock); err != nil {
-		return "", fmt.Errorf("lock %s: %w", dir, err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
-	if isExecutable(bin) { // built by another process while we waited
-		return bin, nil
-	}
-	logf("grpcurl: building %s into %s (a cold build takes about a minute)", version, bin)
-	start := time.Now()
-	tmp := fmt.Sprintf("%s.tmp-%d", bin, os.Getpid())
-	// "go test" puts its toolchain's bin directory first in PATH.
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", tmp, grpcurlModule+"/cmd/grpcurl")
-	cmd.Dir = toolsDir
-	cmd.Env = append(os.Environ(), "GOWORK=off")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		_ = os.Remove(tmp)
-		return "", fmt.Errorf("build grpcurl %s: %w\n%s", version, err, out)
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		_ = os.Remove(tmp)
-		return "", err
-	}
-	logf("grpcurl: built %s in %v", version, time.Since(start).Round(time.Second))
-	return bin, nil
-}
-
-// requiredVersion reads the version of module required by a go.mod.
-func requiredVersion(gomod, module string) (string, error) {
-	data, err := os.ReadFile(gomod)
-	if err != nil {
-		return "", err
-	}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(sc.Text()), "require "))
-		if len(f) >= 2 && f[0] == module {
-			return f[1], nil
-		}
-	}
-	return "", fmt.Errorf("%s does not require %s", gomod, module)
-}
-
-func flock(ctx context.Context, f *os.File) error {
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func isExecutable(path string) bool {
-	info, err := os.Stat(path)
-	return err == nil && info.Mode().IsRegular() && info.Mode()&0o111 != 0
 }

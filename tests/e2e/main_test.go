@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dstl-dev/dstl/internal/s3server"
+	"github.com/dstl-dev/dstl/internal/toolbin"
 )
 
 // dstlBin is the dstl binary built by TestMain for this run.
@@ -30,7 +30,7 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	root, err := s3server.RepoRoot()
+	root, err := toolbin.RepoRoot()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
