@@ -28,6 +28,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -403,7 +404,8 @@ func checkpointCases(b *testing.B, before int64) {
 // the round's last writer returned (the checkpoint is complete by then).
 func benchCheckpoint(b *testing.B, store string, writers int, before int64) {
 	ctx := context.Background()
-	n, _ := benchNode(b, benchStore(b, store))
+	counted := &countingStore{BlobStore: benchStore(b, store)}
+	n, _ := benchNode(b, counted)
 	ws := benchWriters(b, n, writers)
 	batches := make([][][]Change, writers)
 	for i, w := range ws {
@@ -426,6 +428,7 @@ func benchCheckpoint(b *testing.B, store string, writers int, before int64) {
 
 	lat := make([][]time.Duration, writers)
 	var rounds []time.Duration
+	calls0 := counted.calls.Load()
 	for b.Loop() {
 		id++
 		complete.Store(0)
@@ -434,8 +437,47 @@ func benchCheckpoint(b *testing.B, store string, writers int, before int64) {
 			b.Fatalf("checkpoint %d: no writer saw it complete", id)
 		}
 	}
+	// Every blob-store call of the node per checkpoint: the segment put,
+	// the parts, the journal reads and append, background refreshes.
+	b.ReportMetric(float64(counted.calls.Load()-calls0)/float64(len(rounds)), "blob-calls/checkpoint")
 	reportLatencies(b, lat)
 	slices.Sort(rounds)
 	b.ReportMetric(percentileMs(rounds, 0.50), "round-p50-ms")
 	b.ReportMetric(percentileMs(rounds, 0.99), "round-p99-ms")
+}
+
+// countingStore counts the calls a node makes to its blob store.
+type countingStore struct {
+	upload.BlobStore
+	calls atomic.Int64
+}
+
+func (c *countingStore) PutIfAbsent(ctx context.Context, key string, r io.Reader, size int64) error {
+	c.calls.Add(1)
+	return c.BlobStore.PutIfAbsent(ctx, key, r, size)
+}
+
+func (c *countingStore) Get(ctx context.Context, key string) (io.ReadCloser, error) {
+	c.calls.Add(1)
+	return c.BlobStore.Get(ctx, key)
+}
+
+func (c *countingStore) GetRange(ctx context.Context, key string, off, n int64) (io.ReadCloser, error) {
+	c.calls.Add(1)
+	return c.BlobStore.GetRange(ctx, key, off, n)
+}
+
+func (c *countingStore) Stat(ctx context.Context, key string) (upload.ObjectInfo, error) {
+	c.calls.Add(1)
+	return c.BlobStore.Stat(ctx, key)
+}
+
+func (c *countingStore) List(ctx context.Context, prefix, startAfter string, limit int) (upload.ListPage, error) {
+	c.calls.Add(1)
+	return c.BlobStore.List(ctx, prefix, startAfter, limit)
+}
+
+func (c *countingStore) Delete(ctx context.Context, key string) error {
+	c.calls.Add(1)
+	return c.BlobStore.Delete(ctx, key)
 }
