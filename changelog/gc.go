@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/upload"
 )
 
@@ -17,6 +18,9 @@ type GCStats struct {
 	Young        int   // unreferenced but still uploading or younger than the grace period
 	Deleted      int   // deleted
 	DeletedBytes int64 // their size
+	// SnapshotsDeleted counts snapshot records no retained checkpoint, live
+	// epoch or pending part restores from any more (never the newest).
+	SnapshotsDeleted int
 }
 
 // CollectGarbage deletes this node's segment objects that nothing
@@ -46,11 +50,11 @@ func (n *Node) CollectGarbage(ctx context.Context) (GCStats, error) {
 	if err != nil {
 		return GCStats{}, err
 	}
-	refs, err := n.segmentReferences(ctx)
-	if err != nil {
-		return GCStats{}, err
-	}
 	st := GCStats{Segments: len(objs)}
+	refs, err := n.segmentReferences(ctx, &st)
+	if err != nil {
+		return st, err
+	}
 	cutoff := n.clock.Now().Add(-n.opts.GCGrace)
 	var errs []error
 	for _, o := range objs {
@@ -73,7 +77,7 @@ func (n *Node) CollectGarbage(ctx context.Context) (GCStats, error) {
 }
 
 // segmentReferences returns the set of segment keys something references.
-func (n *Node) segmentReferences(ctx context.Context) (map[string]bool, error) {
+func (n *Node) segmentReferences(ctx context.Context, st *GCStats) (map[string]bool, error) {
 	refs := map[string]bool{}
 	n.mu.Lock()
 	var logs []*Writer
@@ -96,14 +100,14 @@ func (n *Node) segmentReferences(ctx context.Context) (map[string]bool, error) {
 		return nil, err
 	}
 	for _, name := range streams {
-		if err := n.checkpointReferences(ctx, name, refs); err != nil {
+		if err := n.checkpointReferences(ctx, name, refs, st); err != nil {
 			return nil, err
 		}
 	}
 	return refs, nil
 }
 
-func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map[string]bool) error {
+func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map[string]bool, st *GCStats) error {
 	h, err := n.streamHandle(ctx, stream)
 	if errors.Is(err, ErrStreamNotFound) {
 		return nil // deleted meanwhile
@@ -114,12 +118,54 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 	if err := h.journal.refresh(ctx); err != nil {
 		return err
 	}
-	st := h.journal.snapshot()
+	js := h.journal.snapshot()
+	snaps, err := n.Snapshots(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
+	// used: the snapshots some root restores from. The newest is always
+	// kept: the next checkpoints build on it, and live writers may have
+	// truncated their logs below it.
+	used := map[uint64]bool{}
+	if len(snaps) > 0 {
+		used[snaps[len(snaps)-1].Checkpoint] = true
+	}
 	seen := map[string]bool{}
 	addPart := func(key string) error {
-		return n.addPartReferences(ctx, stream, key, refs, seen)
+		p, err := n.part(ctx, key)
+		if err != nil {
+			return fmt.Errorf("gc: stream %s: %w", stream, err)
+		}
+		pl, err := n.planPartWith(ctx, p, snaps)
+		if err != nil {
+			// No plan (e.g. a snapshot it needs is gone): keep everything
+			// the part can reach rather than guess.
+			return n.addPartReferences(ctx, stream, key, refs, seen)
+		}
+		markPlan(pl, refs, used)
+		return nil
 	}
-	retained := st.checkpoints
+	addCheckpoint := func(id uint64, r keygroup.Range) error {
+		pl, err := n.planWith(ctx, stream, id, r, snaps)
+		if err != nil {
+			cp, ok := js.checkpoint(id)
+			if !ok {
+				return fmt.Errorf("gc: stream %s: checkpoint %d: %w", stream, id, err)
+			}
+			for _, p := range cp.Parts {
+				if p.KeyGroups.Overlaps(r) {
+					if err := n.addPartReferences(ctx, stream, p.Key, refs, seen); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		}
+		markPlan(pl, refs, used)
+		return nil
+	}
+	all := keygroup.Range{Lo: 0, Hi: uint16(js.keyGroups - 1)}
+	retained := js.checkpoints
 	if len(retained) > n.opts.RetainCheckpoints {
 		retained = retained[len(retained)-n.opts.RetainCheckpoints:]
 	}
@@ -128,18 +174,16 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		return err
 	}
 	for _, id := range marked {
-		if cp, ok := st.checkpoint(id); ok {
+		if cp, ok := js.checkpoint(id); ok {
 			retained = append(retained, cp)
 		}
 	}
 	for _, cp := range retained {
-		for _, p := range cp.Parts {
-			if err := addPart(p.Key); err != nil {
-				return err
-			}
+		if err := addCheckpoint(cp.ID, all); err != nil {
+			return err
 		}
 	}
-	for _, ep := range st.live {
+	for _, ep := range js.live {
 		if ep.Closed {
 			if err := addPart(ep.FinalPart.Key); err != nil {
 				return err
@@ -148,20 +192,15 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		// A live epoch's next checkpoint restores through the checkpoint
 		// it started from, however old: keep that base alive too.
 		if ep.FromCheckpoint != 0 {
-			base, ok := st.checkpoint(ep.FromCheckpoint)
-			if !ok {
+			if _, ok := js.checkpoint(ep.FromCheckpoint); !ok {
 				return fmt.Errorf("gc: stream %s: epoch %d starts from checkpoint %d, which is not complete", stream, ep.Epoch, ep.FromCheckpoint)
 			}
-			for _, p := range base.Parts {
-				if p.KeyGroups.Overlaps(ep.KeyGroups) {
-					if err := addPart(p.Key); err != nil {
-						return err
-					}
-				}
+			if err := addCheckpoint(ep.FromCheckpoint, ep.KeyGroups); err != nil {
+				return err
 			}
 		}
 	}
-	pending, err := n.pendingParts(ctx, stream, st.lastCheckpoint())
+	pending, err := n.pendingParts(ctx, stream, js.lastCheckpoint())
 	if err != nil {
 		return err
 	}
@@ -170,7 +209,33 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 			return err
 		}
 	}
-	return nil
+	// Snapshot records no root uses are deleted; their files become
+	// garbage for the materializer's collection.
+	var errs []error
+	for _, s := range snaps {
+		if used[s.Checkpoint] {
+			continue
+		}
+		if err := n.deleteSnapshot(ctx, s); err != nil {
+			errs = append(errs, fmt.Errorf("gc: %w", err))
+			continue
+		}
+		st.SnapshotsDeleted++
+	}
+	return errors.Join(errs...)
+}
+
+// markPlan marks the segments a restore plan reads and the snapshot it
+// starts from.
+func markPlan(pl RestorePlan, refs map[string]bool, used map[uint64]bool) {
+	if pl.Snapshot != nil {
+		used[pl.Snapshot.Checkpoint] = true
+	}
+	for _, s := range pl.Steps {
+		for _, seg := range s.Segments {
+			refs[seg.Key] = true
+		}
+	}
 }
 
 // addPartReferences marks the segments of a part and, recursively, of every

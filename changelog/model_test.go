@@ -465,7 +465,7 @@ func (m *model) checkNoLeaks() {
 	if _, err := m.node.CollectGarbage(m.ctx); err != nil {
 		m.fatalf("final gc: %v", err)
 	}
-	refs, err := m.node.segmentReferences(m.ctx)
+	refs, err := m.node.segmentReferences(m.ctx, &GCStats{})
 	if err != nil {
 		m.fatalf("references: %v", err)
 	}

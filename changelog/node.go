@@ -75,7 +75,8 @@ type Node struct {
 	streams   map[string]*streamHandle
 	writers   map[string]*Writer // live writers by log id
 	recovered map[string]*recoveredLog
-	parts     map[string]Part // checkpoint parts read so far (immutable)
+	parts     map[string]Part     // checkpoint parts read so far (immutable)
+	snapshots map[string]Snapshot // snapshot records read so far (immutable; dropped when deleted)
 }
 
 // streamHandle is a stream as this node knows it: its definition and its
@@ -143,6 +144,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		writers:   map[string]*Writer{},
 		recovered: map[string]*recoveredLog{},
 		parts:     map[string]Part{},
+		snapshots: map[string]Snapshot{},
 	}
 	// Segment keys carry the node's flush sequence: continue after the
 	// newest one so that keys keep sorting in upload order.
@@ -195,12 +197,15 @@ func (n *Node) runBackground(ctx context.Context) {
 		n.releaseRecovered(ctx)
 		if n.opts.GCInterval > 0 && !n.clock.Now().Before(nextGC) {
 			nextGC = n.clock.Now().Add(n.opts.GCInterval)
+			if _, err := n.AdoptSnapshots(ctx); err != nil && ctx.Err() == nil {
+				n.log.Warn("truncating logs below published snapshots failed", "err", err)
+			}
 			if st, err := n.CollectGarbage(ctx); err != nil {
 				if ctx.Err() == nil {
 					n.log.Warn("segment garbage collection failed", "err", err)
 				}
-			} else if st.Deleted > 0 {
-				n.log.Info("segment garbage collection", "deleted", st.Deleted, "bytes", st.DeletedBytes, "kept", st.Referenced, "young", st.Young)
+			} else if st.Deleted > 0 || st.SnapshotsDeleted > 0 {
+				n.log.Info("segment garbage collection", "deleted", st.Deleted, "bytes", st.DeletedBytes, "kept", st.Referenced, "young", st.Young, "snapshots_deleted", st.SnapshotsDeleted)
 			}
 		}
 	}
@@ -280,6 +285,9 @@ func (n *Node) refreshWriters(ctx context.Context) {
 
 // ID returns the node's id.
 func (n *Node) ID() string { return n.id }
+
+// BlobStore returns the blob store the node reads and writes.
+func (n *Node) BlobStore() upload.BlobStore { return n.store }
 
 // Scheduler returns the node's upload scheduler (for metrics).
 func (n *Node) Scheduler() *upload.Scheduler { return n.sched }

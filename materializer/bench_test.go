@@ -130,7 +130,7 @@ func BenchmarkExport(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				files = len(m.Files)
+				files = len(m.Runs[0].Files)
 			}
 			sec := b.Elapsed().Seconds()
 			b.ReportMetric(float64(logical)*float64(b.N)/sec/1e6, "MB/s")

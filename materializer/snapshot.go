@@ -3,39 +3,59 @@ package materializer
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"hash"
 	"hash/crc32"
 	"io"
+	"maps"
 	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
 	"github.com/cockroachdb/pebble/v2/sstable"
-	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// SnapshotManifest describes an exported snapshot of one key-group range of
-// a stream: the SST files holding its state and the applied SQN of every
-// log of the stream at the moment of the snapshot. The files partition the
-// range's key space: file i covers [Start, End), Files[i].End ==
-// Files[i+1].Start, the first Start and the last End are the range's
-// KeyGroupRangeBounds. A range with no keys has no files.
+// SnapshotManifest describes a snapshot of one key-group range of a stream
+// as a chain of runs (a small LSM of exported SSTs): the first run is a
+// full export (base), each later run holds only what changed since the
+// previous snapshot (delta). Restoring ingests the runs in order, each with
+// its own sequence number, so a later run shadows the earlier ones.
 type SnapshotManifest struct {
 	Stream    string        `json:"stream"`
 	KeyGroups KeyGroupRange `json:"key_groups"`
 	// Applied is the applied SQN of each log of the stream folded into the
-	// store at the snapshot: the snapshot holds exactly the effect of these
-	// logs' changes up to these SQNs (for the range's key groups).
+	// store at the (newest) snapshot: the chain holds exactly the effect of
+	// these logs' changes up to these SQNs (for the range's key groups).
 	Applied map[string]uint64 `json:"applied"`
 	// TableFormat is Pebble's SST format the files were written in.
-	TableFormat string         `json:"table_format"`
-	Files       []SnapshotFile `json:"files"`
-	Keys        int64          `json:"keys"`
-	Bytes       int64          `json:"bytes"` // sum of the files' sizes
+	TableFormat string `json:"table_format"`
+	// Runs are ingested in order; Runs[0] is the base run, the others are
+	// delta runs.
+	Runs  []Run `json:"runs"`
+	Keys  int64 `json:"keys"`  // sum of the runs' Keys
+	Bytes int64 `json:"bytes"` // sum of the runs' Bytes
+}
+
+// Run is one layer of a snapshot chain, ingested with one db.Ingest.
+//
+// A base run (Delta false) holds every key of the range; its files
+// partition the range's KeyGroupRangeBounds (file i covers [Start, End),
+// Files[i].End == Files[i+1].Start, the first Start and the last End are
+// the range's bounds); a range with no keys has no files.
+//
+// A delta run holds, for each key changed since the previous snapshot, its
+// value (Set) or a point tombstone (Delete), and for each (key group,
+// state) cleared since then a range deletion over the state plus a Set of
+// every key the state holds now. Its files are sorted and disjoint, each
+// [Start, End) tight around its keys and inside the range's bounds; they do
+// not cover the range.
+type Run struct {
+	Delta bool           `json:"delta"`
+	Files []SnapshotFile `json:"files"`
+	Keys  int64          `json:"keys"`  // sum of the files' Keys
+	Bytes int64          `json:"bytes"` // sum of the files' sizes
 }
 
 // SnapshotFile is one exported SST.
@@ -43,14 +63,19 @@ type SnapshotFile struct {
 	Name   string `json:"name"`
 	Size   int64  `json:"size"`
 	CRC32C uint32 `json:"crc32c"` // of the whole file, Castagnoli
-	Keys   int64  `json:"keys"`
-	// KeyGroups holds the key groups of the file's keys (smallest..largest).
+	// Keys counts the file's point entries (Sets and, in a delta, point
+	// tombstones); range deletions are not counted.
+	Keys int64 `json:"keys"`
+	// KeyGroups holds the key groups of the file's keys and range
+	// deletions (smallest..largest): a file whose KeyGroups lie inside an
+	// import's range can be ingested as is.
 	KeyGroups KeyGroupRange `json:"key_groups"`
-	// Smallest and Largest are the first and last data keys in the file.
+	// Smallest and Largest are the first and last key written: a point key
+	// or the start of a range deletion.
 	Smallest []byte `json:"smallest"`
 	Largest  []byte `json:"largest"`
-	// Start and End are the file's ingest bounds [Start, End): loose,
-	// contiguous between files (for IngestExternalFiles).
+	// Start and End are the file's ingest bounds [Start, End): in a base
+	// run loose and contiguous between files, in a delta run tight.
 	Start []byte `json:"start"`
 	End   []byte `json:"end"`
 }
@@ -61,11 +86,13 @@ type SnapshotFile struct {
 // Options.TargetFileSize at key-group boundaries (inside a key group only
 // past twice the target). Keys are written in order with sequence number 0,
 // so the files can be ingested (Import) or referenced remotely
-// (IngestExternalFiles). Each WriteCloser is closed once its file is
-// complete; if Export fails, a file being written is aborted (its
-// WriteCloser's Abort() error method is called if it has one, otherwise it
-// is closed) and the files written so far are garbage that nothing
-// references: only the returned manifest makes files part of a snapshot.
+// (IngestExternalFiles). The manifest has exactly one run, a base run.
+//
+// Each WriteCloser is closed once its file is complete; if Export fails, a
+// file being written is aborted (its WriteCloser's Abort() error method is
+// called if it has one, otherwise it is closed) and the files written so far
+// are garbage that nothing references: only a manifest makes files part of
+// a snapshot.
 func (s *Store) Export(ctx context.Context, stream string, r KeyGroupRange, create func(name string) (io.WriteCloser, error)) (SnapshotManifest, error) {
 	lo, hi, err := KeyGroupRangeBounds(stream, r.Lo, r.Hi)
 	if err != nil {
@@ -85,105 +112,114 @@ func (s *Store) Export(ctx context.Context, stream string, r KeyGroupRange, crea
 	if err != nil {
 		return fail(err)
 	}
-	m := SnapshotManifest{
-		Stream:      stream,
-		KeyGroups:   r,
-		Applied:     applied,
-		TableFormat: s.db.TableFormat().String(),
-		Files:       []SnapshotFile{},
-	}
 	it, err := snap.NewIterWithContext(ctx, &pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
 		return fail(err)
 	}
 	defer it.Close()
 
-	target := uint64(s.opts.TargetFileSize)
-	var (
-		cur    *exportFile
-		lastKG uint16
-	)
-	abort := func(err error) (SnapshotManifest, error) {
-		if cur != nil {
-			cur.abort()
-		}
-		return fail(err)
-	}
+	w := s.newRunWriter(create, false)
+	defer w.abort() // no-op once the run is complete
 	for ok := it.First(); ok; ok = it.Next() {
-		if m.Keys%4096 == 0 {
+		if w.run.Keys%4096 == 0 {
 			if err := ctx.Err(); err != nil {
-				return abort(err)
+				return fail(err)
 			}
 		}
 		k := it.Key()
 		dk, err := DecodeDataKey(k)
 		if err != nil {
-			return abort(err)
+			return fail(err)
 		}
-		if cur != nil {
-			size := cur.sst.Raw().EstimatedSize()
-			if size >= 2*target || (size >= target && dk.KeyGroup != lastKG) {
-				if err := cur.finish(k); err != nil {
-					cur = nil
-					return abort(err)
-				}
-				m.Files = append(m.Files, cur.meta)
-				cur = nil
+		if w.full(dk.KeyGroup) {
+			// Base files are contiguous: this file ends where the next
+			// one starts.
+			if err := w.finish(k); err != nil {
+				return fail(err)
 			}
 		}
-		if cur == nil {
+		if w.cur == nil {
 			start := lo
-			if n := len(m.Files); n > 0 {
-				start = m.Files[n-1].End
+			if n := len(w.run.Files); n > 0 {
+				start = w.run.Files[n-1].End
 			}
-			cur, err = s.newExportFile(fmt.Sprintf("%06d.sst", len(m.Files)+1), create, start, k, dk.KeyGroup)
-			if err != nil {
+			if err := w.open(start, k, dk.KeyGroup); err != nil {
 				return fail(err)
 			}
 		}
 		v, err := it.ValueAndErr()
 		if err != nil {
-			return abort(err)
-		}
-		if err := cur.sst.Set(k, v); err != nil {
-			return abort(fmt.Errorf("write %s: %w", cur.meta.Name, err))
-		}
-		cur.meta.Keys++
-		cur.meta.KeyGroups.Hi = dk.KeyGroup
-		cur.meta.Largest = append(cur.meta.Largest[:0], k...)
-		lastKG = dk.KeyGroup
-		m.Keys++
-	}
-	if err := it.Error(); err != nil {
-		return abort(err)
-	}
-	if cur != nil {
-		if err := cur.finish(hi); err != nil {
 			return fail(err)
 		}
-		m.Files = append(m.Files, cur.meta)
+		if err := w.set(k, v, dk.KeyGroup); err != nil {
+			return fail(err)
+		}
 	}
-	for _, f := range m.Files {
-		m.Bytes += f.Size
+	if err := it.Error(); err != nil {
+		return fail(err)
 	}
-	return m, nil
+	if w.cur != nil {
+		if err := w.finish(hi); err != nil {
+			return fail(err)
+		}
+	}
+	return newManifest(stream, r, applied, s.db.TableFormat().String(), w.run), nil
 }
 
-// exportFile is one SST being written: the sstable writer writes through
-// a checksumming counter into the caller's WriteCloser.
-type exportFile struct {
-	meta SnapshotFile
-	sst  *sstable.Writer
-	out  *hashingWriter
+func newManifest(stream string, r KeyGroupRange, applied map[string]uint64, format string, run Run) SnapshotManifest {
+	return SnapshotManifest{
+		Stream:      stream,
+		KeyGroups:   r,
+		Applied:     applied,
+		TableFormat: format,
+		Runs:        []Run{run},
+		Keys:        run.Keys,
+		Bytes:       run.Bytes,
+	}
 }
 
-func (s *Store) newExportFile(name string, create func(string) (io.WriteCloser, error), start, first []byte, kg uint16) (*exportFile, error) {
-	wc, err := create(name)
+// runWriter writes one run's files: it creates, cuts, finishes and
+// aborts them, and accumulates their metadata; Export and ExportChanged
+// decide what goes in.
+type runWriter struct {
+	s      *Store
+	create func(string) (io.WriteCloser, error)
+	target uint64
+	run    Run
+	cur    *exportFile
+	lastKG uint16
+}
+
+func (s *Store) newRunWriter(create func(string) (io.WriteCloser, error), delta bool) *runWriter {
+	return &runWriter{
+		s:      s,
+		create: create,
+		target: uint64(s.opts.TargetFileSize),
+		run:    Run{Delta: delta, Files: []SnapshotFile{}},
+	}
+}
+
+// full reports whether the current file should be cut before an entry of
+// key group kg: at the target size on a key-group boundary, so files
+// usually hold whole key groups, or past twice the target anyway.
+func (w *runWriter) full(kg uint16) bool {
+	if w.cur == nil || w.cur.entries == 0 {
+		return false
+	}
+	size := w.cur.sst.Raw().EstimatedSize()
+	return size >= 2*w.target || (size >= w.target && kg != w.lastKG)
+}
+
+// open starts a new file with ingest start bound start whose first entry is
+// first, of key group kg.
+func (w *runWriter) open(start, first []byte, kg uint16) error {
+	name := fmt.Sprintf("%06d.sst", len(w.run.Files)+1)
+	wc, err := w.create(name)
 	if err != nil {
-		return nil, fmt.Errorf("create %s: %w", name, err)
+		return fmt.Errorf("create %s: %w", name, err)
 	}
 	out := &hashingWriter{w: wc, h: crc32.New(castagnoli)}
-	f := &exportFile{
+	w.cur = &exportFile{
 		meta: SnapshotFile{
 			Name:      name,
 			KeyGroups: KeyGroupRange{Lo: kg, Hi: kg},
@@ -192,15 +228,58 @@ func (s *Store) newExportFile(name string, create func(string) (io.WriteCloser, 
 		},
 		out: out,
 		sst: sstable.NewWriter(objstorageprovider.NewRemoteWritable(out), sstable.WriterOptions{
-			TableFormat: s.db.TableFormat(),
-			Compression: s.opts.exportCompression(),
+			TableFormat: w.s.db.TableFormat(),
+			Compression: w.s.opts.exportCompression(),
 		}),
 	}
-	return f, nil
+	return nil
 }
 
-// finish completes the file; end is its exclusive ingest bound.
-func (f *exportFile) finish(end []byte) error {
+// written records an entry starting at key k of key group kg.
+func (w *runWriter) written(k []byte, kg uint16) {
+	w.cur.entries++
+	w.cur.meta.KeyGroups.Hi = kg
+	w.cur.meta.Largest = append(w.cur.meta.Largest[:0], k...)
+	w.lastKG = kg
+}
+
+func (w *runWriter) set(k, v []byte, kg uint16) error {
+	if err := w.cur.sst.Set(k, v); err != nil {
+		return fmt.Errorf("write %s: %w", w.cur.meta.Name, err)
+	}
+	w.cur.meta.Keys++
+	w.written(k, kg)
+	return nil
+}
+
+func (w *runWriter) del(k []byte, kg uint16) error {
+	if err := w.cur.sst.Delete(k); err != nil {
+		return fmt.Errorf("write %s: %w", w.cur.meta.Name, err)
+	}
+	w.cur.meta.Keys++
+	w.written(k, kg)
+	return nil
+}
+
+// deleteRange writes a range deletion; spans must be disjoint and come in
+// order, but may start before point keys already written.
+func (w *runWriter) deleteRange(start, end []byte, kg uint16) error {
+	if err := w.cur.sst.DeleteRange(start, end); err != nil {
+		return fmt.Errorf("write %s: %w", w.cur.meta.Name, err)
+	}
+	if bytes.Compare(start, w.cur.meta.Largest) > 0 {
+		w.written(start, kg)
+	} else {
+		w.cur.entries++
+	}
+	return nil
+}
+
+// finish completes the current file with exclusive ingest bound end and
+// adds it to the run.
+func (w *runWriter) finish(end []byte) error {
+	f := w.cur
+	w.cur = nil
 	if err := f.sst.Close(); err != nil {
 		f.out.abort()
 		return fmt.Errorf("finish %s: %w", f.meta.Name, err)
@@ -211,17 +290,33 @@ func (f *exportFile) finish(end []byte) error {
 	f.meta.Size = f.out.n
 	f.meta.CRC32C = f.out.h.Sum32()
 	f.meta.End = bytes.Clone(end)
+	w.run.Files = append(w.run.Files, f.meta)
+	w.run.Keys += f.meta.Keys
+	w.run.Bytes += f.meta.Size
 	return nil
 }
 
-func (f *exportFile) abort() {
-	_ = f.sst.Close() // closes only the hashingWriter, not the caller's writer
-	f.out.abort()
+// abort abandons the file being written, if any.
+func (w *runWriter) abort() {
+	if w.cur != nil {
+		_ = w.cur.sst.Close() // closes only the hashingWriter, not the caller's writer
+		w.cur.out.abort()
+		w.cur = nil
+	}
+}
+
+// exportFile is one SST being written: the sstable writer writes through
+// a checksumming counter into the caller's WriteCloser.
+type exportFile struct {
+	meta    SnapshotFile
+	sst     *sstable.Writer
+	out     *hashingWriter
+	entries int // points and range deletions written
 }
 
 // hashingWriter counts and checksums what the sstable writer writes. Its
-// Close does not close the caller's writer: Export does that itself once the
-// table is complete, so that a failed table is aborted rather than
+// Close does not close the caller's writer: the run writer does that itself
+// once the table is complete, so that a failed table is aborted rather than
 // published.
 type hashingWriter struct {
 	w       io.WriteCloser
@@ -258,31 +353,140 @@ func (o Options) exportCompression() *sstable.CompressionProfile {
 	return sstable.ZstdCompression
 }
 
-// validate checks a manifest's shape before anything is read.
+// Append returns the manifest of the chain m followed by the delta runs of
+// delta (an ExportChanged of the same stream and range taken after m's
+// newest snapshot), with delta's applied SQNs. Delta runs without files are
+// dropped (only the applied SQNs move). File names must be unique in the
+// chain: rename the files to their blob keys (RenameFiles) before
+// composing. Errors wrap ErrInvalidArgument (the two do not compose) or
+// ErrCorrupt (one of them is invalid).
+func (m SnapshotManifest) Append(delta SnapshotManifest) (SnapshotManifest, error) {
+	bad := func(format string, args ...any) (SnapshotManifest, error) {
+		return SnapshotManifest{}, fmt.Errorf("materializer: append to snapshot of %s key groups %s: %s: %w", m.Stream, m.KeyGroups, fmt.Sprintf(format, args...), ErrInvalidArgument)
+	}
+	if err := m.validate(); err != nil {
+		return SnapshotManifest{}, err
+	}
+	switch {
+	case delta.Stream != m.Stream || delta.KeyGroups != m.KeyGroups:
+		return bad("delta is of %s key groups %s", delta.Stream, delta.KeyGroups)
+	case delta.TableFormat != m.TableFormat:
+		return bad("delta's table format %s, chain's %s", delta.TableFormat, m.TableFormat)
+	case len(delta.Runs) == 0:
+		return bad("delta has no runs")
+	}
+	for i, run := range delta.Runs {
+		if !run.Delta {
+			return bad("delta's run %d is a base run", i)
+		}
+	}
+	for log, sqn := range m.Applied {
+		if d, ok := delta.Applied[log]; !ok || d < sqn {
+			return bad("log %s: delta applied through %d, chain through %d", log, d, sqn)
+		}
+	}
+	out := m
+	out.Applied = maps.Clone(delta.Applied)
+	out.Runs = make([]Run, 0, len(m.Runs)+len(delta.Runs))
+	for i, run := range append(slices.Clip(m.Runs), delta.Runs...) {
+		if i >= len(m.Runs) && len(run.Files) == 0 {
+			continue
+		}
+		run.Files = slices.Clone(run.Files)
+		out.Runs = append(out.Runs, run)
+	}
+	out.Keys, out.Bytes = 0, 0
+	for _, run := range out.Runs {
+		out.Keys += run.Keys
+		out.Bytes += run.Bytes
+	}
+	// Validating the result checks the delta's runs (bounds, unique names)
+	// in the context of the chain.
+	if err := out.validate(); err != nil {
+		return bad("%v", err)
+	}
+	return out, nil
+}
+
+// RenameFiles returns a copy of m whose files are named rename(name), e.g.
+// their blob keys, so that the names stay unique when runs of several
+// exports are composed (Append) and open can find them.
+func (m SnapshotManifest) RenameFiles(rename func(name string) string) SnapshotManifest {
+	out := m
+	out.Applied = maps.Clone(m.Applied)
+	out.Runs = make([]Run, len(m.Runs))
+	for i, run := range m.Runs {
+		run.Files = slices.Clone(run.Files)
+		for j := range run.Files {
+			run.Files[j].Name = rename(run.Files[j].Name)
+		}
+		out.Runs[i] = run
+	}
+	return out
+}
+
+// validate checks a manifest's shape before anything is read: the runs'
+// kinds, the files' bounds inside the range (partitioning it in the base
+// run, sorted and disjoint in a delta run), their key groups, unique names,
+// and the totals.
 func (m *SnapshotManifest) validate() error {
 	lo, hi, err := KeyGroupRangeBounds(m.Stream, m.KeyGroups.Lo, m.KeyGroups.Hi)
 	if err != nil {
-		return err
+		return fmt.Errorf("manifest: %w", err)
 	}
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("manifest of %s key groups %s: %s: %w", m.Stream, m.KeyGroups, fmt.Sprintf(format, args...), ErrCorrupt)
 	}
-	prev := lo
-	for i, f := range m.Files {
-		switch {
-		case f.Name == "" || f.Size <= 0:
-			return bad("file %d: no name or size", i)
-		case !bytes.Equal(f.Start, prev):
-			return bad("file %s: starts at %x, want %x", f.Name, f.Start, prev)
-		case bytes.Compare(f.Start, f.End) >= 0 || bytes.Compare(f.End, hi) > 0:
-			return bad("file %s: bounds %x..%x outside the range", f.Name, f.Start, f.End)
-		case bytes.Compare(f.Smallest, f.Start) < 0 || bytes.Compare(f.Largest, f.End) >= 0 || bytes.Compare(f.Smallest, f.Largest) > 0:
-			return bad("file %s: keys %x..%x outside its bounds", f.Name, f.Smallest, f.Largest)
-		}
-		prev = f.End
+	if len(m.Runs) == 0 {
+		return bad("no runs")
 	}
-	if len(m.Files) > 0 && !bytes.Equal(prev, hi) {
-		return bad("files end at %x, want %x", prev, hi)
+	names := make(map[string]bool)
+	var keys, size int64
+	for ri, run := range m.Runs {
+		if run.Delta != (ri > 0) {
+			return bad("run %d: only the first run may be, and must be, a base run", ri)
+		}
+		var runKeys, runSize int64
+		prev := lo
+		for i, f := range run.Files {
+			// Bounds of the key groups the file claims to hold.
+			kgLo, kgHi, err := KeyGroupRangeBounds(m.Stream, f.KeyGroups.Lo, f.KeyGroups.Hi)
+			switch {
+			case f.Name == "" || f.Size <= 0 || f.Keys < 0:
+				return bad("run %d file %d: no name or size", ri, i)
+			case names[f.Name]:
+				return bad("file %s: listed twice", f.Name)
+			case err != nil || !m.KeyGroups.Covers(f.KeyGroups):
+				return bad("file %s: key groups %s outside the range", f.Name, f.KeyGroups)
+			case bytes.Compare(f.Start, f.End) >= 0 || bytes.Compare(f.Start, lo) < 0 || bytes.Compare(f.End, hi) > 0:
+				return bad("file %s: bounds %x..%x outside the range", f.Name, f.Start, f.End)
+			case !run.Delta && !bytes.Equal(f.Start, prev):
+				return bad("file %s: starts at %x, want %x", f.Name, f.Start, prev)
+			case run.Delta && bytes.Compare(f.Start, prev) < 0:
+				return bad("file %s: starts at %x, before the previous file's end %x", f.Name, f.Start, prev)
+			case run.Delta && (bytes.Compare(f.Start, kgLo) < 0 || bytes.Compare(f.End, kgHi) > 0):
+				return bad("file %s: bounds %x..%x outside its key groups %s", f.Name, f.Start, f.End, f.KeyGroups)
+			case bytes.Compare(f.Smallest, f.Start) < 0 || bytes.Compare(f.Largest, f.End) >= 0 || bytes.Compare(f.Smallest, f.Largest) > 0:
+				return bad("file %s: keys %x..%x outside its bounds", f.Name, f.Smallest, f.Largest)
+			case bytes.Compare(f.Smallest, kgLo) < 0 || bytes.Compare(f.Largest, kgHi) >= 0:
+				return bad("file %s: keys %x..%x outside its key groups %s", f.Name, f.Smallest, f.Largest, f.KeyGroups)
+			}
+			names[f.Name] = true
+			prev = f.End
+			runKeys += f.Keys
+			runSize += f.Size
+		}
+		if !run.Delta && len(run.Files) > 0 && !bytes.Equal(prev, hi) {
+			return bad("base files end at %x, want %x", prev, hi)
+		}
+		if runKeys != run.Keys || runSize != run.Bytes {
+			return bad("run %d: totals %d keys %d bytes, files sum to %d keys %d bytes", ri, run.Keys, run.Bytes, runKeys, runSize)
+		}
+		keys += runKeys
+		size += runSize
+	}
+	if keys != m.Keys || size != m.Bytes {
+		return bad("totals %d keys %d bytes, runs sum to %d keys %d bytes", m.Keys, m.Bytes, keys, size)
 	}
 	for logID := range m.Applied {
 		if logID == "" {
@@ -290,158 +494,6 @@ func (m *SnapshotManifest) validate() error {
 		}
 	}
 	return nil
-}
-
-// Import restores an exported snapshot into this store (eager restore):
-// each file is copied into the staging area through open (size and CRC32C
-// verified against the manifest), and the files plus one small SST of the
-// manifest's applied SQNs are ingested with ONE db.Ingest call, which Pebble
-// applies atomically: after a crash either the whole snapshot with its
-// applied SQNs is in the store, or none of it.
-//
-// The range must be empty in this store (DropKeyGroups first to replace
-// it), and a log the store already has an applied SQN for must be at the
-// manifest's SQN (ErrAppliedConflict otherwise). If open's ReaderAt is an
-// io.Closer it is closed.
-func (s *Store) Import(ctx context.Context, m SnapshotManifest, open func(name string) (io.ReaderAt, error)) error {
-	if err := m.validate(); err != nil {
-		return err
-	}
-	fail := func(err error) error {
-		return fmt.Errorf("materializer: import %s key groups %s: %w", m.Stream, m.KeyGroups, err)
-	}
-	lo, hi, _ := KeyGroupRangeBounds(m.Stream, m.KeyGroups.Lo, m.KeyGroups.Hi)
-	if err := s.acquire(); err != nil {
-		return err
-	}
-	defer s.closeMu.RUnlock()
-
-	// Hold the locks of the manifest's logs (in order) so no Apply of them
-	// runs between the checks and the ingest.
-	logIDs := make([]string, 0, len(m.Applied))
-	for id := range m.Applied {
-		logIDs = append(logIDs, id)
-	}
-	slices.Sort(logIDs)
-	states := make([]*logState, len(logIDs))
-	keys := make([][]byte, len(logIDs))
-	for i, id := range logIDs {
-		keys[i] = appendAppliedKey(nil, m.Stream, id)
-		states[i] = s.logState(keys[i])
-		states[i].mu.Lock()
-		defer states[i].mu.Unlock()
-	}
-	var metaKeys, metaVals [][]byte
-	for i, ls := range states {
-		if err := s.load(ls, keys[i]); err != nil {
-			return fail(err)
-		}
-		want := m.Applied[logIDs[i]]
-		switch ls.applied {
-		case want:
-		case 0:
-			metaKeys = append(metaKeys, keys[i])
-			metaVals = append(metaVals, encodeSQN(want))
-		default:
-			return fail(fmt.Errorf("log %s: store applied through %d, snapshot through %d: %w", logIDs[i], ls.applied, want, ErrAppliedConflict))
-		}
-	}
-
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
-	if err != nil {
-		return fail(err)
-	}
-	nonEmpty := it.First()
-	if err := errors.Join(it.Error(), it.Close()); err != nil {
-		return fail(err)
-	}
-	if nonEmpty {
-		return fail(ErrRangeNotEmpty)
-	}
-
-	var paths []string
-	defer func() {
-		for _, p := range paths {
-			_ = s.fs.Remove(p) // Pebble linked or copied what it ingested
-		}
-	}()
-	for _, f := range m.Files {
-		if err := ctx.Err(); err != nil {
-			return fail(err)
-		}
-		p := s.fs.PathJoin(s.stagingDir, fmt.Sprintf("%s-%06d.sst", "import", len(paths)))
-		paths = append(paths, p)
-		if err := s.stage(p, f, open); err != nil {
-			return fail(err)
-		}
-	}
-	if len(metaKeys) > 0 {
-		p := s.fs.PathJoin(s.stagingDir, "import-applied.sst")
-		paths = append(paths, p)
-		if err := s.writeLocalSST(p, metaKeys, metaVals); err != nil {
-			return fail(err)
-		}
-	}
-	if len(paths) == 0 {
-		return nil
-	}
-	if err := s.db.Ingest(ctx, paths); err != nil {
-		return fail(fmt.Errorf("ingest: %w", err))
-	}
-	for i, ls := range states {
-		ls.applied = m.Applied[logIDs[i]]
-	}
-	return nil
-}
-
-// stage copies one snapshot file to path, verifying its size and checksum.
-func (s *Store) stage(path string, f SnapshotFile, open func(string) (io.ReaderAt, error)) error {
-	ra, err := open(f.Name)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", f.Name, err)
-	}
-	if c, ok := ra.(io.Closer); ok {
-		defer c.Close()
-	}
-	out, err := s.fs.Create(path, vfs.WriteCategoryUnspecified)
-	if err != nil {
-		return fmt.Errorf("stage %s: %w", f.Name, err)
-	}
-	h := crc32.New(castagnoli)
-	// Read one byte past the size so a longer file is noticed.
-	n, err := io.Copy(io.MultiWriter(out, h), io.NewSectionReader(ra, 0, f.Size+1))
-	if err == nil {
-		err = out.Sync()
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("stage %s: %w", f.Name, err)
-	}
-	if n != f.Size {
-		return fmt.Errorf("snapshot file %s: %d bytes, manifest says %d: %w", f.Name, n, f.Size, ErrCorrupt)
-	}
-	if sum := h.Sum32(); sum != f.CRC32C {
-		return fmt.Errorf("snapshot file %s: CRC32C %08x, manifest says %08x: %w", f.Name, sum, f.CRC32C, ErrCorrupt)
-	}
-	return nil
-}
-
-// writeLocalSST writes sorted keys and values into a new SST at path.
-func (s *Store) writeLocalSST(path string, keys, vals [][]byte) error {
-	f, err := s.fs.Create(path, vfs.WriteCategoryUnspecified)
-	if err != nil {
-		return err
-	}
-	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), sstable.WriterOptions{TableFormat: s.db.TableFormat()})
-	for i := range keys {
-		if err := w.Set(keys[i], vals[i]); err != nil {
-			_ = w.Close()
-			return err
-		}
-	}
-	return w.Close()
 }
 
 // DropKeyGroups removes every key of key groups r of a stream at once with

@@ -151,12 +151,12 @@ func TestExportImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(man.Files) < 3 {
-		t.Fatalf("%d files, want several at a 16 KiB target", len(man.Files))
+	if len(man.Runs[0].Files) < 3 {
+		t.Fatalf("%d files, want several at a 16 KiB target", len(man.Runs[0].Files))
 	}
-	for i, f := range man.Files {
-		if i > 0 && f.KeyGroups.Lo < man.Files[i-1].KeyGroups.Hi {
-			t.Fatalf("file %s key groups %s overlap the previous %s", f.Name, f.KeyGroups, man.Files[i-1].KeyGroups)
+	for i, f := range man.Runs[0].Files {
+		if i > 0 && f.KeyGroups.Lo < man.Runs[0].Files[i-1].KeyGroups.Hi {
+			t.Fatalf("file %s key groups %s overlap the previous %s", f.Name, f.KeyGroups, man.Runs[0].Files[i-1].KeyGroups)
 		}
 	}
 	if man.Applied["st/1"] != 5000 {
@@ -175,7 +175,7 @@ func TestExportImport(t *testing.T) {
 	} {
 		bad := func(name string) (io.ReaderAt, error) {
 			ra, err := files.open(name)
-			if err != nil || name != man.Files[1].Name {
+			if err != nil || name != man.Runs[0].Files[1].Name {
 				return ra, err
 			}
 			b := bytes.Clone(files.files[name].Bytes())
@@ -183,8 +183,8 @@ func TestExportImport(t *testing.T) {
 		}
 		dst := openStore(t, t.TempDir(), Options{})
 		err := dst.Import(ctx, man, bad)
-		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), man.Files[1].Name) {
-			t.Fatalf("%s: %v, want ErrCorrupt naming %s", tc.name, err, man.Files[1].Name)
+		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), man.Runs[0].Files[1].Name) {
+			t.Fatalf("%s: %v, want ErrCorrupt naming %s", tc.name, err, man.Runs[0].Files[1].Name)
 		}
 		if d := dump(t, dst); len(d) != 0 {
 			t.Fatalf("%s: failed import left %d keys", tc.name, len(d))
@@ -195,9 +195,8 @@ func TestExportImport(t *testing.T) {
 		dst.Close()
 	}
 	// A manifest whose files do not partition the range is refused.
-	broken := man
-	broken.Files = slices.Clone(man.Files)
-	broken.Files[1].Start = man.Files[0].Start
+	broken := man.RenameFiles(func(n string) string { return n })
+	broken.Runs[0].Files[1].Start = man.Runs[0].Files[0].Start
 	if err := openStore(t, t.TempDir(), Options{}).Import(ctx, broken, files.open); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("overlapping files: %v", err)
 	}
@@ -250,7 +249,7 @@ func TestExportImport(t *testing.T) {
 	// An empty range exports no files and imports only its applied SQNs.
 	var files3 memFiles
 	man3, err := dst.Export(ctx, "st", KeyGroupRange{Lo: 0, Hi: 3}, files3.create)
-	if err != nil || len(man3.Files) != 0 || man3.Applied["st/1"] != 5001 {
+	if err != nil || len(man3.Runs) != 1 || len(man3.Runs[0].Files) != 0 || man3.Applied["st/1"] != 5001 {
 		t.Fatalf("empty export: %+v %v", man3, err)
 	}
 	empty := openStore(t, t.TempDir(), Options{})

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"log/slog"
 	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -44,8 +45,8 @@ type Options struct {
 	// ExportCompression compresses the blocks of exported SSTs (default
 	// zstd: snapshots are written once and kept on the blob store).
 	ExportCompression *sstable.CompressionProfile
-	// Logger receives Pebble's log lines; nil keeps Pebble's default
-	// (stderr).
+	// Logger receives Pebble's log lines; nil sends them to slog.Default()
+	// (routine ones at debug level, see SlogLogger).
 	Logger pebble.Logger
 }
 
@@ -97,6 +98,9 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	if opts.TargetFileSize <= 0 {
 		opts.TargetFileSize = defaultTargetFileSize
+	}
+	if opts.Logger == nil {
+		opts.Logger = SlogLogger(slog.Default().With("component", "pebble"))
 	}
 	s := &Store{
 		dir:        dir,

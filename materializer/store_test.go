@@ -384,11 +384,11 @@ func checkExportImport(t *testing.T, s *Store, m *model, stream string, r KeyGro
 	if err != nil {
 		t.Fatalf("export %s %s: %v", stream, r, err)
 	}
-	if len(man.Files) != len(files.files) {
-		t.Fatalf("manifest lists %d files, %d written", len(man.Files), len(files.files))
+	if len(man.Runs[0].Files) != len(files.files) {
+		t.Fatalf("manifest lists %d files, %d written", len(man.Runs[0].Files), len(files.files))
 	}
 	var keys int64
-	for _, f := range man.Files {
+	for _, f := range man.Runs[0].Files {
 		keys += f.Keys
 		if int64(files.files[f.Name].Len()) != f.Size {
 			t.Fatalf("file %s: %d bytes, manifest %d", f.Name, files.files[f.Name].Len(), f.Size)

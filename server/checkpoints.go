@@ -10,6 +10,7 @@ import (
 
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/changelog/keygroup"
 )
 
 type checkpointService struct{ s *Server }
@@ -117,7 +118,55 @@ func (x *checkpointService) GetCheckpoint(ctx context.Context, req *connect.Requ
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	if cp.Materialization, err = x.s.materialization(ctx, req.Msg.GetStream(), req.Msg.GetId()); err != nil {
+		return nil, toConnect(err)
+	}
 	return connect.NewResponse(&dstlv1.GetCheckpointResponse{Checkpoint: cp}), nil
+}
+
+// materialization reports what a restore of checkpoint id reads (its
+// snapshot and the changelog tail after it) and the stream's materializer
+// lag, from the blob store alone: it is the same whether the materializer
+// runs in this daemon or in another process.
+func (s *Server) materialization(ctx context.Context, stream string, id uint64) (*dstlv1.Materialization, error) {
+	cfg, err := s.node.Stream(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	all := keygroup.Range{Lo: 0, Hi: uint16(cfg.KeyGroups - 1)}
+	out := &dstlv1.Materialization{}
+	pl, err := s.node.PlanRestore(ctx, stream, id, all)
+	if err != nil {
+		return nil, err
+	}
+	if snap := pl.Snapshot; snap != nil {
+		out.SnapshotCheckpoint, out.SnapshotCreatedAtMs = snap.Checkpoint, snap.CreatedAt.UnixMilli()
+		out.SnapshotBytes, out.SnapshotNewBytes = uint64(snap.Bytes), uint64(snap.NewBytes)
+	}
+	out.TailChanges, out.TailBytes = pl.TailChanges(), uint64(pl.TailBytes())
+	snaps, err := s.node.Snapshots(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	out.Snapshots = uint32(len(snaps))
+	if len(snaps) > 0 {
+		newest := snaps[len(snaps)-1]
+		out.NewestSnapshotCheckpoint, out.NewestSnapshotCreatedAtMs = newest.Checkpoint, newest.CreatedAt.UnixMilli()
+	}
+	cps, err := s.node.Checkpoints(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	if len(cps) > 0 {
+		latest := pl
+		if last := cps[len(cps)-1].ID; last != id {
+			if latest, err = s.node.PlanRestore(ctx, stream, last, all); err != nil {
+				return nil, err
+			}
+		}
+		out.LagChanges, out.LagBytes = latest.TailChanges(), uint64(latest.TailBytes())
+	}
+	return out, nil
 }
 
 func (x *checkpointService) RetainCheckpoint(ctx context.Context, req *connect.Request[dstlv1.RetainCheckpointRequest]) (*connect.Response[dstlv1.RetainCheckpointResponse], error) {

@@ -112,7 +112,7 @@ func OpenPebbleState(node *changelog.Node, dir string, log *slog.Logger) (*Pebbl
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	store, err := materializer.Open(dir, materializer.Options{Logger: pebbleLogger{log.With("component", "pebble")}})
+	store, err := materializer.Open(dir, materializer.Options{Logger: materializer.SlogLogger(log.With("component", "pebble"))})
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
@@ -184,6 +184,14 @@ func (v *pebbleStream) addStates(changes []segments.Change) {
 			}
 			prev = s
 		}
+	}
+}
+
+func (v *pebbleStream) addStateNames(names []string) {
+	v.statesMu.Lock()
+	defer v.statesMu.Unlock()
+	for _, s := range names {
+		v.states[s] = struct{}{}
 	}
 }
 
@@ -262,17 +270,27 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 		nw.retire()
 		return err
 	}
+	// The writer's state: the newest snapshot that is a base of it, the
+	// changelog after it up to where the epoch started, then the writer's
+	// own log (uploaded segments and local tail) after the snapshot.
+	pl, ownAfter, err := p.node.PlanWriter(ctx, w)
+	if err != nil {
+		return fail(err)
+	}
 	if err := p.store.DropKeyGroups(ctx, stream, r); err != nil {
 		return fail(err)
 	}
-	if from := w.FromCheckpoint(); from != 0 {
-		if err := p.fold(ctx, v, stream, fmt.Sprintf("%s/base", nw.log), p.node.RestoreChanges(ctx, stream, from, r), true, 0); err != nil {
+	if err := p.importSnapshot(ctx, v, stream, pl); err != nil {
+		return fail(err)
+	}
+	if len(pl.Steps) > 0 {
+		if err := p.fold(ctx, v, stream, fmt.Sprintf("%s/base", nw.log), p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
 			return fail(err)
 		}
 	}
 	last := w.LastSQN()
 	if last > 0 {
-		if err := p.fold(ctx, v, stream, nw.log, w.Replay(ctx, 0, last, r), false, last); err != nil {
+		if err := p.fold(ctx, v, stream, nw.log, w.Replay(ctx, ownAfter, last, r), false, last); err != nil {
 			return fail(err)
 		}
 	}
@@ -484,8 +502,7 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 	for i, r := range runs {
 		err := p.store.DropKeyGroups(ctx, stream, r)
 		if err == nil && cp != 0 {
-			logID := fmt.Sprintf("checkpoint %d#%d", cp, p.folds.Add(1))
-			err = p.fold(ctx, v, stream, logID, p.node.RestoreChanges(ctx, stream, cp, r), true, 0)
+			err = p.restore(ctx, v, stream, cp, r)
 		}
 		v.mu.Lock()
 		if len(v.base) != keyGroups {
@@ -504,6 +521,40 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		}
 		v.setBaseLocked(r, cp)
 		v.mu.Unlock()
+	}
+	return nil
+}
+
+// restore folds the state of key groups r at complete checkpoint cp into
+// the (emptied) range: the newest snapshot that is a base of it plus the
+// changelog after it.
+func (p *PebbleState) restore(ctx context.Context, v *pebbleStream, stream string, cp uint64, r keygroup.Range) error {
+	pl, err := p.node.PlanRestore(ctx, stream, cp, r)
+	if err != nil {
+		return err
+	}
+	if err := p.importSnapshot(ctx, v, stream, pl); err != nil {
+		return err
+	}
+	logID := fmt.Sprintf("checkpoint %d#%d", cp, p.folds.Add(1))
+	return p.fold(ctx, v, stream, logID, p.node.ReplayPlan(ctx, pl), true, 0)
+}
+
+// importSnapshot imports the snapshot part of a plan (its applied SQNs are
+// not: this store numbers its folds itself) and learns its state names.
+func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, stream string, pl changelog.RestorePlan) error {
+	if pl.Snapshot == nil {
+		return nil
+	}
+	if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), *pl.Snapshot, pl.SnapshotRanges, materializer.ImportOptions{SkipApplied: true}); err != nil {
+		return fmt.Errorf("stream %s: %w", stream, err)
+	}
+	for _, r := range pl.SnapshotRanges {
+		names, err := p.store.StateNames(ctx, stream, r)
+		if err != nil {
+			return err
+		}
+		v.addStateNames(names)
 	}
 	return nil
 }
@@ -644,23 +695,4 @@ func (p *PebbleState) Scan(ctx context.Context, q ScanQuery) ([]Entry, bool, err
 		out = out[:max(q.Limit, 0)]
 	}
 	return out, more, nil
-}
-
-// pebbleLogger sends Pebble's messages to slog: its routine messages at
-// debug level.
-type pebbleLogger struct{ log *slog.Logger }
-
-func (l pebbleLogger) Infof(format string, args ...any) {
-	l.log.Debug(fmt.Sprintf(format, args...))
-}
-
-func (l pebbleLogger) Errorf(format string, args ...any) {
-	l.log.Error(fmt.Sprintf(format, args...))
-}
-
-// Fatalf must not return (Pebble's contract).
-func (l pebbleLogger) Fatalf(format string, args ...any) {
-	msg := fmt.Sprintf(format, args...)
-	l.log.Error(msg)
-	panic("pebble: " + msg)
 }

@@ -29,6 +29,21 @@ func printCheckpoint(cmd *cobra.Command, cp *dstlv1.Checkpoint) error {
 	fmt.Fprintf(tw, "completed:\t%s\n", formatTime(cp.GetCompletedAtMs()))
 	fmt.Fprintf(tw, "retained:\t%s\n", yesNo(cp.GetRetained()))
 	fmt.Fprintf(tw, "parts:\t%d\n", len(cp.GetParts()))
+	if m := cp.GetMaterialization(); m != nil {
+		if m.GetSnapshotCheckpoint() == 0 {
+			fmt.Fprintf(tw, "restores from:\tthe changelog alone (no snapshot)\n")
+		} else {
+			fmt.Fprintf(tw, "restores from:\tsnapshot of checkpoint %d (%s, %s, %s uploaded for it)\n", m.GetSnapshotCheckpoint(),
+				formatTime(m.GetSnapshotCreatedAtMs()), humanBytes(int64(m.GetSnapshotBytes())), humanBytes(int64(m.GetSnapshotNewBytes())))
+		}
+		fmt.Fprintf(tw, "changelog tail:\t%d changes, %s\n", m.GetTailChanges(), humanBytes(int64(m.GetTailBytes())))
+		newest := "none"
+		if m.GetNewestSnapshotCheckpoint() != 0 {
+			newest = fmt.Sprintf("checkpoint %d (%s)", m.GetNewestSnapshotCheckpoint(), formatTime(m.GetNewestSnapshotCreatedAtMs()))
+		}
+		fmt.Fprintf(tw, "newest snapshot:\t%s; %d kept\n", newest, m.GetSnapshots())
+		fmt.Fprintf(tw, "materializer lag:\t%d changes, %s\n", m.GetLagChanges(), humanBytes(int64(m.GetLagBytes())))
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -396,7 +397,8 @@ func TestScanAndCheckpoints(t *testing.T) {
 		t.Fatalf("checkpoint list printed:\n%s", out)
 	}
 	out = n.mustCLI(t, "checkpoint", "get", "s", "2")
-	if !strings.Contains(out, "retained:   no") || !strings.Contains(out, "UP TO SQN") {
+	if !regexp.MustCompile(`retained:\s+no\n`).MatchString(out) || !strings.Contains(out, "UP TO SQN") ||
+		!regexp.MustCompile(`restores from:\s+the changelog alone`).MatchString(out) || !regexp.MustCompile(`materializer lag:\s+57 changes`).MatchString(out) {
 		t.Fatalf("checkpoint get printed:\n%s", out)
 	}
 	if out := n.mustCLI(t, "checkpoint", "retain", "s", "1"); out != "retained checkpoint 1 of stream s\n" {

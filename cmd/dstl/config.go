@@ -53,7 +53,7 @@ func bindSettings(cmd *cobra.Command) error {
 // flags of client commands (--key-groups, --state, --json…) never do: the
 // same name means different things to different commands.
 func envFlag(cmd *cobra.Command, name string) bool {
-	if cmd.Name() == "serve" && name != "json" && name != "server" {
+	if (cmd.Name() == "serve" || cmd.Name() == "materialize") && name != "json" && name != "server" {
 		return true
 	}
 	switch name {

@@ -54,7 +54,7 @@ func newRootCommand() *cobra.Command {
 			return bindSettings(cmd)
 		},
 	}
-	root.AddCommand(newServeCommand(), newVersionCommand())
+	root.AddCommand(newServeCommand(), newMaterializeCommand(), newVersionCommand())
 	root.AddCommand(newCLICommands(root)...)
 	return root
 }

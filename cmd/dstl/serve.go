@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/materializer"
 	"github.com/dstl-dev/dstl/server"
 	"github.com/dstl-dev/dstl/upload"
 	"github.com/dstl-dev/dstl/upload/blobstore"
@@ -40,6 +41,8 @@ type serveOptions struct {
 	gcInterval        time.Duration
 	tlsCert, tlsKey   string
 	shutdownTimeout   time.Duration
+	materialize       bool
+	mat               materializeFlags
 }
 
 func newServeCommand() *cobra.Command {
@@ -83,6 +86,8 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate file (PEM); with --tls-key serves TLS instead of h2c")
 	f.StringVar(&o.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
+	f.BoolVar(&o.materialize, "materialize", true, "run the materializer in this process (false: leave it to a `dstl materialize` process)")
+	o.mat.add(f)
 	addConfigFlag(cmd)
 	return cmd
 }
@@ -159,6 +164,26 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 
+	// The in-process materializer: snapshots the streams' checkpoints so
+	// that logs are truncated and restores replay only a short tail.
+	stopMaterializer := func() error { return nil }
+	if o.materialize {
+		mat, err := materializer.New(node, filepath.Join(dataDir, "materializer"), o.mat.config(log))
+		if err != nil {
+			_ = api.Close()
+			_ = node.Close(context.WithoutCancel(ctx))
+			return err
+		}
+		reg.MustRegister(materializer.NewCollector(mat))
+		matCtx, matCancel := context.WithCancel(context.WithoutCancel(ctx))
+		matDone := make(chan error, 1)
+		go func() { matDone <- mat.Run(matCtx) }()
+		stopMaterializer = func() error {
+			matCancel()
+			return errors.Join(<-matDone, mat.Close())
+		}
+	}
+
 	mux := http.NewServeMux()
 	mux.Handle("/", api.Handler())
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
@@ -175,6 +200,7 @@ func serve(ctx context.Context, o serveOptions) error {
 
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
+		_ = stopMaterializer()
 		_ = node.Close(context.WithoutCancel(ctx))
 		_ = api.Close()
 		return fmt.Errorf("listen on %s: %w", o.listen, err)
@@ -184,6 +210,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	if o.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {
+			_ = stopMaterializer()
 			_ = node.Close(context.WithoutCancel(ctx))
 			_ = api.Close()
 			return fmt.Errorf("load TLS key pair: %w", err)
@@ -215,6 +242,9 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	if err := api.Shutdown(shutdownCtx); err != nil {
 		serveErr = errors.Join(serveErr, fmt.Errorf("persist writers: %w", err))
+	}
+	if err := stopMaterializer(); err != nil {
+		serveErr = errors.Join(serveErr, fmt.Errorf("stop materializer: %w", err))
 	}
 	if err := node.Close(shutdownCtx); err != nil {
 		serveErr = errors.Join(serveErr, fmt.Errorf("close node: %w", err))

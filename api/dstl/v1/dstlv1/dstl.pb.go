@@ -1937,8 +1937,10 @@ type Checkpoint struct {
 	CompletedAtMs int64                  `protobuf:"varint,3,opt,name=completed_at_ms,json=completedAtMs,proto3" json:"completed_at_ms,omitempty"`
 	Retained      bool                   `protobuf:"varint,4,opt,name=retained,proto3" json:"retained,omitempty"`
 	Parts         []*CheckpointPart      `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// How the checkpoint is materialized (filled in by GetCheckpoint only).
+	Materialization *Materialization `protobuf:"bytes,6,opt,name=materialization,proto3" json:"materialization,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Checkpoint) Reset() {
@@ -2006,6 +2008,148 @@ func (x *Checkpoint) GetParts() []*CheckpointPart {
 	return nil
 }
 
+func (x *Checkpoint) GetMaterialization() *Materialization {
+	if x != nil {
+		return x.Materialization
+	}
+	return nil
+}
+
+// Materialization says what a restore of a checkpoint reads, and how far
+// the stream's materializer is behind.
+type Materialization struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The snapshot a restore of the checkpoint starts from (its checkpoint
+	// id; 0: none, the changelog alone is replayed).
+	SnapshotCheckpoint  uint64 `protobuf:"varint,1,opt,name=snapshot_checkpoint,json=snapshotCheckpoint,proto3" json:"snapshot_checkpoint,omitempty"`
+	SnapshotCreatedAtMs int64  `protobuf:"varint,2,opt,name=snapshot_created_at_ms,json=snapshotCreatedAtMs,proto3" json:"snapshot_created_at_ms,omitempty"`
+	// Size of all files of that snapshot, and of those uploaded for it (the
+	// rest are shared with older snapshots).
+	SnapshotBytes    uint64 `protobuf:"varint,3,opt,name=snapshot_bytes,json=snapshotBytes,proto3" json:"snapshot_bytes,omitempty"`
+	SnapshotNewBytes uint64 `protobuf:"varint,4,opt,name=snapshot_new_bytes,json=snapshotNewBytes,proto3" json:"snapshot_new_bytes,omitempty"`
+	// The changelog a restore replays on top of the snapshot: SQNs and
+	// block bytes.
+	TailChanges uint64 `protobuf:"varint,5,opt,name=tail_changes,json=tailChanges,proto3" json:"tail_changes,omitempty"`
+	TailBytes   uint64 `protobuf:"varint,6,opt,name=tail_bytes,json=tailBytes,proto3" json:"tail_bytes,omitempty"`
+	// The stream's newest snapshot, and the changelog the newest checkpoint
+	// is ahead of it (the materializer's lag).
+	NewestSnapshotCheckpoint  uint64 `protobuf:"varint,7,opt,name=newest_snapshot_checkpoint,json=newestSnapshotCheckpoint,proto3" json:"newest_snapshot_checkpoint,omitempty"`
+	NewestSnapshotCreatedAtMs int64  `protobuf:"varint,8,opt,name=newest_snapshot_created_at_ms,json=newestSnapshotCreatedAtMs,proto3" json:"newest_snapshot_created_at_ms,omitempty"`
+	LagChanges                uint64 `protobuf:"varint,9,opt,name=lag_changes,json=lagChanges,proto3" json:"lag_changes,omitempty"`
+	LagBytes                  uint64 `protobuf:"varint,10,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
+	// Snapshot records the stream keeps.
+	Snapshots     uint32 `protobuf:"varint,11,opt,name=snapshots,proto3" json:"snapshots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Materialization) Reset() {
+	*x = Materialization{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Materialization) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Materialization) ProtoMessage() {}
+
+func (x *Materialization) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Materialization.ProtoReflect.Descriptor instead.
+func (*Materialization) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *Materialization) GetSnapshotCheckpoint() uint64 {
+	if x != nil {
+		return x.SnapshotCheckpoint
+	}
+	return 0
+}
+
+func (x *Materialization) GetSnapshotCreatedAtMs() int64 {
+	if x != nil {
+		return x.SnapshotCreatedAtMs
+	}
+	return 0
+}
+
+func (x *Materialization) GetSnapshotBytes() uint64 {
+	if x != nil {
+		return x.SnapshotBytes
+	}
+	return 0
+}
+
+func (x *Materialization) GetSnapshotNewBytes() uint64 {
+	if x != nil {
+		return x.SnapshotNewBytes
+	}
+	return 0
+}
+
+func (x *Materialization) GetTailChanges() uint64 {
+	if x != nil {
+		return x.TailChanges
+	}
+	return 0
+}
+
+func (x *Materialization) GetTailBytes() uint64 {
+	if x != nil {
+		return x.TailBytes
+	}
+	return 0
+}
+
+func (x *Materialization) GetNewestSnapshotCheckpoint() uint64 {
+	if x != nil {
+		return x.NewestSnapshotCheckpoint
+	}
+	return 0
+}
+
+func (x *Materialization) GetNewestSnapshotCreatedAtMs() int64 {
+	if x != nil {
+		return x.NewestSnapshotCreatedAtMs
+	}
+	return 0
+}
+
+func (x *Materialization) GetLagChanges() uint64 {
+	if x != nil {
+		return x.LagChanges
+	}
+	return 0
+}
+
+func (x *Materialization) GetLagBytes() uint64 {
+	if x != nil {
+		return x.LagBytes
+	}
+	return 0
+}
+
+func (x *Materialization) GetSnapshots() uint32 {
+	if x != nil {
+		return x.Snapshots
+	}
+	return 0
+}
+
 type CreateCheckpointRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
@@ -2016,7 +2160,7 @@ type CreateCheckpointRequest struct {
 
 func (x *CreateCheckpointRequest) Reset() {
 	*x = CreateCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2172,7 @@ func (x *CreateCheckpointRequest) String() string {
 func (*CreateCheckpointRequest) ProtoMessage() {}
 
 func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2185,7 @@ func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateCheckpointRequest) GetStream() string {
@@ -2068,7 +2212,7 @@ type CreateCheckpointResponse struct {
 
 func (x *CreateCheckpointResponse) Reset() {
 	*x = CreateCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2224,7 @@ func (x *CreateCheckpointResponse) String() string {
 func (*CreateCheckpointResponse) ProtoMessage() {}
 
 func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2237,7 @@ func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2119,7 +2263,7 @@ type ListCheckpointsRequest struct {
 
 func (x *ListCheckpointsRequest) Reset() {
 	*x = ListCheckpointsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2131,7 +2275,7 @@ func (x *ListCheckpointsRequest) String() string {
 func (*ListCheckpointsRequest) ProtoMessage() {}
 
 func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2144,7 +2288,7 @@ func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsRequest.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListCheckpointsRequest) GetStream() string {
@@ -2163,7 +2307,7 @@ type ListCheckpointsResponse struct {
 
 func (x *ListCheckpointsResponse) Reset() {
 	*x = ListCheckpointsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2175,7 +2319,7 @@ func (x *ListCheckpointsResponse) String() string {
 func (*ListCheckpointsResponse) ProtoMessage() {}
 
 func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2188,7 +2332,7 @@ func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsResponse.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
@@ -2208,7 +2352,7 @@ type GetCheckpointRequest struct {
 
 func (x *GetCheckpointRequest) Reset() {
 	*x = GetCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2220,7 +2364,7 @@ func (x *GetCheckpointRequest) String() string {
 func (*GetCheckpointRequest) ProtoMessage() {}
 
 func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2233,7 +2377,7 @@ func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetCheckpointRequest) GetStream() string {
@@ -2259,7 +2403,7 @@ type GetCheckpointResponse struct {
 
 func (x *GetCheckpointResponse) Reset() {
 	*x = GetCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2271,7 +2415,7 @@ func (x *GetCheckpointResponse) String() string {
 func (*GetCheckpointResponse) ProtoMessage() {}
 
 func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2284,7 +2428,7 @@ func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2306,7 +2450,7 @@ type RetainCheckpointRequest struct {
 
 func (x *RetainCheckpointRequest) Reset() {
 	*x = RetainCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2318,7 +2462,7 @@ func (x *RetainCheckpointRequest) String() string {
 func (*RetainCheckpointRequest) ProtoMessage() {}
 
 func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2331,7 +2475,7 @@ func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RetainCheckpointRequest) GetStream() string {
@@ -2364,7 +2508,7 @@ type RetainCheckpointResponse struct {
 
 func (x *RetainCheckpointResponse) Reset() {
 	*x = RetainCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2376,7 +2520,7 @@ func (x *RetainCheckpointResponse) String() string {
 func (*RetainCheckpointResponse) ProtoMessage() {}
 
 func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2389,7 +2533,7 @@ func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RetainCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2529,14 +2673,30 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x0ffrom_checkpoint\x18\x05 \x01(\x04R\x0efromCheckpoint\x12)\n" +
 	"\x10truncated_before\x18\x06 \x01(\x04R\x0ftruncatedBefore\x12\x1a\n" +
 	"\bsegments\x18\a \x01(\rR\bsegments\x12\x1a\n" +
-	"\bmetadata\x18\b \x01(\fR\bmetadata\"\xa7\x01\n" +
+	"\bmetadata\x18\b \x01(\fR\bmetadata\"\xeb\x01\n" +
 	"\n" +
 	"Checkpoint\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12&\n" +
 	"\x0fcompleted_at_ms\x18\x03 \x01(\x03R\rcompletedAtMs\x12\x1a\n" +
 	"\bretained\x18\x04 \x01(\bR\bretained\x12-\n" +
-	"\x05parts\x18\x05 \x03(\v2\x17.dstl.v1.CheckpointPartR\x05parts\"M\n" +
+	"\x05parts\x18\x05 \x03(\v2\x17.dstl.v1.CheckpointPartR\x05parts\x12B\n" +
+	"\x0fmaterialization\x18\x06 \x01(\v2\x18.dstl.v1.MaterializationR\x0fmaterialization\"\xea\x03\n" +
+	"\x0fMaterialization\x12/\n" +
+	"\x13snapshot_checkpoint\x18\x01 \x01(\x04R\x12snapshotCheckpoint\x123\n" +
+	"\x16snapshot_created_at_ms\x18\x02 \x01(\x03R\x13snapshotCreatedAtMs\x12%\n" +
+	"\x0esnapshot_bytes\x18\x03 \x01(\x04R\rsnapshotBytes\x12,\n" +
+	"\x12snapshot_new_bytes\x18\x04 \x01(\x04R\x10snapshotNewBytes\x12!\n" +
+	"\ftail_changes\x18\x05 \x01(\x04R\vtailChanges\x12\x1d\n" +
+	"\n" +
+	"tail_bytes\x18\x06 \x01(\x04R\ttailBytes\x12<\n" +
+	"\x1anewest_snapshot_checkpoint\x18\a \x01(\x04R\x18newestSnapshotCheckpoint\x12@\n" +
+	"\x1dnewest_snapshot_created_at_ms\x18\b \x01(\x03R\x19newestSnapshotCreatedAtMs\x12\x1f\n" +
+	"\vlag_changes\x18\t \x01(\x04R\n" +
+	"lagChanges\x12\x1b\n" +
+	"\tlag_bytes\x18\n" +
+	" \x01(\x04R\blagBytes\x12\x1c\n" +
+	"\tsnapshots\x18\v \x01(\rR\tsnapshots\"M\n" +
 	"\x17CreateCheckpointRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x1a\n" +
 	"\bmetadata\x18\x02 \x01(\fR\bmetadata\"k\n" +
@@ -2613,7 +2773,7 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 }
 
 var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_dstl_v1_dstl_proto_goTypes = []any{
 	(Op)(0),                          // 0: dstl.v1.Op
 	(Durability)(0),                  // 1: dstl.v1.Durability
@@ -2648,14 +2808,15 @@ var file_dstl_v1_dstl_proto_goTypes = []any{
 	(*ScanResponse)(nil),             // 30: dstl.v1.ScanResponse
 	(*CheckpointPart)(nil),           // 31: dstl.v1.CheckpointPart
 	(*Checkpoint)(nil),               // 32: dstl.v1.Checkpoint
-	(*CreateCheckpointRequest)(nil),  // 33: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil), // 34: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),   // 35: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),  // 36: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),     // 37: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),    // 38: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),  // 39: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil), // 40: dstl.v1.RetainCheckpointResponse
+	(*Materialization)(nil),          // 33: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),  // 34: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil), // 35: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),   // 36: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),  // 37: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),     // 38: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),    // 39: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),  // 40: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil), // 41: dstl.v1.RetainCheckpointResponse
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	3,  // 0: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
@@ -2672,47 +2833,48 @@ var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	29, // 11: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
 	2,  // 12: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
 	31, // 13: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	32, // 14: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	32, // 15: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	32, // 16: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	32, // 17: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	4,  // 18: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
-	6,  // 19: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
-	8,  // 20: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
-	10, // 21: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
-	13, // 22: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	15, // 23: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	15, // 24: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	20, // 25: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	22, // 26: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	24, // 27: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	26, // 28: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	28, // 29: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	33, // 30: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	35, // 31: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	37, // 32: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	39, // 33: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	5,  // 34: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
-	7,  // 35: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
-	9,  // 36: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
-	11, // 37: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	14, // 38: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	16, // 39: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	17, // 40: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	21, // 41: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	23, // 42: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	25, // 43: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	27, // 44: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	30, // 45: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	34, // 46: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	36, // 47: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	38, // 48: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	40, // 49: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	34, // [34:50] is the sub-list for method output_type
-	18, // [18:34] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	33, // 14: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	32, // 15: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	32, // 16: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	32, // 17: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	32, // 18: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	4,  // 19: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
+	6,  // 20: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
+	8,  // 21: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
+	10, // 22: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
+	13, // 23: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
+	15, // 24: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	15, // 25: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	20, // 26: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	22, // 27: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	24, // 28: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	26, // 29: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	28, // 30: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	34, // 31: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	36, // 32: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	38, // 33: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	40, // 34: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	5,  // 35: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
+	7,  // 36: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
+	9,  // 37: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
+	11, // 38: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
+	14, // 39: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	16, // 40: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	17, // 41: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	21, // 42: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	23, // 43: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	25, // 44: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	27, // 45: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	30, // 46: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	35, // 47: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	37, // 48: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	39, // 49: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	41, // 50: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	35, // [35:51] is the sub-list for method output_type
+	19, // [19:35] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_dstl_v1_dstl_proto_init() }
@@ -2727,7 +2889,7 @@ func file_dstl_v1_dstl_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   39,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

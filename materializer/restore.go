@@ -1,0 +1,89 @@
+package materializer
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/upload"
+)
+
+// ImportSnapshot imports the state of key-group ranges of a published
+// snapshot into the store (eager restore), reading its files from blob
+// (ranged reads; size and CRC32C verified). Adjacent ranges are imported
+// together. Each range must be empty here (see ImportRange).
+func (s *Store) ImportSnapshot(ctx context.Context, blob upload.BlobStore, snap changelog.Snapshot, ranges []keygroup.Range, opts ImportOptions) error {
+	man, err := decodeManifest(snap)
+	if err != nil {
+		return err
+	}
+	open := blobOpener(ctx, blob, man)
+	for _, r := range mergeRanges(ranges) {
+		if err := s.ImportRange(ctx, man, r, open, opts); err != nil {
+			return fmt.Errorf("snapshot of checkpoint %d: %w", snap.Checkpoint, err)
+		}
+	}
+	return nil
+}
+
+// StateNames returns the names of the states that hold keys in key groups
+// r of a stream, sorted. It skips from each (key group, state) prefix to
+// the next, so it costs one seek per state per key group, not one step per
+// key.
+func (s *Store) StateNames(ctx context.Context, stream string, r KeyGroupRange) ([]string, error) {
+	lo, hi, err := KeyGroupRangeBounds(stream, r.Lo, r.Hi)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.acquire(); err != nil {
+		return nil, err
+	}
+	defer s.closeMu.RUnlock()
+	it, err := s.db.NewIterWithContext(ctx, &pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+	if err != nil {
+		return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
+	}
+	seen := map[string]bool{}
+	var prefix []byte
+	for valid := it.First(); valid; {
+		if err := ctx.Err(); err != nil {
+			return nil, errors.Join(err, it.Close())
+		}
+		dk, err := DecodeDataKey(it.Key())
+		if err != nil {
+			return nil, errors.Join(fmt.Errorf("materializer: stream %s: %w", stream, err), it.Close())
+		}
+		seen[dk.State] = true
+		prefix = appendStatePrefix(prefix[:0], stream, dk.KeyGroup, dk.State)
+		valid = it.SeekGE(prefixEnd(prefix))
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
+	}
+	names := make([]string, 0, len(seen))
+	for n := range seen {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// mergeRanges sorts ranges and joins adjacent or overlapping ones.
+func mergeRanges(rs []keygroup.Range) []keygroup.Range {
+	sorted := slices.SortedFunc(slices.Values(rs), func(a, b keygroup.Range) int { return cmp.Compare(a.Lo, b.Lo) })
+	out := make([]keygroup.Range, 0, len(sorted))
+	for _, r := range sorted {
+		if n := len(out); n > 0 && int(r.Lo) <= int(out[n-1].Hi)+1 {
+			out[n-1].Hi = max(out[n-1].Hi, r.Hi)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
