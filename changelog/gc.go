@@ -136,7 +136,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		if err != nil {
 			return fmt.Errorf("gc: stream %s: %w", stream, err)
 		}
-		pl, err := n.planPartWith(ctx, p, snaps)
+		pl, _, err := n.planPartWith(ctx, p, snaps)
 		if err != nil {
 			// No plan (e.g. a snapshot it needs is gone): keep everything
 			// the part can reach rather than guess.
@@ -228,8 +228,8 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 // markPlan marks the segments a restore plan reads and the snapshot it
 // starts from.
 func markPlan(pl RestorePlan, refs map[string]bool, used map[uint64]bool) {
-	if pl.Snapshot != nil {
-		used[pl.Snapshot.Checkpoint] = true
+	for _, b := range pl.Bases {
+		used[b.Snapshot.Checkpoint] = true
 	}
 	for _, s := range pl.Steps {
 		for _, seg := range s.Segments {

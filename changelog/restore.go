@@ -1,8 +1,8 @@
 package changelog
 
 import (
+	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"iter"
 	"slices"
@@ -89,18 +89,24 @@ func (n *Node) RestoreChanges(ctx context.Context, stream string, id uint64, r k
 }
 
 // RestorePlan says how to rebuild the state of key groups KeyGroups of a
-// complete checkpoint: import the snapshot's state of SnapshotRanges (when
-// Snapshot is set), then apply the changes of Steps in order (ReplayPlan).
-// Applied in that order, they yield exactly the state at the checkpoint
-// (brief invariant 4): nothing a writer appended after its part, nothing
-// of a fenced writer after the checkpoint its successor started from.
+// complete checkpoint: import the state of each base snapshot's Ranges,
+// then apply the changes of Steps in order (ReplayPlan). Applied in that
+// order, they yield exactly the state at the checkpoint (brief invariant
+// 4): nothing a writer appended after its part, nothing of a fenced writer
+// after the checkpoint its successor started from. The bases' ranges are
+// disjoint; usually there is one base (or none).
 type RestorePlan struct {
-	Stream         string
-	Checkpoint     uint64
-	KeyGroups      keygroup.Range
-	Snapshot       *Snapshot
-	SnapshotRanges []keygroup.Range
-	Steps          []ReplayStep
+	Stream     string
+	Checkpoint uint64
+	KeyGroups  keygroup.Range
+	Bases      []Base
+	Steps      []ReplayStep
+}
+
+// Base is a snapshot and the key groups whose state a plan takes from it.
+type Base struct {
+	Snapshot Snapshot
+	Ranges   []keygroup.Range
 }
 
 // ReplayStep is one log's changes of key groups KeyGroups with SQNs in
@@ -113,8 +119,42 @@ type ReplayStep struct {
 	Segments  []SegmentBlocks
 }
 
+// SingleBase returns the plan's snapshot if the plan has exactly one base
+// and it covers all of KeyGroups.
+func (p RestorePlan) SingleBase() (Snapshot, bool) {
+	if len(p.Bases) != 1 {
+		return Snapshot{}, false
+	}
+	var n int
+	for _, r := range p.Bases[0].Ranges {
+		n += int(r.Hi) - int(r.Lo) + 1
+	}
+	return p.Bases[0].Snapshot, n == int(p.KeyGroups.Hi)-int(p.KeyGroups.Lo)+1
+}
+
+// NewestBase returns the plan's newest base snapshot, if any.
+func (p RestorePlan) NewestBase() (Snapshot, bool) {
+	var best Snapshot
+	for _, b := range p.Bases {
+		if b.Snapshot.Checkpoint > best.Checkpoint {
+			best = b.Snapshot
+		}
+	}
+	return best, len(p.Bases) > 0
+}
+
+func (p *RestorePlan) addBase(s Snapshot, r keygroup.Range) {
+	for i := range p.Bases {
+		if p.Bases[i].Snapshot.Checkpoint == s.Checkpoint {
+			p.Bases[i].Ranges = append(p.Bases[i].Ranges, r)
+			return
+		}
+	}
+	p.Bases = append(p.Bases, Base{Snapshot: s, Ranges: []keygroup.Range{r}})
+}
+
 // TailBytes is the size of the log blocks the plan's steps read: how much
-// changelog a restore replays on top of the snapshot.
+// changelog a restore replays on top of the snapshots.
 func (p RestorePlan) TailBytes() int64 {
 	var total int64
 	for _, s := range p.Steps {
@@ -139,14 +179,14 @@ func (p RestorePlan) TailChanges() uint64 {
 	return total
 }
 
-// errNotABase: a snapshot cannot serve as the base of a restore (the
-// checkpoint's lineage does not go through it).
-var errNotABase = errors.New("snapshot is not a base of the checkpoint")
-
 // PlanRestore plans the restore of key groups r of complete checkpoint id
-// from the newest published snapshot that is a base of it (one at or below
-// it that the checkpoint's lineage goes through, covering every truncated
-// log prefix), or from the changelog alone if there is none.
+// with the published snapshots: each part's key groups come from the
+// newest snapshot whose checkpoint has a part of the same log (its state
+// there is the log up to that SQN on top of the epoch's start: only the
+// log after it is replayed), else from a snapshot of exactly the
+// checkpoint the epoch started from, else recursively from the plan of
+// that checkpoint. A part whose log was truncated needs a snapshot of
+// that log covering the truncated prefix (ErrLogTruncated otherwise).
 func (n *Node) PlanRestore(ctx context.Context, stream string, id uint64, r keygroup.Range) (RestorePlan, error) {
 	snaps, err := n.Snapshots(ctx, stream)
 	if err != nil {
@@ -155,74 +195,32 @@ func (n *Node) PlanRestore(ctx context.Context, stream string, id uint64, r keyg
 	return n.planWith(ctx, stream, id, r, snaps)
 }
 
-func (n *Node) planWith(ctx context.Context, stream string, id uint64, r keygroup.Range, snaps []Snapshot) (RestorePlan, error) {
-	var firstErr error
-	for _, s := range slices.Backward(snaps) {
-		if s.Checkpoint > id {
-			continue
-		}
-		pl, err := n.PlanRestoreFrom(ctx, stream, id, r, &s)
-		if err == nil {
-			return pl, nil
-		}
-		if !errors.Is(err, errNotABase) && !errors.Is(err, ErrLogTruncated) {
-			return RestorePlan{}, err
-		}
-		if firstErr == nil {
-			firstErr = err
-		}
-	}
-	pl, err := n.PlanRestoreFrom(ctx, stream, id, r, nil)
-	if err != nil && firstErr != nil && errors.Is(err, ErrLogTruncated) {
-		return RestorePlan{}, fmt.Errorf("%w (newest snapshot: %v)", err, firstErr)
-	}
-	return pl, err
-}
-
-// planPartWith plans the restore of part p's key groups (a part of a
-// checkpoint not complete yet, or a closed epoch's final part) like
-// planWith.
-func (n *Node) planPartWith(ctx context.Context, p Part, snaps []Snapshot) (RestorePlan, error) {
-	var firstErr error
-	for _, s := range slices.Backward(snaps) {
-		if p.Checkpoint != 0 && s.Checkpoint >= p.Checkpoint {
-			continue
-		}
-		pl := RestorePlan{Stream: p.Stream, Checkpoint: p.Checkpoint, KeyGroups: p.KeyGroups, Snapshot: &s}
-		err := n.planPart(ctx, p, p.KeyGroups, &s, &pl)
-		if err == nil {
-			return pl, nil
-		}
-		if !errors.Is(err, errNotABase) && !errors.Is(err, ErrLogTruncated) {
-			return RestorePlan{}, err
-		}
-		if firstErr == nil {
-			firstErr = err
-		}
-	}
-	pl := RestorePlan{Stream: p.Stream, Checkpoint: p.Checkpoint, KeyGroups: p.KeyGroups}
-	if err := n.planPart(ctx, p, p.KeyGroups, nil, &pl); err != nil {
-		return RestorePlan{}, errors.Join(err, firstErr)
-	}
-	return pl, nil
-}
-
-// PlanRestoreFrom plans the restore of key groups r of complete checkpoint
-// id on top of snapshot base (nil: from an empty state). It fails with an
-// error wrapping ErrLogTruncated if a log prefix the restore needs is
-// neither in the changelog nor in base.
+// PlanRestoreFrom is PlanRestore with base as the only snapshot it may
+// use (nil: none, the changelog alone).
 func (n *Node) PlanRestoreFrom(ctx context.Context, stream string, id uint64, r keygroup.Range, base *Snapshot) (RestorePlan, error) {
-	pl := RestorePlan{Stream: stream, Checkpoint: id, KeyGroups: r, Snapshot: base}
-	if err := n.planCheckpoint(ctx, stream, id, r, base, &pl); err != nil {
+	var snaps []Snapshot
+	if base != nil {
+		snaps = []Snapshot{*base}
+	}
+	return n.planWith(ctx, stream, id, r, snaps)
+}
+
+// planWith plans with snaps (oldest first) as the candidate snapshots.
+func (n *Node) planWith(ctx context.Context, stream string, id uint64, r keygroup.Range, snaps []Snapshot) (RestorePlan, error) {
+	pl := RestorePlan{Stream: stream, Checkpoint: id, KeyGroups: r}
+	if err := n.planCheckpoint(ctx, stream, id, r, atOrBelow(snaps, id), &pl); err != nil {
 		return RestorePlan{}, err
 	}
-	if base != nil && len(pl.SnapshotRanges) == 0 {
-		pl.Snapshot = nil // nothing of the snapshot is needed
-	}
 	return pl, nil
 }
 
-func (n *Node) planCheckpoint(ctx context.Context, stream string, id uint64, r keygroup.Range, base *Snapshot, pl *RestorePlan) error {
+// atOrBelow returns the snapshots (oldest first) of checkpoints ≤ id.
+func atOrBelow(snaps []Snapshot, id uint64) []Snapshot {
+	i, _ := slices.BinarySearchFunc(snaps, id+1, func(s Snapshot, id uint64) int { return cmp.Compare(s.Checkpoint, id) })
+	return snaps[:i]
+}
+
+func (n *Node) planCheckpoint(ctx context.Context, stream string, id uint64, r keygroup.Range, snaps []Snapshot, pl *RestorePlan) error {
 	cp, err := n.completeCheckpoint(ctx, stream, id)
 	if err != nil {
 		return err
@@ -239,51 +237,41 @@ func (n *Node) planCheckpoint(ctx context.Context, stream string, id uint64, r k
 		if p.FromCheckpoint >= id && p.FromCheckpoint != 0 {
 			return fmt.Errorf("stream %s: checkpoint %d: part %s starts from checkpoint %d: %w", stream, id, ref.Key, p.FromCheckpoint, errJournalInvalid)
 		}
-		if err := n.planPart(ctx, p, sub, base, pl); err != nil {
+		if _, err := n.planPart(ctx, p, sub, snaps, pl); err != nil {
 			return fmt.Errorf("stream %s: checkpoint %d: %w", stream, id, err)
 		}
 	}
 	return nil
 }
 
-// planPart adds the steps rebuilding key groups sub of part p: the state
-// its epoch started from (the snapshot's, or recursively the base
-// checkpoint's), then its own log.
-func (n *Node) planPart(ctx context.Context, p Part, sub keygroup.Range, base *Snapshot, pl *RestorePlan) error {
-	var after, sqn uint64
-	inBase := false
-	if base != nil {
-		sqn, inBase = base.Logs[p.LogID]
-	}
-	switch {
-	case inBase:
-		// The snapshot's checkpoint has a part of this very log: its state
+// planPart adds what rebuilds key groups sub of part p: the state its
+// epoch started from (see PlanRestore), then its own log. snaps are the
+// candidate snapshots, oldest first, all at or below the checkpoint p
+// belongs to.
+func (n *Node) planPart(ctx context.Context, p Part, sub keygroup.Range, snaps []Snapshot, pl *RestorePlan) (after uint64, err error) {
+	base, sqn, ok := newestSnapshotWithLog(snaps, p.LogID)
+	if ok && sqn <= p.UpToSQN && p.TruncatedBefore <= sqn+1 {
+		// That snapshot's checkpoint has a part of this very log: its state
 		// of these key groups is the log up to sqn on top of the epoch's
 		// start.
-		if sqn > p.UpToSQN {
-			return fmt.Errorf("log %s: snapshot of checkpoint %d is at SQN %d, past the part's %d: %w", p.LogID, base.Checkpoint, sqn, p.UpToSQN, errNotABase)
-		}
-		pl.SnapshotRanges = append(pl.SnapshotRanges, sub)
+		pl.addBase(base, sub)
 		after = sqn
-	case base != nil && p.FromCheckpoint == base.Checkpoint:
-		pl.SnapshotRanges = append(pl.SnapshotRanges, sub)
-	case base != nil && p.FromCheckpoint < base.Checkpoint:
-		// The epoch started from an older state than the snapshot's (or
-		// from an empty one): the snapshot is not on its lineage.
-		return fmt.Errorf("log %s starts from checkpoint %d, before the snapshot's %d: %w", p.LogID, p.FromCheckpoint, base.Checkpoint, errNotABase)
-	case p.FromCheckpoint != 0:
-		if err := n.planCheckpoint(ctx, p.Stream, p.FromCheckpoint, sub, base, pl); err != nil {
-			return err
+	} else if p.FromCheckpoint != 0 {
+		below := atOrBelow(snaps, p.FromCheckpoint)
+		if k := len(below); k > 0 && below[k-1].Checkpoint == p.FromCheckpoint {
+			pl.addBase(below[k-1], sub)
+		} else if err := n.planCheckpoint(ctx, p.Stream, p.FromCheckpoint, sub, below, pl); err != nil {
+			return 0, err
 		}
 	}
 	if p.TruncatedBefore > after+1 {
 		// The log's prefix was released; its effect lives in a snapshot
 		// this plan does not have: refuse rather than return a state
 		// missing it (invariant 4).
-		return fmt.Errorf("log %s was truncated before SQN %d and no snapshot covers it: %w", p.LogID, p.TruncatedBefore, ErrLogTruncated)
+		return 0, fmt.Errorf("log %s was truncated before SQN %d and no snapshot covers it: %w", p.LogID, p.TruncatedBefore, ErrLogTruncated)
 	}
 	if p.UpToSQN <= after {
-		return nil
+		return after, nil
 	}
 	var segs []SegmentBlocks
 	for _, s := range p.Segments {
@@ -292,7 +280,21 @@ func (n *Node) planPart(ctx context.Context, p Part, sub keygroup.Range, base *S
 		}
 	}
 	pl.Steps = append(pl.Steps, ReplayStep{LogID: p.LogID, KeyGroups: sub, After: after, UpTo: p.UpToSQN, Segments: segs})
-	return nil
+	return after, nil
+}
+
+// planPartWith plans the restore of part p's key groups (a part of a
+// checkpoint not complete yet, or a closed epoch's final part).
+func (n *Node) planPartWith(ctx context.Context, p Part, snaps []Snapshot) (RestorePlan, uint64, error) {
+	if p.Checkpoint != 0 {
+		snaps = atOrBelow(snaps, p.Checkpoint-1)
+	}
+	pl := RestorePlan{Stream: p.Stream, Checkpoint: p.Checkpoint, KeyGroups: p.KeyGroups}
+	after, err := n.planPart(ctx, p, p.KeyGroups, snaps, &pl)
+	if err != nil {
+		return RestorePlan{}, 0, err
+	}
+	return pl, after, nil
 }
 
 // ReplayPlan yields the changes of the plan's steps in order. Yielded Key
@@ -333,17 +335,14 @@ func (n *Node) PlanWriter(ctx context.Context, w *Writer) (pl RestorePlan, ownAf
 	if err != nil {
 		return RestorePlan{}, 0, err
 	}
-	pl, err = n.planPartWith(ctx, p, snaps)
+	pl, ownAfter, err = n.planPartWith(ctx, p, snaps)
 	if err != nil {
 		return RestorePlan{}, 0, fmt.Errorf("writer %s: %w", w.logID, err)
 	}
 	// The last step, if any, is the writer's own log: the caller replays
 	// it from the writer instead.
 	if k := len(pl.Steps); k > 0 && pl.Steps[k-1].LogID == p.LogID {
-		ownAfter = pl.Steps[k-1].After
 		pl.Steps = pl.Steps[:k-1]
-	} else if pl.Snapshot != nil {
-		ownAfter = pl.Snapshot.Logs[p.LogID]
 	}
 	return pl, ownAfter, nil
 }

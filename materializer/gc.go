@@ -40,6 +40,9 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 	}
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
+	if _, err := m.bind(ctx, ss); err != nil {
+		return FileGCStats{}, err
+	}
 	if ss.seenUnreferenced == nil {
 		if ss.seenUnreferenced, err = loadSeen(ss); err != nil {
 			return FileGCStats{}, err

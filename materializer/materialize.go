@@ -138,6 +138,10 @@ type Materializer struct {
 	dir  string
 	cfg  Config
 
+	// listed and listedAt cache Run's stream listing (Run's goroutine only).
+	listed   []string
+	listedAt time.Time
+
 	mu      sync.Mutex
 	rnd     *mrand.Rand
 	streams map[string]*streamState
@@ -147,16 +151,20 @@ type Materializer struct {
 // streamState is a stream's store and what it holds. mu serializes the
 // stream's materializations and collections.
 type streamState struct {
-	mu    sync.Mutex
-	name  string
-	dir   string
-	store *Store
+	mu          sync.Mutex
+	name        string
+	incarnation string
+	dir         string // "" until bound to an incarnation
+	store       *Store
 	// held is the snapshot whose state the store holds (valid only if
 	// known), with its decoded manifest; held == nil && known: empty.
 	known    bool
 	held     *changelog.Snapshot
 	manifest SnapshotManifest
 	nextDue  time.Time
+	// plannedFor is the newest checkpoint the triggers were last
+	// evaluated for.
+	plannedFor uint64
 	// seenUnreferenced: file key → first listing that found it
 	// unreferenced (two-phase GC).
 	seenUnreferenced map[string]time.Time
@@ -262,12 +270,26 @@ func (m *Materializer) Run(ctx context.Context) error {
 	}
 }
 
+// streamNames lists the streams to materialize: Config.Streams, or every
+// stream, listed at most every streamListEvery.
 func (m *Materializer) streamNames(ctx context.Context) ([]string, error) {
 	if len(m.cfg.Streams) > 0 {
 		return m.cfg.Streams, nil
 	}
-	return m.node.ListStreams(ctx)
+	now := m.cfg.Clock.Now()
+	if m.listed != nil && now.Sub(m.listedAt) < streamListEvery {
+		return m.listed, nil
+	}
+	names, err := m.node.ListStreams(ctx)
+	if err != nil {
+		return m.listed, err
+	}
+	m.listed, m.listedAt = names, now
+	return names, nil
 }
+
+// streamListEvery bounds how often Run lists the streams.
+const streamListEvery = 10 * time.Second
 
 // state returns the stream's state, creating it (store not opened yet).
 func (m *Materializer) state(stream string) (*streamState, error) {
@@ -278,17 +300,48 @@ func (m *Materializer) state(stream string) (*streamState, error) {
 	}
 	ss, ok := m.streams[stream]
 	if !ok {
-		ss = &streamState{
-			name:   stream,
-			dir:    filepath.Join(m.dir, hex.EncodeToString([]byte(stream))),
-			status: Status{Stream: stream},
-		}
+		ss = &streamState{name: stream, status: Status{Stream: stream}}
 		// The first snapshot of a stream falls anywhere in its first
 		// interval, so streams found together spread out.
 		ss.nextDue = m.cfg.Clock.Now().Add(time.Duration(m.rnd.Float64() * float64(m.cfg.Interval)))
 		m.streams[stream] = ss
 	}
 	return ss, nil
+}
+
+// bind reads the stream's definition and ties ss to its incarnation: a
+// stream deleted and created again under the same name is another stream,
+// so its local store (dir/<hex(name)>-<incarnation>) starts empty and the
+// old incarnation's store is removed.
+func (m *Materializer) bind(ctx context.Context, ss *streamState) (changelog.StreamConfig, error) {
+	cfg, err := m.node.Stream(ctx, ss.name)
+	if err != nil {
+		return cfg, err
+	}
+	if ss.dir != "" && ss.incarnation == cfg.Incarnation {
+		return cfg, nil
+	}
+	if ss.store != nil {
+		if err := ss.store.Close(); err != nil {
+			return cfg, err
+		}
+	}
+	prefix := hex.EncodeToString([]byte(ss.name)) + "-"
+	dir := filepath.Join(m.dir, prefix+cfg.Incarnation)
+	old, _ := filepath.Glob(filepath.Join(m.dir, prefix+"*"))
+	for _, p := range old {
+		if p == dir || p == dir+".gc.json" {
+			continue
+		}
+		if err := os.RemoveAll(p); err != nil {
+			return cfg, fmt.Errorf("stream %s: remove the store of an old incarnation: %w", ss.name, err)
+		}
+	}
+	// Everything but the mutex (held by the caller) starts over.
+	ss.incarnation, ss.dir, ss.store = cfg.Incarnation, dir, nil
+	ss.known, ss.held, ss.manifest, ss.plannedFor = false, nil, SnapshotManifest{}, 0
+	ss.seenUnreferenced, ss.status = nil, Status{Stream: ss.name}
+	return cfg, nil
 }
 
 func (m *Materializer) nextInterval() time.Duration {
@@ -363,7 +416,7 @@ func (m *Materializer) MaterializeStream(ctx context.Context, stream string, for
 
 func (m *Materializer) materialize(ctx context.Context, ss *streamState, force bool) (SnapshotResult, error) {
 	var res SnapshotResult
-	cfg, err := m.node.Stream(ctx, ss.name)
+	cfg, err := m.bind(ctx, ss)
 	if err != nil {
 		return res, err
 	}
@@ -375,6 +428,12 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 		return res, nil
 	}
 	id := cps[len(cps)-1].ID
+	now := m.cfg.Clock.Now()
+	if !force && id == ss.plannedFor && now.Before(ss.nextDue) {
+		// Nothing new since the last look and not due: the lag is what it
+		// was. This keeps blob-store listings off every poll.
+		return res, nil
+	}
 	all := keygroup.Range{Lo: 0, Hi: uint16(cfg.KeyGroups - 1)}
 	pl, err := m.node.PlanRestore(ctx, ss.name, id, all)
 	if err != nil {
@@ -386,16 +445,16 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 		newest := snaps[len(snaps)-1]
 		ss.status.SnapshotCheckpoint, ss.status.LastSnapshotAt, ss.status.SnapshotBytes = newest.Checkpoint, newest.CreatedAt, newest.Bytes
 	}
-	if pl.Snapshot != nil && pl.Snapshot.Checkpoint == id {
+	ss.plannedFor = id
+	if base, ok := pl.SingleBase(); ok && base.Checkpoint == id {
 		return res, nil // the newest checkpoint is materialized
 	}
-	now := m.cfg.Clock.Now()
 	if !force && now.Before(ss.nextDue) && ss.status.LagBytes < m.cfg.Bytes {
 		return res, nil
 	}
 	ss.nextDue = now.Add(m.nextInterval())
 
-	rebuilt, err := m.prepare(ctx, ss, pl.Snapshot)
+	rebuilt, err := m.prepare(ctx, ss, pl)
 	if err != nil {
 		return res, err
 	}
@@ -426,10 +485,11 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	}
 	if !base {
 		// A delta inherits the held snapshot's files: publish it only if
-		// that snapshot is still the newest (garbage collection keeps the
-		// newest), else another materializer moved on and those files may
-		// be collected; ours become garbage and the next round rebuilds.
-		if err := m.checkNewest(ctx, ss); err != nil {
+		// that snapshot's record still exists. Files of a record deleted
+		// after this check are still safe: CollectFiles deletes a file only
+		// after two unreferenced sightings GCGrace apart, and this record
+		// is published well within GCGrace of the check.
+		if err := m.checkHeld(ctx, ss); err != nil {
 			ss.known = false
 			return res, err
 		}
@@ -458,18 +518,20 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	return res, nil
 }
 
-// errBaseMoved: a snapshot newer than the one a delta builds on appeared.
-var errBaseMoved = errors.New("a newer snapshot was published meanwhile")
+// errBaseGone: the snapshot a delta builds on was collected meanwhile.
+var errBaseGone = errors.New("the snapshot the delta builds on was collected meanwhile")
 
-func (m *Materializer) checkNewest(ctx context.Context, ss *streamState) error {
+func (m *Materializer) checkHeld(ctx context.Context, ss *streamState) error {
 	snaps, err := m.node.Snapshots(ctx, ss.name)
 	if err != nil {
 		return err
 	}
-	if len(snaps) == 0 || ss.held == nil || snaps[len(snaps)-1].Checkpoint != ss.held.Checkpoint {
-		return fmt.Errorf("stream %s: delta on the snapshot of checkpoint %d: %w", ss.name, ss.held.Checkpoint, errBaseMoved)
+	for _, s := range snaps {
+		if s.Checkpoint == ss.held.Checkpoint {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("stream %s: delta on the snapshot of checkpoint %d: %w", ss.name, ss.held.Checkpoint, errBaseGone)
 }
 
 func (m *Materializer) published(ctx context.Context, stream string, id uint64) (changelog.Snapshot, error) {
@@ -502,14 +564,19 @@ func decodeManifest(s changelog.Snapshot) (SnapshotManifest, error) {
 	return man, nil
 }
 
-// prepare makes the stream's store hold the state of base (nil: empty),
-// reusing it when it already does (checked against the markers after a
-// restart) and rebuilding it from the blob store otherwise.
-func (m *Materializer) prepare(ctx context.Context, ss *streamState, base *changelog.Snapshot) (rebuilt bool, err error) {
+// prepare makes the stream's store hold the state the plan starts from:
+// the state of its single base snapshot (or empty), reusing the store when
+// it already holds it (checked against the markers after a restart), and
+// rebuilding it from the blob store otherwise. A plan with several bases
+// (or one covering part of the key groups) always rebuilds, and the next
+// snapshot is a full export.
+func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelog.RestorePlan) (rebuilt bool, err error) {
+	base, single := pl.SingleBase()
 	var want uint64
-	if base != nil {
+	if single {
 		want = base.Checkpoint
 	}
+	reusable := single || len(pl.Bases) == 0
 	if ss.store == nil {
 		st, err := Open(ss.dir, m.cfg.Store)
 		if err != nil {
@@ -521,14 +588,14 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, base *chang
 		if err := errors.Join(err1, err2); err != nil {
 			return false, err
 		}
-		ss.known = folding == done && done == want
-		if ss.known && base != nil {
-			if ss.manifest, err = decodeManifest(*base); err != nil {
+		ss.known = reusable && folding == done && done == want
+		if ss.known && single {
+			if ss.manifest, err = decodeManifest(base); err != nil {
 				return false, err
 			}
-			ss.held = base
+			ss.held = &base
 		}
-		if ss.known && base == nil {
+		if ss.known && !single {
 			// Empty only if nothing was ever folded.
 			applied, err := st.Applied(ss.name)
 			if err != nil {
@@ -541,10 +608,10 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, base *chang
 	if ss.held != nil {
 		held = ss.held.Checkpoint
 	}
-	if ss.known && held == want {
+	if reusable && ss.known && held == want {
 		return false, nil
 	}
-	// Rebuild: a fresh store with the base snapshot imported.
+	// Rebuild: a fresh store with the bases imported.
 	ss.known = false
 	if err := ss.store.Close(); err != nil {
 		return false, err
@@ -559,15 +626,20 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, base *chang
 	}
 	ss.store = st
 	ss.held, ss.manifest = nil, SnapshotManifest{}
-	if base != nil {
-		man, err := decodeManifest(*base)
+	for _, b := range pl.Bases {
+		// Applied SQNs (the markers) only from a single base: with several,
+		// the store holds none of the snapshots exactly.
+		opts := ImportOptions{SkipApplied: !single}
+		if err := st.ImportSnapshot(ctx, m.blob, b.Snapshot, b.Ranges, opts); err != nil {
+			return true, fmt.Errorf("stream %s: %w", ss.name, err)
+		}
+	}
+	if single {
+		man, err := decodeManifest(base)
 		if err != nil {
 			return true, err
 		}
-		if err := st.ImportSnapshot(ctx, m.blob, *base, []keygroup.Range{man.KeyGroups}, ImportOptions{}); err != nil {
-			return true, fmt.Errorf("stream %s: %w", ss.name, err)
-		}
-		ss.held, ss.manifest = base, man
+		ss.held, ss.manifest = &base, man
 	}
 	ss.known = true
 	return true, nil

@@ -86,7 +86,7 @@ type matModel struct {
 	ckpts   map[uint64]map[string]string // state at each complete checkpoint
 	next    uint64                       // next checkpoint id
 
-	snapshots, deltas, crashes, verified, needSnapshot int
+	snapshots, deltas, crashes, verified, needSnapshot, rollbacks int
 }
 
 func runMatModel(t *testing.T, seed uint64, steps int) {
@@ -131,8 +131,10 @@ func runMatModel(t *testing.T, seed uint64, steps int) {
 			m.crashMaterializer()
 		case p < 85:
 			m.collect()
-		case p < 90:
+		case p < 87:
 			m.reopenWriters()
+		case p < 90:
+			m.rollbackOne()
 		default:
 			m.verifyRetained()
 		}
@@ -151,7 +153,7 @@ func runMatModel(t *testing.T, seed uint64, steps int) {
 	}
 	m.verifyRetained()
 	m.checkNoLeaks()
-	t.Logf("%d snapshots (%d deltas), %d materializer crashes, %d checkpoint restores verified, %d of them impossible without a snapshot (truncated logs)", m.snapshots, m.deltas, m.crashes, m.verified, m.needSnapshot)
+	t.Logf("%d snapshots (%d deltas), %d materializer crashes, %d partial rollbacks, %d checkpoint restores verified, %d of them impossible without a snapshot (truncated logs)", m.snapshots, m.deltas, m.crashes, m.rollbacks, m.verified, m.needSnapshot)
 	if m.snapshots == 0 || m.verified == 0 {
 		t.Fatalf("the run exercised nothing: %d snapshots, %d restores", m.snapshots, m.verified)
 	}
@@ -302,6 +304,50 @@ func (m *matModel) reopenWriters() {
 	}
 }
 
+// rollbackOne replaces one writer by a new epoch over the same key groups
+// started from a random retained (often older) checkpoint, while the other
+// writers carry on: that range falls back to the checkpoint's state.
+func (m *matModel) rollbackOne() {
+	cps, err := m.node.Checkpoints(m.ctx, mmStream)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	if len(cps) == 0 {
+		return
+	}
+	if len(cps) > mmRetain {
+		cps = cps[len(cps)-mmRetain:]
+	}
+	from := cps[m.rnd.IntN(len(cps))].ID
+	i := m.rnd.IntN(len(m.writers))
+	old := m.writers[i]
+	if m.rnd.IntN(2) == 0 {
+		if err := old.w.Close(m.ctx); err != nil {
+			m.t.Fatalf("close: %v", err)
+		}
+	}
+	w, err := m.node.OpenWriter(m.ctx, changelog.WriterConfig{Stream: mmStream, KeyGroups: old.r, FromCheckpoint: from})
+	if err != nil {
+		m.t.Fatalf("open writer %s from %d: %v", old.r, from, err)
+	}
+	if err := old.w.Close(m.ctx); err != nil && !errors.Is(err, changelog.ErrFenced) {
+		m.t.Fatalf("close fenced writer: %v", err)
+	}
+	m.writers[i] = mmWriter{w: w, r: old.r}
+	inRange := func(k string) bool {
+		kg, _, _ := strings.Cut(k, "/")
+		v, err := strconv.Atoi(kg)
+		return err == nil && v >= int(old.r.Lo) && v <= int(old.r.Hi)
+	}
+	maps.DeleteFunc(m.live, func(k, _ string) bool { return inRange(k) })
+	for k, v := range m.ckpts[from] {
+		if inRange(k) {
+			m.live[k] = v
+		}
+	}
+	m.rollbacks++
+}
+
 // materialize snapshots the newest checkpoint, sometimes through a blob
 // store that fails puts (an interrupted upload: the snapshot fails and its
 // files are garbage).
@@ -401,9 +447,9 @@ func restoreOnEmptyStore(t *testing.T, ctx context.Context, node *changelog.Node
 	if err != nil {
 		t.Fatalf("plan restore of checkpoint %d: %v", id, err)
 	}
-	if pl.Snapshot != nil {
-		if err := st.ImportSnapshot(ctx, node.BlobStore(), *pl.Snapshot, pl.SnapshotRanges, materializer.ImportOptions{SkipApplied: true}); err != nil {
-			t.Fatalf("import snapshot of checkpoint %d for %d: %v", pl.Snapshot.Checkpoint, id, err)
+	for _, b := range pl.Bases {
+		if err := st.ImportSnapshot(ctx, node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true}); err != nil {
+			t.Fatalf("import snapshot of checkpoint %d for %d: %v", b.Snapshot.Checkpoint, id, err)
 		}
 	}
 	var batch []segments.Change
@@ -510,8 +556,8 @@ func (m *matModel) checkNoLeaks() {
 		if err != nil {
 			m.t.Fatal(err)
 		}
-		if pl.Snapshot != nil {
-			used[pl.Snapshot.Checkpoint] = true
+		for _, b := range pl.Bases {
+			used[b.Snapshot.Checkpoint] = true
 		}
 	}
 	for _, w := range m.writers {
@@ -519,8 +565,8 @@ func (m *matModel) checkNoLeaks() {
 		if err != nil {
 			m.t.Fatal(err)
 		}
-		if pl.Snapshot != nil {
-			used[pl.Snapshot.Checkpoint] = true
+		for _, b := range pl.Bases {
+			used[b.Snapshot.Checkpoint] = true
 		}
 		// The checkpoint a live epoch started from stays restorable.
 		if from := w.w.FromCheckpoint(); from != 0 {
@@ -528,8 +574,8 @@ func (m *matModel) checkNoLeaks() {
 			if err != nil {
 				m.t.Fatal(err)
 			}
-			if pl.Snapshot != nil {
-				used[pl.Snapshot.Checkpoint] = true
+			for _, b := range pl.Bases {
+				used[b.Snapshot.Checkpoint] = true
 			}
 		}
 	}

@@ -139,7 +139,7 @@ func (s *Server) materialization(ctx context.Context, stream string, id uint64) 
 	if err != nil {
 		return nil, err
 	}
-	if snap := pl.Snapshot; snap != nil {
+	if snap, ok := pl.NewestBase(); ok {
 		out.SnapshotCheckpoint, out.SnapshotCreatedAtMs = snap.Checkpoint, snap.CreatedAt.UnixMilli()
 		out.SnapshotBytes, out.SnapshotNewBytes = uint64(snap.Bytes), uint64(snap.NewBytes)
 	}

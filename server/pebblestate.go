@@ -543,18 +543,17 @@ func (p *PebbleState) restore(ctx context.Context, v *pebbleStream, stream strin
 // importSnapshot imports the snapshot part of a plan (its applied SQNs are
 // not: this store numbers its folds itself) and learns its state names.
 func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, stream string, pl changelog.RestorePlan) error {
-	if pl.Snapshot == nil {
-		return nil
-	}
-	if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), *pl.Snapshot, pl.SnapshotRanges, materializer.ImportOptions{SkipApplied: true}); err != nil {
-		return fmt.Errorf("stream %s: %w", stream, err)
-	}
-	for _, r := range pl.SnapshotRanges {
-		names, err := p.store.StateNames(ctx, stream, r)
-		if err != nil {
-			return err
+	for _, b := range pl.Bases {
+		if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true}); err != nil {
+			return fmt.Errorf("stream %s: %w", stream, err)
 		}
-		v.addStateNames(names)
+		for _, r := range b.Ranges {
+			names, err := p.store.StateNames(ctx, stream, r)
+			if err != nil {
+				return err
+			}
+			v.addStateNames(names)
+		}
 	}
 	return nil
 }
