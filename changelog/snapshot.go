@@ -132,6 +132,18 @@ func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64) (
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("stream %s: read snapshot: %w", stream, err)
 	}
+	if s, err = decodeSnapshot(stream, checkpoint, data); err != nil {
+		return Snapshot{}, err
+	}
+	n.cacheSnapshot(s)
+	return s, nil
+}
+
+// decodeSnapshot decodes the record of the snapshot of checkpoint
+// `checkpoint` of a stream, checking that it names them.
+func decodeSnapshot(stream string, checkpoint uint64, data []byte) (Snapshot, error) {
+	key := snapshotKey(stream, checkpoint)
+	var s Snapshot
 	if err := envelope.Open(key, data, snapshotKind, &s); err != nil {
 		return Snapshot{}, err
 	}
@@ -139,7 +151,6 @@ func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64) (
 		return Snapshot{}, fmt.Errorf("snapshot %s names stream %q checkpoint %d: %w", key, s.Stream, s.Checkpoint, envelope.ErrCorrupt)
 	}
 	s.key = key
-	n.cacheSnapshot(s)
 	return s, nil
 }
 
