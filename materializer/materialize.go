@@ -203,6 +203,10 @@ func New(node *changelog.Node, dir string, cfg Config) (*Materializer, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("materializer: %w", err)
 	}
+	// Files spooled for an upload a crash interrupted are never needed.
+	if err := os.RemoveAll(filepath.Join(dir, "spool")); err != nil {
+		return nil, fmt.Errorf("materializer: clear spool: %w", err)
+	}
 	seed := cfg.Seed
 	if seed == 0 {
 		var b [8]byte
