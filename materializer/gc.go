@@ -26,13 +26,19 @@ type FileGCStats struct {
 // snapshot records no retained checkpoint, live epoch or pending part
 // restores from (keeping the newest); this deletes their files.
 //
-// Invariant (brief invariant 5): a file is deleted only if it is older
-// than GCGrace (an export may still be uploading it) and it was already
-// unreferenced in a listing at least GCGrace earlier, so a snapshot built
-// on an older one (which inherits its files) and published meanwhile by
-// another materializer cannot lose a file between our listing and its
-// publication. The listing of files comes before the reading of the
-// records, so a file uploaded after the records were read is not listed.
+// Invariant (brief invariant 5): a file is deleted only once two listings
+// found it unreferenced, far enough apart:
+//
+//   - a file some earlier listing found referenced (released by a deleted
+//     record) after ReleasedGrace: only a delta that checked its base's
+//     record before that record was deleted, and publishes within
+//     ReleasedGrace of the check, can still reference it;
+//   - a file never seen referenced (an upload in flight, or garbage of a
+//     failed round) after GCGrace, counted from both its upload and its
+//     first unreferenced sighting.
+//
+// Files are listed before records are read, so a file uploaded after the
+// records were read is not listed. Sightings persist next to the store.
 func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCStats, error) {
 	ss, err := m.state(stream)
 	if err != nil {
@@ -43,8 +49,8 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 	if _, err := m.bind(ctx, ss); err != nil {
 		return FileGCStats{}, err
 	}
-	if ss.seenUnreferenced == nil {
-		if ss.seenUnreferenced, err = loadSeen(ss); err != nil {
+	if ss.sightings == nil {
+		if ss.sightings, err = loadSightings(ss); err != nil {
 			return FileGCStats{}, err
 		}
 	}
@@ -67,15 +73,19 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		listed[o.Key] = true
 		if refs[o.Key] {
 			st.Referenced++
-			delete(ss.seenUnreferenced, o.Key)
+			ss.sightings[o.Key] = sighting{Released: true}
 			continue
 		}
-		first, ok := ss.seenUnreferenced[o.Key]
-		if !ok {
-			first = now
-			ss.seenUnreferenced[o.Key] = now
+		sg, ok := ss.sightings[o.Key]
+		if !ok || sg.Unreferenced.IsZero() {
+			sg.Unreferenced = now
+			ss.sightings[o.Key] = sg
 		}
-		if now.Sub(o.ModTime) < m.cfg.GCGrace || now.Sub(first) < m.cfg.GCGrace {
+		young := now.Sub(sg.Unreferenced) < m.cfg.ReleasedGrace
+		if !sg.Released {
+			young = now.Sub(o.ModTime) < m.cfg.GCGrace || now.Sub(sg.Unreferenced) < m.cfg.GCGrace
+		}
+		if young {
 			st.Young++
 			continue
 		}
@@ -83,20 +93,28 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 			errs = append(errs, fmt.Errorf("stream %s: delete snapshot file %s: %w", stream, o.Key, err))
 			continue
 		}
-		delete(ss.seenUnreferenced, o.Key)
+		delete(ss.sightings, o.Key)
 		st.Deleted++
 		st.DeletedBytes += o.Size
 	}
-	for key := range ss.seenUnreferenced {
+	for key := range ss.sightings {
 		if !listed[key] {
-			delete(ss.seenUnreferenced, key)
+			delete(ss.sightings, key)
 		}
 	}
 	ss.status.FilesDeleted += int64(st.Deleted)
-	if err := saveSeen(ss); err != nil {
+	ss.publishStatus()
+	if err := saveSightings(ss); err != nil {
 		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
+}
+
+// sighting is what CollectFiles remembers of a file: whether a listing
+// found it referenced, and when one first found it unreferenced since.
+type sighting struct {
+	Released     bool      `json:"released,omitempty"`
+	Unreferenced time.Time `json:"unreferenced,omitzero"`
 }
 
 // referencedFiles returns the files every published snapshot of the stream
@@ -122,14 +140,13 @@ func (m *Materializer) referencedFiles(ctx context.Context, stream string) (map[
 	return refs, nil
 }
 
-// The first sightings of unreferenced files survive restarts (a
-// `dstl materialize --once` run per cron tick still collects): they are
-// kept in <dir>.gc.json next to the stream's store.
-func seenPath(ss *streamState) string { return ss.dir + ".gc.json" }
+// The sightings survive restarts (a `dstl materialize --once` run per cron
+// tick still collects): they are kept in <store dir>.gc.json.
+func sightingsPath(ss *streamState) string { return ss.dir + ".gc.json" }
 
-func loadSeen(ss *streamState) (map[string]time.Time, error) {
-	seen := map[string]time.Time{}
-	data, err := os.ReadFile(seenPath(ss))
+func loadSightings(ss *streamState) (map[string]sighting, error) {
+	seen := map[string]sighting{}
+	data, err := os.ReadFile(sightingsPath(ss))
 	if errors.Is(err, os.ErrNotExist) {
 		return seen, nil
 	}
@@ -138,21 +155,21 @@ func loadSeen(ss *streamState) (map[string]time.Time, error) {
 	}
 	if err := json.Unmarshal(data, &seen); err != nil {
 		// A torn file only delays collection: start over.
-		return map[string]time.Time{}, nil
+		return map[string]sighting{}, nil
 	}
 	return seen, nil
 }
 
-func saveSeen(ss *streamState) error {
-	data, err := json.Marshal(ss.seenUnreferenced)
+func saveSightings(ss *streamState) error {
+	data, err := json.Marshal(ss.sightings)
 	if err != nil {
 		return err
 	}
-	tmp := seenPath(ss) + ".tmp"
+	tmp := sightingsPath(ss) + ".tmp"
 	if err := os.WriteFile(tmp, data, 0o644); err != nil {
 		return fmt.Errorf("stream %s: %w", ss.name, err)
 	}
-	if err := os.Rename(tmp, seenPath(ss)); err != nil {
+	if err := os.Rename(tmp, sightingsPath(ss)); err != nil {
 		return fmt.Errorf("stream %s: %w", ss.name, err)
 	}
 	return nil

@@ -172,7 +172,7 @@ func (m *matModel) openNode(store upload.BlobStore, name string) *changelog.Node
 
 func (m *matModel) openMaterializer() {
 	mat, err := materializer.New(m.matNode, m.matDir, materializer.Config{
-		GCGrace: time.Millisecond, Seed: m.rnd.Uint64() | 1,
+		GCGrace: time.Millisecond, ReleasedGrace: time.Millisecond, Seed: m.rnd.Uint64() | 1,
 		// Small files and a low delta ratio: many files, base and delta
 		// snapshots both happen.
 		MaxDeltaRatio: 0.5,

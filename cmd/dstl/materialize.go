@@ -29,13 +29,16 @@ type materializeFlags struct {
 	bytes    int64
 	jitter   float64
 	gcGrace  time.Duration
+	// releasedGrace: see materializer.Config.ReleasedGrace.
+	releasedGrace time.Duration
 }
 
 func (m *materializeFlags) add(f *pflag.FlagSet) {
 	f.DurationVar(&m.interval, "materialize-interval", 60*time.Second, "materialize each stream's newest checkpoint at least this often (with ±20% jitter)")
 	f.Int64Var(&m.bytes, "materialize-bytes", 64<<20, "materialize sooner once a restore of the newest checkpoint would replay this many changelog bytes")
 	f.Float64Var(&m.jitter, "materialize-jitter", 0.2, "spread of the interval, as a fraction of it (0 for none)")
-	f.DurationVar(&m.gcGrace, "snapshot-gc-grace", 10*time.Minute, "snapshot files unreferenced for this long (in two listings this far apart) are deleted")
+	f.DurationVar(&m.gcGrace, "snapshot-gc-grace", 10*time.Minute, "snapshot files no snapshot ever referenced (uploads in flight, failed rounds) are deleted after this long, seen unreferenced twice this far apart")
+	f.DurationVar(&m.releasedGrace, "snapshot-released-grace", time.Minute, "snapshot files released by a deleted snapshot are deleted once seen unreferenced twice this far apart")
 }
 
 func (m *materializeFlags) config(log *slog.Logger) materializer.Config {
@@ -43,7 +46,7 @@ func (m *materializeFlags) config(log *slog.Logger) materializer.Config {
 	if jitter == 0 {
 		jitter = -1 // Config: 0 means the default
 	}
-	return materializer.Config{Interval: m.interval, Bytes: m.bytes, Jitter: jitter, GCGrace: m.gcGrace, Logger: log}
+	return materializer.Config{Interval: m.interval, Bytes: m.bytes, Jitter: jitter, GCGrace: m.gcGrace, ReleasedGrace: m.releasedGrace, Logger: log}
 }
 
 type materializeOptions struct {

@@ -39,6 +39,7 @@ type serveOptions struct {
 	maxValueSize      int
 	retainCheckpoints int
 	gcInterval        time.Duration
+	gcGrace           time.Duration
 	tlsCert, tlsKey   string
 	shutdownTimeout   time.Duration
 	materialize       bool
@@ -82,7 +83,8 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.IntVar(&o.maxKeySize, "max-key-size", changelog.DefaultLimits.MaxKeySize, "largest key in bytes")
 	f.IntVar(&o.maxValueSize, "max-value-size", changelog.DefaultLimits.MaxValueSize, "largest value in bytes")
 	f.IntVar(&o.retainCheckpoints, "retain-checkpoints", 3, "how many of the newest checkpoints of each stream garbage collection keeps")
-	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of segment garbage collection (negative disables it)")
+	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of garbage collection: truncation below published snapshots, segments, unused snapshot records (negative disables it)")
+	f.DurationVar(&o.gcGrace, "gc-grace", 10*time.Minute, "segments younger than this are never collected (an upload may still be in flight)")
 	f.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate file (PEM); with --tls-key serves TLS instead of h2c")
 	f.StringVar(&o.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
@@ -147,6 +149,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		Limits:            changelog.Limits{MaxKeySize: o.maxKeySize, MaxValueSize: o.maxValueSize},
 		RetainCheckpoints: o.retainCheckpoints,
 		GCInterval:        o.gcInterval,
+		GCGrace:           o.gcGrace,
 	}
 	nodeOpts.Scheduler.Interval = o.uploadInterval
 	nodeOpts.Scheduler.BatchDelay = o.batchDelay
