@@ -221,9 +221,16 @@ func New(node *changelog.Node, dir string, cfg Config) (*Materializer, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("materializer: %w", err)
 	}
-	// Files spooled for an upload a crash interrupted are never needed.
+	// Files spooled for an upload a crash interrupted are never needed,
+	// nor stores a crash left half-discarded.
 	if err := os.RemoveAll(filepath.Join(dir, "spool")); err != nil {
 		return nil, fmt.Errorf("materializer: clear spool: %w", err)
+	}
+	trash, _ := filepath.Glob(filepath.Join(dir, "*"+trashInfix+"*"))
+	for _, t := range trash {
+		if err := os.RemoveAll(t); err != nil {
+			return nil, fmt.Errorf("materializer: clear %s: %w", t, err)
+		}
 	}
 	seed := cfg.Seed
 	if seed == 0 {
@@ -611,17 +618,14 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 	}
 	reusable := single || len(pl.Bases) == 0
 	if ss.store == nil {
-		st, err := Open(ss.dir, m.cfg.Store)
+		st, err := m.openStore(ss)
 		if err != nil {
 			return false, err
 		}
 		ss.store = st
 		folding, err1 := st.AppliedSQN(ss.name, foldingMarker)
 		done, err2 := st.AppliedSQN(ss.name, doneMarker)
-		if err := errors.Join(err1, err2); err != nil {
-			return false, err
-		}
-		ss.known = reusable && folding == done && done == want
+		ss.known = reusable && err1 == nil && err2 == nil && folding == done && done == want
 		if ss.known && single {
 			if ss.manifest, err = decodeManifest(base); err != nil {
 				return false, err
@@ -650,7 +654,7 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 		return false, err
 	}
 	ss.store = nil
-	if err := os.RemoveAll(ss.dir); err != nil {
+	if err := discardDir(ss.dir); err != nil {
 		return false, fmt.Errorf("stream %s: clear store: %w", ss.name, err)
 	}
 	st, err := Open(ss.dir, m.cfg.Store)
@@ -677,6 +681,39 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 	ss.known = true
 	return true, nil
 }
+
+// openStore opens the stream's store. The store is only a cache: one that
+// does not open (a crash in the middle of an earlier discard, a damaged
+// disk) is discarded and opened empty, to be rebuilt from the blob store.
+func (m *Materializer) openStore(ss *streamState) (*Store, error) {
+	st, err := Open(ss.dir, m.cfg.Store)
+	if err == nil {
+		return st, nil
+	}
+	m.cfg.Logger.Warn("materializer: discarding a local store that does not open; it is rebuilt from the blob store", "stream", ss.name, "dir", ss.dir, "err", err)
+	if err := discardDir(ss.dir); err != nil {
+		return nil, fmt.Errorf("stream %s: discard store: %w", ss.name, err)
+	}
+	return Open(ss.dir, m.cfg.Store)
+}
+
+// discardDir removes a store directory crash-safely: it is first renamed
+// to a unique trash name (atomic), so a crash during the removal leaves
+// trash that New sweeps, never a half-deleted store at the store's path.
+func discardDir(dir string) error {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	trash := dir + trashInfix + hex.EncodeToString(b[:])
+	if err := os.Rename(dir, trash); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	return os.RemoveAll(trash)
+}
+
+const trashInfix = ".trash-"
 
 // fold applies the plan's steps to the store between the two markers and
 // returns the keys they changed (nil if too many to track).

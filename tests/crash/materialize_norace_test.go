@@ -1,0 +1,6 @@
+//go:build !race
+
+package crash
+
+// matRace: this test binary runs under the race detector.
+const matRace = false
