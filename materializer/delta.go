@@ -3,6 +3,7 @@ package materializer
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -270,4 +271,70 @@ func (d *deltaWriter) clearState(it *pebble.Iterator, p, end []byte, kg uint16) 
 	}
 	d.end = append(d.end[:0], end...)
 	return nil
+}
+
+// View is a consistent point-in-time view of a store (a Pebble snapshot).
+// Close it when done: it pins the versions it sees.
+type View struct {
+	snap *pebble.Snapshot
+	s    *Store
+}
+
+// View returns a view of the store as of now.
+func (s *Store) View() (*View, error) {
+	if err := s.acquire(); err != nil {
+		return nil, err
+	}
+	defer s.closeMu.RUnlock()
+	return &View{snap: s.db.NewSnapshot(), s: s}, nil
+}
+
+// Close releases the view.
+func (v *View) Close() error { return v.snap.Close() }
+
+// ObsoleteBytes returns the bytes (key + value, uncompressed) the view
+// holds under the set's changed keys and cleared states: what a delta of
+// the set makes dead in the runs before it, when v is the state those
+// runs hold.
+func (cs *ChangedSet) ObsoleteBytes(ctx context.Context, v *View) (int64, error) {
+	if err := v.s.acquire(); err != nil {
+		return 0, err
+	}
+	defer v.s.closeMu.RUnlock()
+	lo, hi, err := StreamBounds(cs.stream)
+	if err != nil {
+		return 0, err
+	}
+	it, err := v.snap.NewIterWithContext(ctx, &pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+	if err != nil {
+		return 0, err
+	}
+	// Sorted, so the seeks walk the view forward instead of jumping.
+	var total int64
+	for _, p := range sortedIn(cs.cleared, lo, hi) {
+		end := prefixEnd([]byte(p))
+		for ok := it.SeekGE([]byte(p)); ok && bytes.Compare(it.Key(), end) < 0; ok = it.Next() {
+			v, err := it.ValueAndErr()
+			if err != nil {
+				return 0, errors.Join(err, it.Close())
+			}
+			total += int64(len(it.Key())) + int64(len(v))
+		}
+	}
+	n := 0
+	for _, k := range sortedIn(cs.keys, lo, hi) {
+		if n++; n%4096 == 0 {
+			if err := ctx.Err(); err != nil {
+				return 0, errors.Join(err, it.Close())
+			}
+		}
+		if it.SeekGE([]byte(k)) && it.Key() != nil && string(it.Key()) == k {
+			v, err := it.ValueAndErr()
+			if err != nil {
+				return 0, errors.Join(err, it.Close())
+			}
+			total += int64(len(k)) + int64(len(v))
+		}
+	}
+	return total, errors.Join(it.Error(), it.Close())
 }

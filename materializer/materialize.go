@@ -41,9 +41,11 @@ type Config struct {
 	// Poll is how often Run checks the triggers (default 1s).
 	Poll time.Duration
 	// MaxDeltaRatio: a snapshot is a delta run on top of the previous one
-	// while the delta runs stay below this share of the base run's bytes;
-	// past it the next snapshot is a full base export (default 0.25). This
-	// bounds the blob-store footprint of a snapshot to (1+ratio) × its base.
+	// while the bytes the delta runs made obsolete (overwritten, deleted
+	// or cleared keys of earlier runs) stay below this share of the base
+	// run's bytes; past it the next snapshot is a full base export
+	// (default 0.25). This bounds the dead bytes a chain carries to
+	// ratio × its base.
 	MaxDeltaRatio float64
 	// MaxRuns caps the runs of a snapshot (default 16): each run is one
 	// ingest at restore.
@@ -495,7 +497,7 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	if !ss.known {
 		return res, fmt.Errorf("stream %s: store state unknown", ss.name)
 	}
-	changed, folded, err := m.fold(ctx, ss, pl)
+	changed, obsolete, folded, err := m.fold(ctx, ss, pl)
 	if err != nil {
 		ss.known = false // half folded: rebuild next time
 		return res, err
@@ -503,7 +505,7 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	res.Folded = folded
 	ss.status.ChangesFolded += folded
 
-	next, base, uploaded, files, err := m.export(ctx, ss, id, all, changed)
+	next, base, uploaded, files, err := m.export(ctx, ss, id, all, changed, obsolete)
 	if err != nil {
 		ss.known = false // the store is past the snapshot it was built on
 		return res, err
@@ -717,26 +719,30 @@ const trashInfix = ".trash-"
 
 // fold applies the plan's steps to the store between the two markers and
 // returns the keys they changed (nil if too many to track).
-func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.RestorePlan) (*ChangedSet, int64, error) {
+func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.RestorePlan) (changed *ChangedSet, obsolete, folded int64, err error) {
 	st := ss.store
 	if err := st.ApplyThrough(ss.name, foldingMarker, nil, pl.Checkpoint); err != nil {
-		return nil, 0, err
+		return nil, 0, 0, err
 	}
 	sqn, err := st.AppliedSQN(ss.name, foldLog)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, 0, err
 	}
 	// Changed keys only matter for a delta on the held snapshot; with none
 	// held the snapshot is a full export (tracking cost 18 % of a first
 	// snapshot's CPU).
-	var changed *ChangedSet
+	var before *View
 	if ss.held != nil {
 		changed = NewChangedSet(ss.name)
+		// The held snapshot's state, to measure what the delta makes dead.
+		if before, err = st.View(); err != nil {
+			return nil, 0, 0, err
+		}
+		defer before.Close()
 	}
 	const batchLen = 4096
 	batch := make([]segments.Change, 0, batchLen)
 	var arena []byte
-	var folded int64
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -750,11 +756,11 @@ func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.R
 	}
 	for c, err := range m.node.ReplayPlan(ctx, pl) {
 		if err != nil {
-			return nil, folded, err
+			return nil, 0, folded, err
 		}
 		if changed != nil {
 			if err := changed.Add(c); err != nil {
-				return nil, folded, err
+				return nil, 0, folded, err
 			}
 			if changed.MemBytes() > m.cfg.MaxChangedBytes {
 				changed = nil // too many to track: the snapshot is a full export
@@ -772,22 +778,27 @@ func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.R
 		batch = append(batch, c)
 		if len(batch) == batchLen {
 			if err := flush(); err != nil {
-				return nil, folded, err
+				return nil, 0, folded, err
 			}
 		}
 	}
 	if err := flush(); err != nil {
-		return nil, folded, err
+		return nil, 0, folded, err
 	}
 	if err := st.ApplyThrough(ss.name, doneMarker, nil, pl.Checkpoint); err != nil {
-		return nil, folded, err
+		return nil, 0, folded, err
 	}
-	return changed, folded, nil
+	if changed != nil {
+		if obsolete, err = changed.ObsoleteBytes(ctx, before); err != nil {
+			return nil, 0, folded, err
+		}
+	}
+	return changed, obsolete, folded, nil
 }
 
 // export writes the snapshot files of checkpoint id: a delta run on top of
 // the held snapshot when it is small enough, a full base export otherwise.
-func (m *Materializer) export(ctx context.Context, ss *streamState, id uint64, all keygroup.Range, changed *ChangedSet) (next SnapshotManifest, base bool, uploaded int64, files int, err error) {
+func (m *Materializer) export(ctx context.Context, ss *streamState, id uint64, all keygroup.Range, changed *ChangedSet, obsolete int64) (next SnapshotManifest, base bool, uploaded int64, files int, err error) {
 	nonce := make([]byte, 4)
 	_, _ = rand.Read(nonce)
 	prefix := fmt.Sprintf("%s%020d-%s-", changelog.SnapshotFilePrefix(ss.name), id, hex.EncodeToString(nonce))
@@ -802,10 +813,13 @@ func (m *Materializer) export(ctx context.Context, ss *streamState, id uint64, a
 		})
 	}
 	rename := func(name string) string { return prefix + name }
-	if m.deltaFits(ss, changed) {
+	if m.deltaFits(ss, changed, obsolete) {
 		delta, err := ss.store.ExportChanged(ctx, ss.name, all, changed, create)
 		if err != nil {
 			return next, false, uploaded, files, err
+		}
+		for i := range delta.Runs {
+			delta.Runs[i].Obsolete = obsolete
 		}
 		next, err = ss.manifest.Append(delta.RenameFiles(rename))
 		return next, false, uploaded, files, err
@@ -817,15 +831,20 @@ func (m *Materializer) export(ctx context.Context, ss *streamState, id uint64, a
 	return next.RenameFiles(rename), true, uploaded, files, nil
 }
 
-// deltaFits: the next snapshot can be a delta on the held one.
-func (m *Materializer) deltaFits(ss *streamState, changed *ChangedSet) bool {
+// deltaFits: the next snapshot can be a delta on the held one, given the
+// bytes of the held state it makes obsolete: while the chain's obsolete
+// bytes (logical, compared with the base run's stored bytes, which errs
+// towards an earlier base for compressible data) stay within MaxDeltaRatio
+// of the base and the chain below MaxRuns. Deltas of new keys are live
+// data, not waste: growth alone cuts a new base only every MaxRuns
+// snapshots.
+func (m *Materializer) deltaFits(ss *streamState, changed *ChangedSet, obsolete int64) bool {
 	if ss.held == nil || changed == nil || len(ss.manifest.Runs) == 0 || len(ss.manifest.Runs) >= m.cfg.MaxRuns {
 		return false
 	}
 	baseBytes := ss.manifest.Runs[0].Bytes
-	var deltaBytes int64
 	for _, r := range ss.manifest.Runs[1:] {
-		deltaBytes += r.Bytes
+		obsolete += r.Obsolete
 	}
-	return float64(deltaBytes) <= m.cfg.MaxDeltaRatio*float64(baseBytes)
+	return float64(obsolete) <= m.cfg.MaxDeltaRatio*float64(baseBytes)
 }

@@ -56,6 +56,12 @@ type Run struct {
 	Files []SnapshotFile `json:"files"`
 	Keys  int64          `json:"keys"`  // sum of the files' Keys
 	Bytes int64          `json:"bytes"` // sum of the files' sizes
+	// Obsolete estimates the bytes of earlier runs a delta run makes dead
+	// (the previous state's keys and values it overwrites, deletes or
+	// clears; uncompressed): the materializer cuts a new base when the
+	// chain's obsolete bytes grow past a share of the base, not merely
+	// its delta bytes, so growth by new keys does not rewrite the state.
+	Obsolete int64 `json:"obsolete,omitempty"`
 }
 
 // SnapshotFile is one exported SST.
