@@ -127,7 +127,7 @@ func (m *Materializer) referencedFiles(ctx context.Context, stream string) (map[
 	}
 	refs := map[string]bool{}
 	for _, s := range snaps {
-		man, err := decodeManifest(s)
+		man, err := DecodeManifest(s)
 		if err != nil {
 			return nil, fmt.Errorf("gc: %w", err)
 		}

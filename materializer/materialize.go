@@ -537,7 +537,7 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 		// state, other files. Build on theirs; ours are garbage.
 		snap, err = m.published(ctx, ss.name, id)
 		if err == nil {
-			next, err = decodeManifest(snap)
+			next, err = DecodeManifest(snap)
 		}
 	}
 	if err != nil {
@@ -589,10 +589,9 @@ func (m *Materializer) published(ctx context.Context, stream string, id uint64) 
 	return changelog.Snapshot{}, fmt.Errorf("stream %s: snapshot of checkpoint %d vanished: %w", stream, id, upload.ErrNotFound)
 }
 
-// DecodeManifest returns the snapshot manifest a snapshot record carries.
-func DecodeManifest(s changelog.Snapshot) (SnapshotManifest, error) { return decodeManifest(s) }
-
-func decodeManifest(s changelog.Snapshot) (SnapshotManifest, error) {
+// DecodeManifest returns the snapshot manifest a snapshot record carries,
+// validated.
+func DecodeManifest(s changelog.Snapshot) (SnapshotManifest, error) {
 	var man SnapshotManifest
 	if err := json.Unmarshal(s.Manifest, &man); err != nil {
 		return SnapshotManifest{}, fmt.Errorf("snapshot %s: manifest: %v: %w", s.Key(), err, ErrCorrupt)
@@ -629,7 +628,7 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 		done, err2 := st.AppliedSQN(ss.name, doneMarker)
 		ss.known = reusable && err1 == nil && err2 == nil && folding == done && done == want
 		if ss.known && single {
-			if ss.manifest, err = decodeManifest(base); err != nil {
+			if ss.manifest, err = DecodeManifest(base); err != nil {
 				return false, err
 			}
 			ss.held = &base
@@ -674,7 +673,7 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 		}
 	}
 	if single {
-		man, err := decodeManifest(base)
+		man, err := DecodeManifest(base)
 		if err != nil {
 			return true, err
 		}

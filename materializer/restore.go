@@ -19,7 +19,7 @@ import (
 // (ranged reads; size and CRC32C verified). Adjacent ranges are imported
 // together. Each range must be empty here (see ImportRange).
 func (s *Store) ImportSnapshot(ctx context.Context, blob upload.BlobStore, snap changelog.Snapshot, ranges []keygroup.Range, opts ImportOptions) error {
-	man, err := decodeManifest(snap)
+	man, err := DecodeManifest(snap)
 	if err != nil {
 		return err
 	}
