@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dstl-dev/dstl/changelog/locallog"
@@ -92,6 +93,9 @@ type streamHandle struct {
 	// listing (on a loopback S3 the number of calls is what costs).
 	partsMu sync.Mutex
 	parts   map[uint64]map[uint64]bool
+	// completeRetry: completeWaiting failed; the background refresh
+	// tries again.
+	completeRetry atomic.Bool
 }
 
 // Open starts a node: it recovers the local log (changes acknowledged
@@ -275,13 +279,32 @@ func (n *Node) refreshWriters(ctx context.Context) {
 			continue
 		}
 		st := h.journal.snapshot()
+		changed := h.completeRetry.Load()
 		for _, w := range ws {
 			if by, ok := st.fenced(w.epoch); ok {
 				w.fence(by)
+				changed = true
+				continue
 			}
+			if w.closeFailed() {
+				// Finish a Close that failed: its entry may have landed
+				// (then this only re-reads), or it is appended now.
+				cctx, cancel := context.WithTimeout(ctx, closeRetryTimeout)
+				if err := w.Close(cctx); err != nil && ctx.Err() == nil {
+					n.log.Warn("retrying a failed writer close failed", "log", w.logID, "err", err)
+				}
+				cancel()
+			}
+		}
+		if changed {
+			n.completeWaiting(ctx, h)
 		}
 	}
 }
+
+// closeRetryTimeout bounds one background retry of a failed Close, so one
+// writer cannot hold up the refresh of the others for long.
+const closeRetryTimeout = 30 * time.Second
 
 // ID returns the node's id.
 func (n *Node) ID() string { return n.id }

@@ -62,9 +62,14 @@ type Writer struct {
 	done chan struct{}
 	// dead is set once the writer is fenced or closed; every call fails.
 	dead error
-	// closing is set while Close runs: no SQN is assigned any more, so the
-	// final part Close records covers every acknowledged change.
-	closing bool
+	// closing is set by the first Close and never cleared: no SQN is
+	// assigned any more, so the final part Close records covers every
+	// acknowledged change, at every attempt (see Close). closeErr is the
+	// error of the newest Close attempt, if it failed.
+	closing  bool
+	closeErr error
+	// closeMu serialises Close attempts.
+	closeMu sync.Mutex
 
 	walMu      sync.Mutex
 	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
@@ -303,7 +308,7 @@ func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (firs
 	if err := w.deadOrClosingLocked(); err != nil {
 		w.mu.Unlock()
 		w.node.sched.Release(bytes)
-		return 0, 0, err
+		return 0, 0, w.resolveClosing(ctx, err)
 	}
 	first = w.next
 	for i := range batch {
@@ -345,8 +350,11 @@ func (w *Writer) deadOrClosingLocked() error {
 	if w.dead != nil {
 		return w.dead
 	}
+	if w.closing && w.closeErr != nil {
+		return fmt.Errorf("writer %s: a Close failed (%v) and accepts no changes until one succeeds: call Close again: %w", w.logID, w.closeErr, ErrClosing)
+	}
 	if w.closing {
-		return fmt.Errorf("writer %s: closing: %w", w.logID, ErrClosed)
+		return fmt.Errorf("writer %s: %w", w.logID, ErrClosing)
 	}
 	return nil
 }
