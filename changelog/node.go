@@ -76,6 +76,11 @@ type Node struct {
 	streams   map[string]*streamHandle
 	writers   map[string]*Writer // live writers by log id
 	recovered map[string]*recoveredLog
+	// opening counts the opens in flight per stream, from before their
+	// epoch-open entry is appended until the writer is attached or its
+	// open failed: an epoch of this node without a writer is an orphan
+	// only while none is (see abandon.go).
+	opening   map[string]int
 	parts     map[string]Part     // checkpoint parts read so far (immutable)
 	snapshots map[string]Snapshot // snapshot records read so far (immutable; dropped when deleted)
 }
@@ -147,6 +152,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		streams:   map[string]*streamHandle{},
 		writers:   map[string]*Writer{},
 		recovered: map[string]*recoveredLog{},
+		opening:   map[string]int{},
 		parts:     map[string]Part{},
 		snapshots: map[string]Snapshot{},
 	}
@@ -193,12 +199,14 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 func (n *Node) runBackground(ctx context.Context) {
 	defer close(n.gcDone)
 	nextGC := n.clock.Now().Add(n.opts.GCInterval)
+	n.abandonAllOrphans(ctx)
 	for {
 		if err := clock.Sleep(ctx, n.clock, n.opts.JournalRefresh); err != nil {
 			return
 		}
 		n.refreshWriters(ctx)
 		n.releaseRecovered(ctx)
+		n.abandonCachedOrphans(ctx)
 		if n.opts.GCInterval > 0 && !n.clock.Now().Before(nextGC) {
 			nextGC = n.clock.Now().Add(n.opts.GCInterval)
 			if _, err := n.AdoptSnapshots(ctx); err != nil && ctx.Err() == nil {

@@ -126,6 +126,16 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 	if cfg.Resume != 0 {
 		return n.resumeWriter(ctx, h, cfg)
 	}
+	n.mu.Lock()
+	n.opening[cfg.Stream]++
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		if n.opening[cfg.Stream]--; n.opening[cfg.Stream] == 0 {
+			delete(n.opening, cfg.Stream)
+		}
+		n.mu.Unlock()
+	}()
 	e, err := h.journal.append(ctx, func(s *journalState) (JournalEntry, error) {
 		from := cfg.FromCheckpoint
 		if from == 0 {
@@ -140,7 +150,17 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 	}
 	w := n.newWriter(h, cfg, e.Seq, e.Open.FromCheckpoint)
 	if err := n.wal.SetMeta(ctx, w.logID, w.meta(1)); err != nil {
-		return nil, fmt.Errorf("writer %s: record in local log: %w", w.logID, err)
+		err = fmt.Errorf("writer %s: record in local log: %w", w.logID, err)
+		// The epoch is open in the journal but no writer will ever write
+		// it: close it at once, or it blocks every checkpoint (S1). If
+		// that fails too, the background refresh closes it.
+		ep := EpochState{Epoch: e.Seq, KeyGroups: cfg.KeyGroups, Node: n.id, FromCheckpoint: e.Open.FromCheckpoint}
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeRetryTimeout)
+		defer cancel()
+		if aerr := n.abandonEpoch(actx, h, ep); aerr != nil {
+			err = errors.Join(err, aerr)
+		}
+		return nil, err
 	}
 	n.attach(w)
 	return w, nil
