@@ -395,3 +395,48 @@ func TestStaleFenceHealedByBackgroundRefresh(t *testing.T) {
 		t.Fatalf("complete checkpoints: %v %v, want 1", cps, err)
 	}
 }
+
+// R1 across a restart: a Close failed after storing its final part (its
+// entry may still land), then the node crashed. The resumed writer stays
+// closing: it acknowledges nothing until a Close succeeds.
+func TestCloseUnfinishedBeforeRestart(t *testing.T) {
+	ctx := context.Background()
+	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	dir := t.TempDir()
+	opts := testNodeOptions(hs, dir)
+	opts.JournalRefresh = 1 << 40 // no background retry before the crash
+	a, err := Open(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := a.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.Append(ctx, []Change{put(0, "a", "1")}, Local); err != nil {
+		t.Fatal(err)
+	}
+	hs.mu.Lock()
+	hs.failLists, hs.failListOf = 1, "/journal/"
+	hs.mu.Unlock()
+	if err := w.Close(ctx); err == nil {
+		t.Fatal("Close with a failing journal read succeeded")
+	}
+	a.crash()
+	a2, err := Open(ctx, testNodeOptions(hs, dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a2.Close(ctx)
+	r, err := a2.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Full(4), Resume: w.Epoch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := r.Append(ctx, []Change{put(0, "a", "2")}, Local); !errors.Is(err, ErrClosing) && !errors.Is(err, ErrClosed) {
+		t.Fatalf("append on the resumed writer of an unfinished close: %v, want ErrClosing", err)
+	}
+	checkClosed(t, a2, r)
+}

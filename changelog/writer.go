@@ -124,7 +124,14 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 		return nil, fmt.Errorf("stream %s: %w", cfg.Stream, err)
 	}
 	if cfg.Resume != 0 {
-		return n.resumeWriter(ctx, h, cfg)
+		w, err := n.resumeWriter(ctx, h, cfg)
+		if err != nil {
+			return nil, err
+		}
+		if err := w.resumeUnfinishedClose(ctx); err != nil {
+			return nil, err
+		}
+		return w, nil
 	}
 	n.mu.Lock()
 	n.opening[cfg.Stream]++
@@ -164,6 +171,32 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 	}
 	n.attach(w)
 	return w, nil
+}
+
+// resumeUnfinishedClose keeps a resumed writer closing if a Close of its
+// epoch began before the restart (its final part exists): that Close's
+// epoch-close entry may still land, so the writer must not acknowledge new
+// changes (see Close); Close finishes it. A resume that fails here leaves
+// the writer attached, and the next resume checks again.
+func (w *Writer) resumeUnfinishedClose(ctx context.Context) error {
+	w.mu.Lock()
+	closing := w.closing
+	w.mu.Unlock()
+	if closing {
+		return nil
+	}
+	_, err := w.node.store.Stat(ctx, partKey(w.cfg.Stream, 0, w.epoch))
+	if errors.Is(err, upload.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("writer %s: resume: look for the final part of an unfinished close: %w", w.logID, err)
+	}
+	w.mu.Lock()
+	w.closing = true
+	w.closeErr = errors.New("a Close began before the node restarted and did not finish")
+	w.mu.Unlock()
+	return nil
 }
 
 func (n *Node) newWriter(h *streamHandle, cfg WriterConfig, epoch, from uint64) *Writer {
