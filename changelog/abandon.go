@@ -37,10 +37,9 @@ func (n *Node) abandonOrphans(ctx context.Context, h *streamHandle) error {
 	if h.journal.isGone() {
 		return nil
 	}
-	st := h.journal.snapshot()
 	var errs []error
-	for _, ep := range st.live {
-		if ep.Closed || ep.Node != n.id || !n.isOrphan(h, ep.Epoch) {
+	for _, ep := range h.journal.openEpochsOf(n.id) {
+		if !n.isOrphan(h, ep.Epoch) {
 			continue
 		}
 		if err := n.abandonEpoch(ctx, h, ep); err != nil {
@@ -150,4 +149,18 @@ func (n *Node) abandonCachedOrphans(ctx context.Context) {
 			n.log.Warn("closing an orphaned epoch failed; retried by the background refresh", "stream", h.cfg.Name, "err", err)
 		}
 	}
+}
+
+// openEpochsOf returns the live, open epochs of node in the cached state
+// (without cloning the whole state: the background pass asks every second).
+func (j *journal) openEpochsOf(node string) []EpochState {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var out []EpochState
+	for _, ep := range j.state.live {
+		if !ep.Closed && ep.Node == node {
+			out = append(out, ep)
+		}
+	}
+	return out
 }
