@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/segments"
@@ -465,7 +466,7 @@ func (m *model) checkNoLeaks() {
 	if _, err := m.node.CollectGarbage(m.ctx); err != nil {
 		m.fatalf("final gc: %v", err)
 	}
-	refs, err := m.node.segmentReferences(m.ctx, &GCStats{})
+	refs, _, err := m.node.segmentReferences(m.ctx, &GCStats{}, time.Now().Add(time.Hour))
 	if err != nil {
 		m.fatalf("references: %v", err)
 	}

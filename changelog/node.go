@@ -40,6 +40,19 @@ type Options struct {
 	// GCGrace protects segment objects younger than this from garbage
 	// collection, so an object being uploaded is never deleted (default 10m).
 	GCGrace time.Duration
+	// GCMaxRound bounds one garbage collection round: it deletes nothing
+	// once it is older than this (the next round continues). A retain or
+	// an open from an old checkpoint waits at most this long (plus a clock
+	// skew margin) for a round of a crashed node (default 2m).
+	GCMaxRound time.Duration
+	// ForeignGCGrace: segments of another node are collected only when
+	// nothing references them, they are older than this, the node has
+	// uploaded no segment for this long and owns no live epoch (a node
+	// whose data dir was lost forever; default 24h, negative: never).
+	ForeignGCGrace time.Duration
+	// PartCacheBytes bounds the cache of checkpoint parts read (default
+	// 32 MiB, estimated in-memory size).
+	PartCacheBytes int64
 	// GCInterval is the period of the background garbage collection of
 	// this node's segments (default 1m; negative disables it).
 	GCInterval time.Duration
@@ -75,7 +88,7 @@ type Node struct {
 	streams   map[string]*streamHandle
 	writers   map[string]*Writer // live writers by log id
 	recovered map[string]*recoveredLog
-	parts     map[string]Part     // checkpoint parts read so far (immutable)
+	parts     *partCache          // checkpoint parts read recently (immutable)
 	snapshots map[string]Snapshot // snapshot records read so far (immutable; dropped when deleted)
 }
 
@@ -117,6 +130,15 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	if opts.GCGrace <= 0 {
 		opts.GCGrace = 10 * time.Minute
 	}
+	if opts.GCMaxRound <= 0 {
+		opts.GCMaxRound = 2 * time.Minute
+	}
+	if opts.ForeignGCGrace == 0 {
+		opts.ForeignGCGrace = 24 * time.Hour
+	}
+	if opts.PartCacheBytes <= 0 {
+		opts.PartCacheBytes = 32 << 20
+	}
 	if opts.GCInterval == 0 {
 		opts.GCInterval = time.Minute
 	}
@@ -143,7 +165,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		streams:   map[string]*streamHandle{},
 		writers:   map[string]*Writer{},
 		recovered: map[string]*recoveredLog{},
-		parts:     map[string]Part{},
+		parts:     newPartCache(opts.PartCacheBytes),
 		snapshots: map[string]Snapshot{},
 	}
 	// Segment keys carry the node's flush sequence: continue after the
