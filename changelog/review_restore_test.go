@@ -25,6 +25,8 @@ type restoreHookStore struct {
 	failLists   int                   // the next n listings of failListOf fail
 	failListOf  string
 	deletedKeys []string
+	// listHook, if set, wraps every listing (inner performs it).
+	listHook func(prefix string, inner func() (upload.ListPage, error)) (upload.ListPage, error)
 }
 
 func (h *restoreHookStore) PutIfAbsent(ctx context.Context, key string, r io.Reader, size int64) error {
@@ -44,6 +46,10 @@ func (h *restoreHookStore) PutIfAbsent(ctx context.Context, key string, r io.Rea
 
 func (h *restoreHookStore) List(ctx context.Context, prefix, startAfter string, limit int) (upload.ListPage, error) {
 	h.mu.Lock()
+	if hook := h.listHook; hook != nil {
+		h.mu.Unlock()
+		return hook(prefix, func() (upload.ListPage, error) { return h.BlobStore.List(ctx, prefix, startAfter, limit) })
+	}
 	if h.failLists > 0 && strings.Contains(prefix, h.failListOf) {
 		h.failLists--
 		h.mu.Unlock()
@@ -153,5 +159,117 @@ func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
 		if rerr := rerr(6); rerr != nil {
 			t.Fatalf("VIOLATION: checkpoint 6 was acknowledged Complete but cannot be restored: %v (retain of 1 accepted: %v; old writer fenced: %v)", rerr, retainAccepted, aerr)
 		}
+	}
+}
+
+// checkpointsWithSnapshot makes checkpoints 1..5 of stream s (4 key
+// groups, one writer), publishes a snapshot of 3 and adopts it, so that
+// the segments of checkpoints 1 and 2 are garbage for the next GC.
+func checkpointsWithSnapshot(t *testing.T, n *Node) *Writer {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := uint64(1); i <= 5; i++ {
+		if _, _, err := w.Append(ctx, []Change{put(0, fmt.Sprintf("k%d", i), "v")}, Buffered); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := w.Checkpoint(ctx, i, nil); err != nil || !res.Complete {
+			t.Fatalf("checkpoint %d: %+v %v", i, res, err)
+		}
+	}
+	if _, err := n.PublishSnapshot(ctx, "s", 3, []byte(`{}`), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if k, err := n.AdoptSnapshots(ctx); err != nil || k != 1 {
+		t.Fatalf("adopt: %d %v", k, err)
+	}
+	return w
+}
+
+// S6: a RetainCheckpoint racing a GC round. The retain runs while GC lists
+// the retained marks, once just after the listing (GC did not see the
+// mark: the retain must wait for the round and then refuse, since the
+// round deletes the data) and once just before it (GC sees the mark and
+// keeps the data: the retain succeeds). Either way a retain that returns
+// nil must leave a restorable checkpoint.
+func TestReviewRetainRacesGC(t *testing.T) {
+	for _, retainBeforeListing := range []bool{false, true} {
+		t.Run(fmt.Sprintf("retainBeforeListing=%v", retainBeforeListing), func(t *testing.T) {
+			ctx := context.Background()
+			hs := &restoreHookStore{BlobStore: newFileStore(t)}
+			n := openTestNode(t, hs, t.TempDir())
+			checkpointsWithSnapshot(t, n)
+
+			retainDone := make(chan error, 1)
+			retainerWaits := make(chan struct{}) // the retainer listed the GC round markers
+			var once, waitOnce sync.Once
+			hs.mu.Lock()
+			hs.listHook = func(prefix string, inner func() (upload.ListPage, error)) (upload.ListPage, error) {
+				if prefix == gcRoundPrefix() {
+					waitOnce.Do(func() { close(retainerWaits) })
+					return inner()
+				}
+				if prefix != retainedPrefix("s") {
+					return inner()
+				}
+				var page upload.ListPage
+				var err error
+				if !retainBeforeListing {
+					page, err = inner()
+				}
+				once.Do(func() {
+					go func() { retainDone <- n.RetainCheckpoint(ctx, "s", 1, true) }()
+					select {
+					case <-retainerWaits: // the retainer's mark exists and it waits for this round
+					case err := <-retainDone: // a retain that does not wait (the old code)
+						retainDone <- err
+					}
+				})
+				if retainBeforeListing {
+					page, err = inner()
+				}
+				return page, err
+			}
+			hs.mu.Unlock()
+			gst, gerr := n.CollectGarbage(ctx)
+			hs.mu.Lock()
+			hs.listHook = nil
+			hs.mu.Unlock()
+			if gerr != nil {
+				t.Fatalf("gc: %+v %v", gst, gerr)
+			}
+			rerr := <-retainDone
+			t.Logf("GC %+v; RetainCheckpoint(1): %v", gst, rerr)
+			var restoreErr error
+			for _, err := range n.RestoreChanges(ctx, "s", 1, keygroup.Range{Lo: 0, Hi: 3}) {
+				if err != nil {
+					restoreErr = err
+					break
+				}
+			}
+			switch {
+			case rerr == nil && restoreErr != nil:
+				t.Fatalf("VIOLATION: RetainCheckpoint(1) returned nil but checkpoint 1 cannot be restored: %v", restoreErr)
+			case rerr != nil && !errors.Is(rerr, ErrCheckpointNotRestorable):
+				t.Fatalf("retain: %v, want nil or ErrCheckpointNotRestorable", rerr)
+			case retainBeforeListing && rerr != nil:
+				t.Fatalf("GC saw the mark, yet the retain failed: %v", rerr)
+			case !retainBeforeListing && rerr == nil:
+				t.Fatalf("GC did not see the mark and deleted nothing? %+v", gst)
+			}
+			// And a GC after the race keeps what the retain protects.
+			if _, err := n.CollectGarbage(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if rerr == nil {
+				restoreMap(t, n, "s", 1, keygroup.Range{Lo: 0, Hi: 3})
+			}
+		})
 	}
 }
