@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/upload"
@@ -271,5 +272,102 @@ func TestReviewRetainRacesGC(t *testing.T) {
 				restoreMap(t, n, "s", 1, keygroup.Range{Lo: 0, Hi: 3})
 			}
 		})
+	}
+}
+
+// S5: node B's data dir is lost forever. Its segments nothing references
+// are collected by node A once B owns no live epoch and has been quiet for
+// ForeignGCGrace; segments a checkpoint references are kept, and nothing
+// of B is touched while B still owns a live epoch or was active lately.
+func TestReviewForeignSegmentsCollected(t *testing.T) {
+	ctx := context.Background()
+	store := newFileStore(t)
+	const grace = 300 * time.Millisecond
+	open := func(id string) *Node {
+		o := testNodeOptions(store, t.TempDir())
+		o.NodeID, o.ForeignGCGrace = id, grace
+		n, err := Open(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close(ctx) })
+		return n
+	}
+	a, b := open("node-a"), open("node-b")
+	if _, err := a.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	all := keygroup.Range{Lo: 0, Hi: 3}
+	wb, err := b.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: all})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := wb.Append(ctx, []Change{put(0, "k", "checkpointed")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := wb.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
+		t.Fatalf("checkpoint 1: %+v %v", res, err)
+	}
+	// Uploaded after the checkpoint, never checkpointed: garbage once B's
+	// epoch is fenced.
+	if _, _, err := wb.Append(ctx, []Change{put(1, "lost", "x")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wb.Persist(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	b.crash() // and its data dir is never seen again
+	bsegs := func() int {
+		objs, err := listSegments(ctx, store, "node-b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(objs)
+	}
+	if got := bsegs(); got != 2 {
+		t.Fatalf("node b has %d segments, want 2", got)
+	}
+	time.Sleep(2 * grace)
+	// B still owns a live epoch: its uncheckpointed segment is kept.
+	if st, err := a.CollectGarbage(ctx); err != nil || st.ForeignDeleted != 0 || bsegs() != 2 {
+		t.Fatalf("gc while b owns a live epoch: %+v %v, b has %d segments", st, err, bsegs())
+	}
+	wa, err := a.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: all}) // fences b's epoch
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := wa.Append(ctx, []Change{put(2, "a", "1")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := wa.Checkpoint(ctx, 2, nil); err != nil || !res.Complete {
+		t.Fatalf("checkpoint 2: %+v %v", res, err)
+	}
+	st, err := a.CollectGarbage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("gc after b's epoch was fenced: %+v", st)
+	if st.ForeignDeleted != 1 || bsegs() != 1 {
+		t.Fatalf("want b's unreferenced segment collected and its checkpointed one kept: %+v, b has %d segments", st, bsegs())
+	}
+	got := restoreMap(t, a, "s", 2, all)
+	if len(got) != 2 || got["0/s/k"] != "checkpointed" || got["2/s/a"] != "1" {
+		t.Fatalf("restore 2 after foreign GC: %v", got)
+	}
+	// A node seen active lately is never collected: b comes back (a new
+	// data dir) and uploads; its old unreferenced segments wait again.
+	b2 := open("node-b")
+	w2, err := b2.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 3, Hi: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w2.Append(ctx, []Change{put(3, "b", "2")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w2.Persist(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := a.CollectGarbage(ctx); err != nil || st.ForeignDeleted != 0 {
+		t.Fatalf("gc of an active node's segments: %+v %v", st, err)
 	}
 }
