@@ -67,7 +67,6 @@ func (h *restoreHookStore) Delete(ctx context.Context, key string) error {
 	return h.BlobStore.Delete(ctx, key)
 }
 
-
 // R2: a checkpoint whose data GC deleted must be refused by
 // OpenWriter{FromCheckpoint} and RetainCheckpoint.
 func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
