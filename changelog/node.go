@@ -79,6 +79,8 @@ type Node struct {
 	sched *upload.Scheduler
 	wal   *locallog.Log
 
+	firstSeq  uint64 // sequence of this incarnation's first segment
+
 	runCancel context.CancelFunc
 	runDone   chan error
 	gcDone    chan struct{}
@@ -176,11 +178,18 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	}
 	so := opts.Scheduler
 	so.Store, so.Node, so.Clock = opts.Store, opts.NodeID, opts.Clock
+	var newest uint64
 	for _, o := range objs {
-		if seq, ok := segmentSeq(segmentPrefix(opts.NodeID), o.Key); ok && seq >= so.FirstSeq {
-			so.FirstSeq = seq + 1
+		if seq, ok := segmentSeq(segmentPrefix(opts.NodeID), o.Key); ok && seq > newest {
+			newest = seq
 		}
 	}
+	// Each start leaves a gap of incarnationSeqs after the newest segment
+	// it sees: a segment an earlier incarnation was still uploading (a PUT
+	// that lands after this listing) has a lower sequence than every
+	// segment of this incarnation, which is what recovery marks rely on.
+	so.FirstSeq = max(so.FirstSeq, newest+incarnationSeqs)
+	n.firstSeq = so.FirstSeq
 	sched, err := upload.NewScheduler(so)
 	if err != nil {
 		return nil, fmt.Errorf("changelog: %w", err)

@@ -4,6 +4,7 @@ package changelog
 // adversarial review: each asserts the correct behaviour.
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -26,13 +27,34 @@ type restoreHookStore struct {
 	failLists   int                   // the next n listings of failListOf fail
 	failListOf  string
 	deletedKeys []string
+	// holdPut, if set and true for a key, captures that put and blocks it
+	// until its context ends (a PUT in flight when the process dies).
+	holdPut func(key string) bool
+	held    chan heldPut
 	// listHook, if set, wraps every listing (inner performs it).
 	listHook func(prefix string, inner func() (upload.ListPage, error)) (upload.ListPage, error)
+}
+
+type heldPut struct {
+	key  string
+	data []byte
 }
 
 func (h *restoreHookStore) PutIfAbsent(ctx context.Context, key string, r io.Reader, size int64) error {
 	h.mu.Lock()
 	f := h.lostAckPut
+	hold := h.holdPut
+	if hold != nil && hold(key) {
+		h.holdPut = nil
+		h.mu.Unlock()
+		data, err := io.ReadAll(r)
+		if err != nil {
+			return err
+		}
+		h.held <- heldPut{key: key, data: data}
+		<-ctx.Done()
+		return ctx.Err()
+	}
 	h.mu.Unlock()
 	err := h.BlobStore.PutIfAbsent(ctx, key, r, size)
 	if err == nil && f != nil && f(key) {
@@ -368,5 +390,108 @@ func TestReviewForeignSegmentsCollected(t *testing.T) {
 	}
 	if st, err := a.CollectGarbage(ctx); err != nil || st.ForeignDeleted != 0 {
 		t.Fatalf("gc of an active node's segments: %+v %v", st, err)
+	}
+}
+
+// S4: a segment PUT still in flight when the node dies (kill -9) lands
+// after the restarted node listed its segments; the restarted node reused
+// the SQNs of the lost buffered changes for new ones. Neither a later
+// restart nor a restore may ever read the dead incarnation's changes.
+func TestReviewLateSegmentAfterRestartNeverReused(t *testing.T) {
+	ctx := context.Background()
+	inner := newFileStore(t)
+	hs := &restoreHookStore{BlobStore: inner, held: make(chan heldPut, 1)}
+	dir := t.TempDir()
+	start := func() *Node {
+		n, err := Open(ctx, testNodeOptions(hs, dir))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close(ctx) })
+		return n
+	}
+	all := keygroup.Range{Lo: 0, Hi: 3}
+	n := start()
+	for _, s := range []string{"s", "t"} {
+		if _, err := n.CreateStream(ctx, s, 4); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: all})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.Append(ctx, []Change{put(0, "k1", "v1")}, Local); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Persist(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	// SQN 2 is buffered only; its upload is in flight when the node dies.
+	hs.mu.Lock()
+	hs.holdPut = func(key string) bool { return strings.HasPrefix(key, "segments/") }
+	hs.mu.Unlock()
+	if _, _, err := w.Append(ctx, []Change{put(0, "dead", "from the dead incarnation")}, Buffered); err != nil {
+		t.Fatal(err)
+	}
+	n.Scheduler().RequestFlush()
+	late := <-hs.held
+	n.crash()
+
+	// Restart 1: the late PUT has not landed. The log continues at SQN 2.
+	n = start()
+	// Another log's flush first, so that the resumed log's segment sorts
+	// after the late one whatever the random key suffixes.
+	wt, err := n.OpenWriter(ctx, WriterConfig{Stream: "t", KeyGroups: all})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := wt.Append(ctx, []Change{put(0, "x", "y")}, Local); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wt.Persist(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	w, err = n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: all, Resume: w.Epoch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _, err := w.Append(ctx, []Change{put(0, "alive", "from the restarted incarnation")}, Local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restarted log continues at SQN %d; the late segment is %s", first, late.key)
+	if _, err := w.Persist(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Now the dead incarnation's PUT lands.
+	if err := inner.PutIfAbsent(ctx, late.key, bytes.NewReader(late.data), int64(len(late.data))); err != nil {
+		t.Fatal(err)
+	}
+	n.crash()
+
+	// Restart 2 rebuilds the log's segments from a listing that has both.
+	n = start()
+	w, err = n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: all, Resume: w.Epoch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := w.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
+		t.Fatalf("checkpoint: %+v %v", res, err)
+	}
+	got := restoreMap(t, n, "s", 1, all)
+	want := map[string]string{"0/s/k1": "v1", "0/s/alive": "from the restarted incarnation"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("VIOLATION: restore after a late segment: %v, want %v", got, want)
+	}
+	var replayed []string
+	for c, err := range w.Replay(ctx, 0, 0, all) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		replayed = append(replayed, string(c.Key))
+	}
+	if fmt.Sprint(replayed) != "[k1 alive]" {
+		t.Fatalf("VIOLATION: replay after a late segment: %v", replayed)
 	}
 }

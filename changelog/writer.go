@@ -71,6 +71,10 @@ type Writer struct {
 	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
 
 	truncMu sync.Mutex
+
+	// recovered: the log's recovery marks (set before the writer is
+	// shared, immutable after).
+	recovered []recoveryMark
 }
 
 func logIDOf(stream string, epoch uint64) string { return fmt.Sprintf("%s/%d", stream, epoch) }
@@ -86,11 +90,13 @@ type walMeta struct {
 	// reference, so a restart never resurrects a released prefix whose
 	// segments may already be deleted.
 	TruncatedBefore uint64 `json:"truncated_before,omitempty"`
+	// Recovered has one mark per restart that recovered the log (S4).
+	Recovered []recoveryMark `json:"recovered,omitempty"`
 }
 
 // meta returns the writer's local-log metadata.
 func (w *Writer) meta(truncatedBefore uint64) []byte {
-	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore})
+	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore, Recovered: w.recovered})
 	return data
 }
 
