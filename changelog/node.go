@@ -79,7 +79,7 @@ type Node struct {
 	sched *upload.Scheduler
 	wal   *locallog.Log
 
-	firstSeq  uint64 // sequence of this incarnation's first segment
+	firstSeq uint64 // sequence of this incarnation's first segment
 
 	runCancel context.CancelFunc
 	runDone   chan error
