@@ -348,6 +348,19 @@ func (m *model) reopen() {
 	if ret := m.retained(); len(ret) > 0 && m.rng.IntN(2) == 0 {
 		from = ret[m.rng.IntN(len(ret))]
 	}
+	if from != 0 && !m.restorable[from] {
+		// A checkpoint that cannot be restored is refused before anything
+		// is fenced (issue 9 R2); the writer reopens from the newest.
+		_, err := m.node.OpenWriter(m.ctx, WriterConfig{Stream: "m", KeyGroups: old.r, FromCheckpoint: from})
+		if !errors.Is(err, ErrCheckpointNotRestorable) && !upload.IsTransient(err) {
+			m.fatalf("open %s from unrestorable checkpoint %d: %v, want ErrCheckpointNotRestorable", old.r, from, err)
+		}
+		if err := old.w.alive(); err != nil {
+			m.fatalf("a refused open fenced %s: %v", old.w.LogID(), err)
+		}
+		m.logf("open %s from %d refused: %v", old.r, from, err)
+		from = 0
+	}
 	m.writers[i] = m.openWriter(old.r, from)
 	m.zombies = append(m.zombies, old)
 	m.logf("reopen %s from %d as %s (from %d)", old.w.LogID(), from, m.writers[i].w.LogID(), m.writers[i].w.FromCheckpoint())
