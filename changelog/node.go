@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -188,7 +189,16 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	// it sees: a segment an earlier incarnation was still uploading (a PUT
 	// that lands after this listing) has a lower sequence than every
 	// segment of this incarnation, which is what recovery marks rely on.
-	so.FirstSeq = max(so.FirstSeq, newest+incarnationSeqs)
+	// The previous start's first sequence is kept in the data dir: GC may
+	// have deleted the newest segments, so the listing alone could go back.
+	prev, err := loadSeq(opts.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	so.FirstSeq = max(so.FirstSeq, newest+incarnationSeqs, prev+incarnationSeqs)
+	if err := storeSeq(opts.DataDir, so.FirstSeq); err != nil {
+		return nil, err
+	}
 	n.firstSeq = so.FirstSeq
 	sched, err := upload.NewScheduler(so)
 	if err != nil {
@@ -480,6 +490,57 @@ func loadNodeID(dir string) (string, error) {
 		return "", fmt.Errorf("changelog: write node id: %w", err)
 	}
 	return id, nil
+}
+
+// seqFile holds the first segment sequence of the node's latest start.
+const seqFile = "segment-seq"
+
+func loadSeq(dir string) (uint64, error) {
+	data, err := os.ReadFile(filepath.Join(dir, seqFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("changelog: read %s: %w", seqFile, err)
+	}
+	v, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("changelog: %s holds %q: %w", seqFile, data, locallog.ErrCorrupt)
+	}
+	return v, nil
+}
+
+// storeSeq records seq durably (write, fsync, rename, fsync the dir)
+// before the node uploads any segment.
+func storeSeq(dir string, seq uint64) error {
+	p := filepath.Join(dir, seqFile)
+	tmp := p + ".tmp"
+	err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o644)
+	if err == nil {
+		err = syncPath(tmp)
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err == nil {
+		err = syncPath(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("changelog: record segment sequence: %w", err)
+	}
+	return nil
+}
+
+func syncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // crash stops the node as a kill -9 would, as far as that is possible in

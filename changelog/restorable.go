@@ -143,7 +143,10 @@ func (n *Node) waitGCRounds(ctx context.Context) error {
 // published snapshots and checks that every segment the plan reads exists
 // (one Stat each). Snapshot files are the materializer's: their records
 // are checked, the files they list are not.
-func (n *Node) checkRestorable(ctx context.Context, stream string, id uint64) error {
+//
+// r limits the check to those key groups (an open needs only its own);
+// nil means every key group.
+func (n *Node) checkRestorable(ctx context.Context, stream string, id uint64, r *keygroup.Range) error {
 	h, err := n.streamHandle(ctx, stream)
 	if err != nil {
 		return err
@@ -153,6 +156,9 @@ func (n *Node) checkRestorable(ctx context.Context, stream string, id uint64) er
 		return err
 	}
 	all := keygroup.Range{Lo: 0, Hi: uint16(h.cfg.KeyGroups - 1)}
+	if r != nil {
+		all = *r
+	}
 	pl, err := n.planWith(ctx, stream, id, all, snaps)
 	if errors.Is(err, ErrLogTruncated) {
 		return fmt.Errorf("%w: %w", ErrCheckpointNotRestorable, err)
@@ -186,10 +192,10 @@ func (n *Node) checkRestorable(ctx context.Context, stream string, id uint64) er
 
 // makeRoot runs steps (2) and (3) of the protocol above for a root object
 // already created at key; on refusal it removes the object.
-func (n *Node) makeRoot(ctx context.Context, stream string, id uint64, key string) error {
+func (n *Node) makeRoot(ctx context.Context, stream string, id uint64, r *keygroup.Range, key string) error {
 	err := n.waitGCRounds(ctx)
 	if err == nil {
-		err = n.checkRestorable(ctx, stream, id)
+		err = n.checkRestorable(ctx, stream, id, r)
 	}
 	if err != nil {
 		if derr := n.store.Delete(context.WithoutCancel(ctx), key); derr != nil {
@@ -201,17 +207,18 @@ func (n *Node) makeRoot(ctx context.Context, stream string, id uint64, key strin
 }
 
 // pin protects checkpoint id from garbage collection while an open from it
-// is under way: it returns once the checkpoint is known restorable and
+// is under way: it returns once the checkpoint's key groups r are known
+// restorable and
 // protected, and unpin, to call once the epoch-open entry is in the
 // journal (or the open failed). created is when the pin was made.
-func (n *Node) pin(ctx context.Context, stream string, id uint64) (unpin func(appended bool), created time.Time, err error) {
+func (n *Node) pin(ctx context.Context, stream string, id uint64, r keygroup.Range) (unpin func(appended bool), created time.Time, err error) {
 	key := pinKey(stream, id, newNonce())
 	created = n.clock.Now()
 	if err := n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0); err != nil {
 		_ = n.store.Delete(context.WithoutCancel(ctx), key)
 		return nil, time.Time{}, fmt.Errorf("stream %s: pin checkpoint %d: %w", stream, id, err)
 	}
-	if err := n.makeRoot(ctx, stream, id, key); err != nil {
+	if err := n.makeRoot(ctx, stream, id, &r, key); err != nil {
 		return nil, time.Time{}, err
 	}
 	return func(appended bool) {

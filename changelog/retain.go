@@ -46,7 +46,7 @@ func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, r
 		}
 		return fmt.Errorf("stream %s: retain checkpoint %d: %w", stream, id, err)
 	}
-	if err := n.makeRoot(ctx, stream, id, key); err != nil {
+	if err := n.makeRoot(ctx, stream, id, nil, key); err != nil {
 		return fmt.Errorf("stream %s: retain checkpoint %d: %w", stream, id, err)
 	}
 	return nil

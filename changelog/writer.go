@@ -140,7 +140,7 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 		if _, err := n.completeCheckpoint(ctx, cfg.Stream, from); err != nil {
 			return nil, err
 		}
-		if unpin, pinnedAt, err = n.pin(ctx, cfg.Stream, from); err != nil {
+		if unpin, pinnedAt, err = n.pin(ctx, cfg.Stream, from, cfg.KeyGroups); err != nil {
 			return nil, fmt.Errorf("stream %s: open from checkpoint %d: %w", cfg.Stream, from, err)
 		}
 	}
