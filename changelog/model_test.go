@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/segments"
@@ -93,10 +94,11 @@ type model struct {
 	writers  []*modelWriter
 	zombies  []*modelWriter
 	expected map[uint64]map[string]string
-	// restorable[id] is false for a checkpoint some part of which (or of
+	// restorable[id][kg] is false for a key group of a checkpoint whose
+	// part (or a part of its chain) has a truncated log (see restorableIn):
 	// its chain) has a truncated log: until snapshots exist, its restore
 	// must fail with ErrLogTruncated rather than return a partial state.
-	restorable map[uint64]bool
+	restorable map[uint64][]bool
 	complete   []uint64
 	nextID     uint64
 	step       int
@@ -117,7 +119,7 @@ func newModel(t *testing.T, seed uint64) *model {
 	}})
 	m := &model{
 		t: t, ctx: context.Background(), rng: rand.New(rand.NewPCG(seed, seed*31+7)), seed: seed,
-		inner: inner, store: store, dataDir: t.TempDir(), expected: map[uint64]map[string]string{}, restorable: map[uint64]bool{}, nextID: 1,
+		inner: inner, store: store, dataDir: t.TempDir(), expected: map[uint64]map[string]string{}, restorable: map[uint64][]bool{}, nextID: 1,
 	}
 	opts := testNodeOptions(store, m.dataDir)
 	opts.Scheduler.BaseBackoff, opts.Scheduler.MaxBackoff = 1, 2 // nanoseconds: retries without waiting
@@ -274,11 +276,13 @@ func (m *model) checkpoint() {
 		return
 	}
 	want := map[string]string{}
-	ok := true
+	ok := make([]bool, modelKeyGroups)
 	for _, mw := range m.writers {
 		maps.Copy(want, mw.state(uint64(len(mw.log))))
 		mw.durable = uint64(len(mw.log))
-		ok = ok && mw.baseOK && mw.truncatedBefore <= 1
+		for kg := mw.r.Lo; kg <= mw.r.Hi; kg++ {
+			ok[kg] = mw.baseOK && mw.truncatedBefore <= 1
+		}
 	}
 	m.expected[id] = want
 	m.restorable[id] = ok
@@ -302,6 +306,18 @@ func (m *model) truncate() {
 	}
 	mw.truncatedBefore = before
 	m.logf("truncate %s before %d", mw.w.LogID(), before)
+}
+
+// restorableIn says whether key groups r of checkpoint id restore from the
+// changelog alone (the model has no snapshots).
+func (m *model) restorableIn(id uint64, r keygroup.Range) bool {
+	ok := m.restorable[id]
+	for kg := r.Lo; kg <= r.Hi; kg++ {
+		if !ok[kg] {
+			return false
+		}
+	}
+	return true
 }
 
 // retained returns the ids of the checkpoints whose objects GC keeps.
@@ -335,7 +351,7 @@ func (m *model) openWriter(r keygroup.Range, from uint64) *modelWriter {
 	}
 	baseOK := true
 	if f := w.FromCheckpoint(); f != 0 {
-		baseOK = m.restorable[f]
+		baseOK = m.restorableIn(f, r)
 	}
 	return &modelWriter{w: w, r: r, base: base, truncatedBefore: 1, baseOK: baseOK}
 }
@@ -346,6 +362,19 @@ func (m *model) reopen() {
 	from := uint64(0)
 	if ret := m.retained(); len(ret) > 0 && m.rng.IntN(2) == 0 {
 		from = ret[m.rng.IntN(len(ret))]
+	}
+	if from != 0 && !m.restorableIn(from, old.r) {
+		// A checkpoint that cannot be restored is refused before anything
+		// is fenced (issue 9 R2); the writer reopens from the newest.
+		_, err := m.node.OpenWriter(m.ctx, WriterConfig{Stream: "m", KeyGroups: old.r, FromCheckpoint: from})
+		if !errors.Is(err, ErrCheckpointNotRestorable) && !upload.IsTransient(err) {
+			m.fatalf("open %s from unrestorable checkpoint %d: %v, want ErrCheckpointNotRestorable", old.r, from, err)
+		}
+		if err := old.w.alive(); err != nil {
+			m.fatalf("a refused open fenced %s: %v", old.w.LogID(), err)
+		}
+		m.logf("open %s from %d refused: %v", old.r, from, err)
+		from = 0
 	}
 	m.writers[i] = m.openWriter(old.r, from)
 	m.zombies = append(m.zombies, old)
@@ -439,7 +468,7 @@ func (m *model) checkCheckpoints() {
 func (m *model) checkCheckpoint(id uint64) {
 	got := map[string]string{}
 	for c, err := range m.observer.RestoreChanges(m.ctx, "m", id, keygroup.Full(modelKeyGroups)) {
-		if err != nil && !m.restorable[id] && errors.Is(err, ErrLogTruncated) {
+		if err != nil && !m.restorableIn(id, keygroup.Full(modelKeyGroups)) && errors.Is(err, ErrLogTruncated) {
 			return // refused, as it must be without a snapshot
 		}
 		if err != nil {
@@ -447,7 +476,7 @@ func (m *model) checkCheckpoint(id uint64) {
 		}
 		applyChange(got, c)
 	}
-	if !m.restorable[id] {
+	if !m.restorableIn(id, keygroup.Full(modelKeyGroups)) {
 		m.fatalf("checkpoint %d has a truncated log without a snapshot, but restored without ErrLogTruncated", id)
 	}
 	if !maps.Equal(got, m.expected[id]) {
@@ -465,7 +494,7 @@ func (m *model) checkNoLeaks() {
 	if _, err := m.node.CollectGarbage(m.ctx); err != nil {
 		m.fatalf("final gc: %v", err)
 	}
-	refs, err := m.node.segmentReferences(m.ctx, &GCStats{})
+	refs, _, err := m.node.segmentReferences(m.ctx, &GCStats{}, time.Now().Add(time.Hour))
 	if err != nil {
 		m.fatalf("references: %v", err)
 	}
