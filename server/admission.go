@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -36,6 +37,14 @@ import (
 //     request cannot be counted and is priced at the most changes it could
 //     hold.
 //
+// A request waits for room at most Options.BackpressureWait, then fails
+// with RESOURCE_EXHAUSTED (retry later), as an append waiting for upload room
+// does. The wait must be bounded: a request waiting for wire room has not
+// read its body, and over HTTP/2 the unread bodies of waiting requests fill
+// the connection's flow-control window, which can stop the body of the
+// request holding the room from arriving (one client multiplexing many
+// large appends on one connection would otherwise wedge itself).
+//
 // A message holds both reservations until the handler is done with it: the
 // end of the request, or the next message's prefix on a stream (connect
 // reads it only when the handler asks for the next message). A request
@@ -59,12 +68,25 @@ const (
 	otherBytesFactor = 2
 	// minJSONChangeBytes is the least JSON a change takes ("{}," ).
 	minJSONChangeBytes = 3
-	// DefaultMaxBatchChanges bounds the changes of one Append.
-	DefaultMaxBatchChanges = 1 << 20
+	// DefaultMaxBatchChanges bounds the changes of one Append (the SDK
+	// sends batches of 1000 by default).
+	DefaultMaxBatchChanges = 1 << 18
 	// DefaultMaxRequestMemory bounds the memory of requests being received
-	// and decoded (wire + work budgets).
-	DefaultMaxRequestMemory = 512 << 20
+	// and decoded (wire + work budgets). It must let one request of the
+	// most changes and bytes through (maxRequestCost); the default does for
+	// the default limits (576 MiB of work for 512 MiB).
+	DefaultMaxRequestMemory = 768 << 20
 )
+
+// maxRequestCost is the most work one admissible request may be priced at:
+// an Append of maxBatch changes in a message of maxMessage bytes.
+func maxRequestCost(maxMessage, maxBatch int) int64 {
+	return appendBytesFactor*int64(maxMessage) + int64(maxBatch)*changeCostBytes
+}
+
+// workBudget is the part of the request memory that prices decoding and
+// applying (the rest buffers wire bytes).
+func workBudget(memory int64) int64 { return memory - memory/4 }
 
 // budget is a FIFO weighted semaphore of bytes.
 type budget struct {
@@ -151,15 +173,15 @@ type admission struct {
 	wire, work      *budget
 	maxBatchChanges int
 	maxMessageBytes int64
+	wait            time.Duration
 }
 
-func newAdmission(memory int64, maxMessageBytes, maxBatchChanges int) *admission {
+func newAdmission(memory int64, maxMessageBytes, maxBatchChanges int, wait time.Duration) *admission {
 	// A quarter for buffering, the rest for decoding and applying (an
 	// Append costs ~60x its wire size in tiny changes, ~4x in big ones).
-	wire := memory / 4
 	return &admission{
-		wire: newBudget(wire), work: newBudget(memory - wire),
-		maxBatchChanges: maxBatchChanges, maxMessageBytes: int64(maxMessageBytes),
+		wire: newBudget(memory - workBudget(memory)), work: newBudget(workBudget(memory)),
+		maxBatchChanges: maxBatchChanges, maxMessageBytes: int64(maxMessageBytes), wait: wait,
 	}
 }
 
@@ -324,12 +346,26 @@ func (b *admittedBody) readEnveloped(p []byte) (int, error) {
 func (b *admittedBody) countable() bool { return b.appends && !b.compressed && !b.json }
 
 func (b *admittedBody) reserveWire(n int64) error {
-	got, err := b.a.wire.acquire(b.ctx, n)
+	got, err := b.acquire(b.a.wire, n)
 	if err != nil {
-		return b.fail(connect.NewError(connect.CodeOf(err), fmt.Errorf("waiting for memory to receive a %d-byte request: %w", n, err)))
+		return b.fail(fmt.Errorf("no memory to receive a %d-byte request: %w", n, err))
 	}
 	b.wireHeld += got
 	return nil
+}
+
+// acquire waits for room in bud at most the back-pressure wait.
+func (b *admittedBody) acquire(bud *budget, n int64) (int64, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, b.a.wait)
+	defer cancel()
+	got, err := bud.acquire(ctx, n)
+	switch {
+	case err == nil:
+		return got, nil
+	case b.ctx.Err() != nil:
+		return 0, connect.NewError(connect.CodeOf(b.ctx.Err()), b.ctx.Err())
+	}
+	return 0, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the node's request memory stayed full for %s; retry later: %w", b.a.wait, err))
 }
 
 // reserveWork prices a fully received message of wire bytes (not yet
@@ -360,9 +396,9 @@ func (b *admittedBody) reserveWork(wire int64) error {
 	} else if b.compressed {
 		cost = otherBytesFactor * b.a.maxMessageBytes
 	}
-	got, err := b.a.work.acquire(b.ctx, cost)
+	got, err := b.acquire(b.a.work, cost)
 	if err != nil {
-		return b.fail(connect.NewError(connect.CodeOf(err), fmt.Errorf("waiting for memory to decode a %d-byte request: %w", wire, err)))
+		return b.fail(fmt.Errorf("no memory to decode a %d-byte request: %w", wire, err))
 	}
 	b.workHeld += got
 	return nil

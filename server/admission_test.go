@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -92,7 +93,7 @@ func TestAppendAdmission(t *testing.T) {
 		opts []connect.ClientOption
 	}{{"connect", nil}, {"grpc", []connect.ClientOption{connect.WithGRPC()}}, {"grpcweb", []connect.ClientOption{connect.WithGRPCWeb()}}, {"connect-gzip", []connect.ClientOption{connect.WithSendGzip()}}} {
 		t.Run(proto.name, func(t *testing.T) {
-			c, srv := startServerWith(t, Options{MaxBatchChanges: 1000, MaxRequestMemory: 8 << 20}, proto.opts...)
+			c, srv := startServerWith(t, Options{MaxBatchChanges: 1000, MaxRequestMemory: 8 << 20, MaxMessageBytes: 1 << 20}, proto.opts...)
 			if _, err := c.streams.CreateStream(ctx, connect.NewRequest(&dstlv1.CreateStreamRequest{Name: "s", KeyGroups: 1})); err != nil {
 				t.Fatal(err)
 			}
@@ -136,7 +137,7 @@ func TestAppendAdmission(t *testing.T) {
 // A stream of batches holds one batch's reservation at a time.
 func TestAppendStreamAdmission(t *testing.T) {
 	ctx := context.Background()
-	c, srv := startServerWith(t, Options{MaxBatchChanges: 1000, MaxRequestMemory: 4 << 20}, connect.WithGRPC())
+	c, srv := startServerWith(t, Options{MaxBatchChanges: 1000, MaxRequestMemory: 8 << 20, MaxMessageBytes: 1 << 20}, connect.WithGRPC())
 	if _, err := c.streams.CreateStream(ctx, connect.NewRequest(&dstlv1.CreateStreamRequest{Name: "s", KeyGroups: 1})); err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +146,7 @@ func TestAppendStreamAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := c.writers.AppendStream(ctx)
-	for i := range 20 { // 20 x 1.3 MB of work: more than the budget in all
+	for i := range 20 { // 20 x 1.3 MB of work: more than the 6 MiB budget in all
 		req := &dstlv1.AppendRequest{WriterId: ow.Msg.GetWriterId()}
 		for range 1000 {
 			req.Changes = append(req.Changes, put(0, "k", "v"))
@@ -171,4 +172,12 @@ func TestAppendStreamAdmission(t *testing.T) {
 		t.Fatalf("unknown-length request: %v %v", resp, err)
 	}
 	resp.Body.Close()
+}
+
+// Request memory too small for one maximum request is refused at New: the
+// bound would not hold otherwise.
+func TestRequestMemoryTooSmall(t *testing.T) {
+	if _, err := New(nil, Options{MaxRequestMemory: 64 << 20}); err == nil || !strings.Contains(err.Error(), "raise it") {
+		t.Fatalf("New with 64 MiB of request memory for the default limits: %v, want a refusal", err)
+	}
 }

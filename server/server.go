@@ -32,12 +32,13 @@ type Options struct {
 	MaxMessageBytes int
 	// MaxBatchChanges bounds the changes of one Append (or one message of
 	// AppendStream); more is INVALID_ARGUMENT, refused before decoding
-	// (default DefaultMaxBatchChanges, 1<<20).
+	// (default DefaultMaxBatchChanges, 1<<18).
 	MaxBatchChanges int
 	// MaxRequestMemory bounds the memory of requests being received,
 	// decoded and applied, reserved before it is allocated (admission.go;
-	// default DefaultMaxRequestMemory, 512 MiB). Requests beyond it wait
-	// for room, up to their deadline.
+	// default DefaultMaxRequestMemory, 768 MiB). Requests beyond it wait
+	// for room up to BackpressureWait, then fail with RESOURCE_EXHAUSTED.
+	// It must leave room for one maximum request (New refuses otherwise).
 	MaxRequestMemory int64
 	// State serves reads. Default: a PebbleState in StateDir if set (the
 	// server opens and closes it), else the in-memory LiveState. If State
@@ -62,7 +63,7 @@ type Server struct {
 	metrics *metrics
 	log     *slog.Logger
 
-	admit   *admission
+	admit *admission
 
 	mu      sync.Mutex
 	writers map[string]*changelog.Writer
@@ -82,12 +83,18 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 	if opts.MaxRequestMemory <= 0 {
 		opts.MaxRequestMemory = DefaultMaxRequestMemory
 	}
+	if need := maxRequestCost(opts.MaxMessageBytes, opts.MaxBatchChanges); workBudget(opts.MaxRequestMemory) < need {
+		// Otherwise one maximum request would be admitted alone beyond the
+		// bound, and the node's memory would not be bounded by it.
+		return nil, fmt.Errorf("server: request memory %d B leaves %d B to decode requests, below what one Append of %d changes in %d bytes may cost (%d B): raise it to %d B or lower the batch or message limit",
+			opts.MaxRequestMemory, workBudget(opts.MaxRequestMemory), opts.MaxBatchChanges, opts.MaxMessageBytes, need, need/3*4+4)
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
 		node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State,
-		admit: newAdmission(opts.MaxRequestMemory, opts.MaxMessageBytes, opts.MaxBatchChanges),
+		admit: newAdmission(opts.MaxRequestMemory, opts.MaxMessageBytes, opts.MaxBatchChanges, opts.BackpressureWait),
 	}
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
