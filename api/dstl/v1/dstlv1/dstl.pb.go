@@ -892,7 +892,7 @@ func (x *OpenWriterResponse) GetRestoredMetadata() [][]byte {
 type AppendRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	WriterId string                 `protobuf:"bytes,1,opt,name=writer_id,json=writerId,proto3" json:"writer_id,omitempty"`
-	// At most the server's per-batch limit (default 1048576 changes,
+	// At most the server's per-batch limit (default 262144 changes,
 	// `dstl serve --max-batch-changes`); more is INVALID_ARGUMENT.
 	Changes       []*Change  `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
 	Durability    Durability `protobuf:"varint,3,opt,name=durability,proto3,enum=dstl.v1.Durability" json:"durability,omitempty"`
