@@ -309,7 +309,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	}
 
 	c = open(t, embedded.Options{Dir: dir}).Client()
-	cps, err := c.Checkpoints(ctx, "s")
+	cps, err := collect(c.Checkpoints(ctx, "s", dstl.CheckpointListOptions{Parts: true}))
 	if err != nil || len(cps) != 1 || cps[0].ID != 1 || string(cps[0].Parts[0].Metadata) != "meta" {
 		t.Fatalf("checkpoints after restart: %+v %v", cps, err)
 	}

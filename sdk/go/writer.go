@@ -247,6 +247,9 @@ func (w *Writer) Apply(ctx context.Context, c Change) error {
 	if c.Op < OpPut || c.Op > OpClear {
 		return invalid("Append", "writer %s: unknown op %d", w.id, c.Op)
 	}
+	if err := validName("Append", "state", c.State); err != nil {
+		return err
+	}
 	if n := len(c.Key) + len(c.Value) + len(c.State); n > MaxChangeBytes {
 		return invalid("Append", "writer %s: change of %d bytes is above the %d-byte limit", w.id, n, MaxChangeBytes)
 	}
