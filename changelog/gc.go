@@ -119,7 +119,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		return err
 	}
 	js := h.journal.snapshot()
-	snaps, err := n.Snapshots(ctx, stream)
+	snaps, unusable, err := n.listSnapshots(ctx, h)
 	if err != nil {
 		return fmt.Errorf("gc: %w", err)
 	}
@@ -222,6 +222,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		}
 		st.SnapshotsDeleted++
 	}
+	errs = append(errs, n.deleteUnusableSnapshots(ctx, unusable, st))
 	return errors.Join(errs...)
 }
 

@@ -55,6 +55,7 @@ type snapEnv struct {
 	store  upload.BlobStore
 	n      *Node
 	stream string
+	inc    string // the stream's incarnation
 	groups int
 	want   map[uint64]map[string]string
 }
@@ -70,10 +71,11 @@ func newSnapEnv(t *testing.T, groups, retainCheckpoints int) *snapEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close(context.Background()) })
-	if _, err := n.CreateStream(ctx, "s", groups); err != nil {
+	cfg, err := n.CreateStream(ctx, "s", groups)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return &snapEnv{t: t, ctx: ctx, store: store, n: n, stream: "s", groups: groups, want: map[uint64]map[string]string{}}
+	return &snapEnv{t: t, ctx: ctx, store: store, n: n, stream: "s", inc: cfg.Incarnation, groups: groups, want: map[uint64]map[string]string{}}
 }
 
 func (e *snapEnv) full() keygroup.Range { return keygroup.Full(e.groups) }
@@ -128,11 +130,16 @@ func (e *snapEnv) checkpoint(id uint64, ws ...*snapWriter) {
 
 func (e *snapEnv) publish(id uint64) Snapshot {
 	e.t.Helper()
-	s, err := e.n.PublishSnapshot(e.ctx, e.stream, id, json.RawMessage(`{}`), 100, 10)
+	s, err := e.n.PublishSnapshot(e.ctx, e.stream, id, e.content(`{}`))
 	if err != nil {
 		e.t.Fatalf("publish snapshot of checkpoint %d: %v", id, err)
 	}
 	return s
+}
+
+// content is a publication of the current incarnation naming no files.
+func (e *snapEnv) content(manifest string) SnapshotContent {
+	return SnapshotContent{Incarnation: e.inc, Manifest: json.RawMessage(manifest), Bytes: 100, NewBytes: 10}
 }
 
 func (e *snapEnv) adopt(want int) {
@@ -813,17 +820,17 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 	e.append(a, put(1, "k", "v"))
 	e.checkpoint(2, a)
 	snap := e.publish(1)
-	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, json.RawMessage(`{"other":true}`), 1, 1); !errors.Is(err, ErrSnapshotConflict) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, e.content(`{"other":true}`)); !errors.Is(err, ErrSnapshotConflict) {
 		t.Fatalf("second snapshot of 1: %v, want ErrSnapshotConflict", err)
 	}
 	other := openTestNode(t, e.store, t.TempDir())
-	if _, err := other.PublishSnapshot(e.ctx, "s", 1, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrSnapshotConflict) {
+	if _, err := other.PublishSnapshot(e.ctx, "s", 1, e.content(`{}`)); !errors.Is(err, ErrSnapshotConflict) {
 		t.Fatalf("second snapshot of 1 from another node: %v, want ErrSnapshotConflict", err)
 	}
-	if _, err := e.n.PublishSnapshot(e.ctx, "s", 7, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrCheckpointNotFound) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 7, e.content(`{}`)); !errors.Is(err, ErrCheckpointNotFound) {
 		t.Fatalf("snapshot of unknown checkpoint 7: %v, want ErrCheckpointNotFound", err)
 	}
-	if _, err := e.n.PublishSnapshot(e.ctx, "missing", 1, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrStreamNotFound) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "missing", 1, e.content(`{}`)); !errors.Is(err, ErrStreamNotFound) {
 		t.Fatalf("snapshot of an unknown stream: %v, want ErrStreamNotFound", err)
 	}
 	if ids := e.snapshotIDs(other); !slices.Equal(ids, []uint64{1}) {
