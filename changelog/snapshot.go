@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -74,6 +75,11 @@ type Snapshot struct {
 	Manifest json.RawMessage   `json:"manifest"`
 
 	key string
+	// The object the record was read from (size and ModTime as listed;
+	// zero if not read back yet): a listing showing another object under
+	// the key (the stream deleted and created again) reads it again.
+	size  int64
+	mtime time.Time
 	// What this node found checking Files (cached with the record: records
 	// are immutable, and a file, once found missing, never comes back).
 	verified, missing bool
@@ -294,14 +300,22 @@ func (n *Node) Snapshots(ctx context.Context, stream string) ([]Snapshot, error)
 // never set aside (and so collect) the new stream's records.
 func (n *Node) listSnapshots(ctx context.Context, h *streamHandle) (usable, unusable []Snapshot, err error) {
 	stream, inc := h.cfg.Name, h.cfg.Incarnation
-	ids, err := listNumbered(ctx, n.store, snapshotPrefix(stream))
-	if err != nil {
-		return nil, nil, fmt.Errorf("stream %s: list snapshots: %w", stream, err)
+	prefix := snapshotPrefix(stream)
+	var objs []upload.ObjectInfo
+	for o, err := range upload.Walk(ctx, n.store, prefix, "") {
+		if err != nil {
+			return nil, nil, fmt.Errorf("stream %s: list snapshots: %w", stream, err)
+		}
+		objs = append(objs, o)
 	}
 	foreign := false
-	usable = make([]Snapshot, 0, len(ids))
-	for _, id := range ids {
-		s, err := n.snapshot(ctx, stream, inc, id)
+	usable = make([]Snapshot, 0, len(objs))
+	for _, o := range objs {
+		id, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64)
+		if err != nil {
+			continue // not a record
+		}
+		s, err := n.snapshot(ctx, stream, id, o)
 		if errors.Is(err, upload.ErrNotFound) {
 			continue // collected meanwhile
 		}
@@ -341,23 +355,34 @@ func (n *Node) listSnapshots(ctx context.Context, h *streamHandle) (usable, unus
 // ownedBy: the record belongs to incarnation inc of its stream.
 func (s Snapshot) ownedBy(inc string) bool { return s.Incarnation != "" && s.Incarnation == inc }
 
-// snapshot reads one snapshot record, cached: records are immutable. A
-// cached record of another incarnation than inc is read again: the stream
-// may have been created again, with a new record under the same key.
-func (n *Node) snapshot(ctx context.Context, stream, inc string, checkpoint uint64) (Snapshot, error) {
+// snapshot reads the snapshot record listed as o, cached: records are
+// immutable, but a key can hold another record after the stream was
+// deleted and created again, so the cached one is used only while the
+// listing shows the object it was read from (size and ModTime; a store
+// with coarse ModTimes could only be fooled by a same-sized record
+// recreated within its resolution).
+func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64, o upload.ObjectInfo) (Snapshot, error) {
 	key := snapshotKey(stream, checkpoint)
 	n.mu.Lock()
 	s, ok := n.snapshots[key]
 	n.mu.Unlock()
-	if ok && s.ownedBy(inc) {
+	if ok && s.size == o.Size && !s.mtime.IsZero() && s.mtime.Equal(o.ModTime) {
 		return s, nil
 	}
 	data, err := readAll(ctx, n.store, key)
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("stream %s: read snapshot: %w", stream, err)
 	}
+	prev := s
 	if s, err = decodeSnapshot(stream, checkpoint, data); err != nil {
 		return Snapshot{}, err
+	}
+	if ok && prev.Incarnation == s.Incarnation && prev.CreatedAt.Equal(s.CreatedAt) {
+		s.verified, s.missing = prev.verified, prev.missing // the same record
+	}
+	if int64(len(data)) == o.Size {
+		// Else it changed since the listing: cache it without a stamp.
+		s.size, s.mtime = o.Size, o.ModTime
 	}
 	n.cacheSnapshot(s)
 	return s, nil
@@ -390,15 +415,37 @@ func (n *Node) cacheSnapshot(s Snapshot) {
 }
 
 // deleteSnapshot removes a snapshot record nothing uses any more. Its files
-// become garbage for the materializer's collection.
+// become garbage for the materializer's collection. It deletes only s: if
+// the key holds another record now (the stream was deleted and created
+// again, and s came from this node's cache), it is left alone.
 func (n *Node) deleteSnapshot(ctx context.Context, s Snapshot) error {
+	data, err := readAll(ctx, n.store, s.key)
+	if err == nil {
+		var cur Snapshot
+		cur, err = decodeSnapshot(s.Stream, s.Checkpoint, data)
+		if err == nil && (cur.Incarnation != s.Incarnation || !cur.CreatedAt.Equal(s.CreatedAt)) {
+			n.forgetSnapshot(s.key)
+			return nil
+		}
+	}
+	if errors.Is(err, upload.ErrNotFound) {
+		n.forgetSnapshot(s.key)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("stream %s: delete snapshot %s: %w", s.Stream, s.key, err)
+	}
 	if err := n.store.Delete(ctx, s.key); err != nil {
 		return fmt.Errorf("stream %s: delete snapshot %s: %w", s.Stream, s.key, err)
 	}
-	n.mu.Lock()
-	delete(n.snapshots, s.key)
-	n.mu.Unlock()
+	n.forgetSnapshot(s.key)
 	return nil
+}
+
+func (n *Node) forgetSnapshot(key string) {
+	n.mu.Lock()
+	delete(n.snapshots, key)
+	n.mu.Unlock()
 }
 
 // deleteUnusableSnapshots deletes records listSnapshots set aside: of
