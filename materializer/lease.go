@@ -36,7 +36,7 @@ import (
 // confirmed started, plus ttl; the quarter is the allowance for clock skew
 // between this node, the blob store and other collectors), and the
 // publication itself must finish by then. A round whose refreshes failed
-// for that long does not publish (errLeaseLapsed). The changelog then
+// for that long does not publish (ErrLeaseLapsed). The changelog then
 // Stats every file before it writes the record, and again before any log
 // is truncated below it, so even a record that lands late (a write whose
 // outcome was unknown) is never relied on if a file is gone.
@@ -55,10 +55,6 @@ type roundLease struct {
 	stop context.CancelFunc
 	done chan struct{}
 }
-
-// errLeaseLapsed: the round could not keep its lease refreshed; its files
-// may be collected, so it does not publish.
-var errLeaseLapsed = errors.New("round lease lapsed: the round's files are no longer protected from collection")
 
 // roundName names a round's files and leases.
 func roundName(checkpoint uint64, nonce string) string {

@@ -557,7 +557,7 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	within := lease.publishWithin()
 	if within <= 0 {
 		ss.known = false
-		return res, fmt.Errorf("stream %s: snapshot of checkpoint %d: %w", ss.name, id, errLeaseLapsed)
+		return res, fmt.Errorf("stream %s: snapshot of checkpoint %d: %w", ss.name, id, ErrLeaseLapsed)
 	}
 	pctx, cancel := context.WithTimeout(ctx, min(within, max(m.cfg.ReleasedGrace/2, minPublishTimeout)))
 	snap, err := m.node.PublishSnapshot(pctx, ss.name, id, changelog.SnapshotContent{
