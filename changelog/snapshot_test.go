@@ -877,8 +877,9 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 			t.Fatalf("byte %d flipped: AdoptSnapshots of a node without writers: %v", i, err)
 		}
 		// GC must not delete anything while it cannot read the records.
-		if st, err := e.n.CollectGarbage(e.ctx); err != nil || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
-			// e.n cached the record when it published it; it may carry on.
+		if st, err := e.n.CollectGarbage(e.ctx); (err != nil && !errors.Is(err, envelope.ErrCorrupt)) || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
+			// e.n cached the record when it published it, but the listing
+			// shows another object under the key now: it reads it again.
 			t.Fatalf("byte %d flipped: gc of the publishing node: %+v, %v", i, st, err)
 		}
 		if st, err := reader.CollectGarbage(e.ctx); !errors.Is(err, envelope.ErrCorrupt) || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
