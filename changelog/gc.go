@@ -202,7 +202,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 		return err
 	}
 	js := h.journal.snapshot()
-	snaps, err := n.Snapshots(ctx, stream)
+	snaps, unusable, err := n.listSnapshots(ctx, h)
 	if err != nil {
 		return fmt.Errorf("gc: %w", err)
 	}
@@ -314,6 +314,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 		}
 		st.SnapshotsDeleted++
 	}
+	errs = append(errs, n.deleteUnusableSnapshots(ctx, unusable, st))
 	return errors.Join(errs...)
 }
 
