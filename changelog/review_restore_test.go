@@ -6,6 +6,7 @@ package changelog
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -95,7 +96,8 @@ func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
 	ctx := context.Background()
 	hs := &restoreHookStore{BlobStore: newFileStore(t)}
 	n := openTestNode(t, hs, t.TempDir())
-	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+	cfg, err := n.CreateStream(ctx, "s", 4)
+	if err != nil {
 		t.Fatal(err)
 	}
 	all := keygroup.Range{Lo: 0, Hi: 3}
@@ -113,7 +115,7 @@ func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
 	}
 	// A materializer published a snapshot of checkpoint 3 (the manifest is
 	// opaque to the changelog); the node adopts it and collects.
-	if _, err := n.PublishSnapshot(ctx, "s", 3, []byte(`{}`), 0, 0); err != nil {
+	if _, err := n.PublishSnapshot(ctx, "s", 3, SnapshotContent{Incarnation: cfg.Incarnation, Manifest: json.RawMessage(`{}`)}); err != nil {
 		t.Fatal(err)
 	}
 	if k, err := n.AdoptSnapshots(ctx); err != nil || k != 1 {
@@ -190,7 +192,8 @@ func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
 func checkpointsWithSnapshot(t *testing.T, n *Node) *Writer {
 	t.Helper()
 	ctx := context.Background()
-	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+	cfg, err := n.CreateStream(ctx, "s", 4)
+	if err != nil {
 		t.Fatal(err)
 	}
 	w, err := n.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
@@ -205,7 +208,7 @@ func checkpointsWithSnapshot(t *testing.T, n *Node) *Writer {
 			t.Fatalf("checkpoint %d: %+v %v", i, res, err)
 		}
 	}
-	if _, err := n.PublishSnapshot(ctx, "s", 3, []byte(`{}`), 0, 0); err != nil {
+	if _, err := n.PublishSnapshot(ctx, "s", 3, SnapshotContent{Incarnation: cfg.Incarnation, Manifest: json.RawMessage(`{}`)}); err != nil {
 		t.Fatal(err)
 	}
 	if k, err := n.AdoptSnapshots(ctx); err != nil || k != 1 {
