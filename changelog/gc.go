@@ -119,6 +119,9 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		return err
 	}
 	js := h.journal.snapshot()
+	if err := n.compactJournal(ctx, h); err != nil { // journal_compact.go
+		return err
+	}
 	snaps, err := n.Snapshots(ctx, stream)
 	if err != nil {
 		return fmt.Errorf("gc: %w", err)
