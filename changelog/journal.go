@@ -338,10 +338,18 @@ func (j *journal) append(ctx context.Context, propose func(*journalState) (Journ
 			// The entry landed: finish the check even if the caller gave
 			// up meanwhile, so a landed entry is not reported as failed.
 			vctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-			stale, verr := j.stateCovers(vctx, e.Seq)
+			stale, verr := j.floorCovers(vctx, e.Seq)
 			cancel()
+			// No floor at or above the position: it was never deleted
+			// (floors are recorded first), the put is good. A floor is
+			// proof of a stale put only within grace/2 of the read.
+			if verr == nil && stale && j.now().Sub(listed) > 2*j.appendBound {
+				verr = fmt.Errorf("a journal floor covers it, %v after the journal read: %w", j.now().Sub(listed), upload.ErrTransient)
+			}
 			if verr != nil {
-				return JournalEntry{}, fmt.Errorf("stream %s: append journal entry %d: slow put, cannot verify it: %w", j.stream, e.Seq, verr)
+				// Landed, but maybe at a position compacted away: the
+				// outcome is unknown (the caller re-reads).
+				return JournalEntry{}, fmt.Errorf("stream %s: append journal entry %d: slow put, cannot verify its position: %w", j.stream, e.Seq, verr)
 			}
 			if stale {
 				// The position was taken and compacted long ago: this

@@ -35,11 +35,17 @@ import (
 // compacted state S', and only once the newest one (S > S') is older than
 // the journal grace. A node whose last journal read saw a head at or below
 // S' read it before entry S existed, so before the newest state was written:
-// more than a grace ago. Appends bound the time from their journal read to
-// their put well under the grace (appendBound) and, when an attempt took
-// longer anyway, check after the put that no compacted state covers the
-// position they wrote (one would prove the position was taken and compacted
-// away) and withdraw the entry. Readers that find a gap (entries deleted
+// more than a grace ago. Before deleting, GC records a journal floor
+// at S' (journal-floor/<S'>). An append whose read-to-put took longer than
+// appendBound (grace/4) checks after its put for a floor at or above its
+// position: a floor written before the check, less than grace/2 after the
+// read, cannot come from a state that folded this put (that state would
+// have to be older than the grace first), so it proves the position was
+// someone else's, compacted and deleted: the append withdraws its entry
+// and tries again. Past grace/2 the check proves nothing either way, and
+// the append reports an unknown outcome. (A compacted state at or above the
+// position proves nothing: other appenders may have read this entry and
+// compacted past it within the check's latency.) Readers that find a gap (entries deleted
 // under them) reload the newest compacted state: it covers the gap.
 //
 // Bounding the state itself: journalState holds every complete checkpoint.
@@ -71,6 +77,16 @@ const (
 var ErrRetainedCheckpointForgotten = errors.New("retained checkpoint's record was forgotten")
 
 func journalStatePrefix(name string) string { return streamPrefix(name) + "journal-state/" }
+
+// A journal floor (an empty object, streams/<name>/journal-floor/<seq>)
+// records, before any entry is deleted, that entries up to seq are being
+// deleted: a slow append that finds one at or above its position knows it
+// re-created a deleted key.
+func journalFloorPrefix(name string) string { return streamPrefix(name) + "journal-floor/" }
+
+func journalFloorKey(name string, seq uint64) string {
+	return fmt.Sprintf("%s%020d", journalFloorPrefix(name), seq)
+}
 
 func journalStateKey(name string, seq uint64) string {
 	return fmt.Sprintf("%s%020d", journalStatePrefix(name), seq)
@@ -302,17 +318,18 @@ func (j *journal) writeState(ctx context.Context, s *journalState) error {
 	return nil
 }
 
-// stateCovers reports whether some compacted state is at or above seq:
-// then entry seq existed and was folded before, and a put that just
-// created it re-created a key compaction had deleted.
-func (j *journal) stateCovers(ctx context.Context, seq uint64) (bool, error) {
+// floorCovers reports whether garbage collection recorded a journal floor
+// at or above seq: then position seq was taken, compacted and (to be)
+// deleted before, unless the floor is younger than the caller's
+// put (see the invariant at the top of the file).
+func (j *journal) floorCovers(ctx context.Context, seq uint64) (bool, error) {
 	after := ""
 	if seq > 1 {
-		after = journalStateKey(j.stream, seq-1)
+		after = journalFloorKey(j.stream, seq-1)
 	}
-	page, err := j.store.List(ctx, journalStatePrefix(j.stream), after, 1)
+	page, err := j.store.List(ctx, journalFloorPrefix(j.stream), after, 1)
 	if err != nil {
-		return false, fmt.Errorf("stream %s: list journal states: %w", j.stream, err)
+		return false, fmt.Errorf("stream %s: list journal floors: %w", j.stream, err)
 	}
 	return len(page.Objects) > 0, nil
 }
@@ -359,7 +376,7 @@ func (n *Node) compactJournal(ctx context.Context, h *streamHandle) error {
 			return err
 		}
 	}
-	if err := n.deleteCompacted(ctx, j, states); err != nil {
+	if err := j.deleteCompacted(ctx, states, n.clock.Now(), n.opts.GCGrace); err != nil {
 		return err
 	}
 	// Fail safe: a retention mark whose record is gone cannot be honoured.
@@ -379,13 +396,17 @@ func (n *Node) compactJournal(ctx context.Context, h *streamHandle) error {
 // deleteCompacted deletes the entries at or below the second-newest
 // compacted state, and the states below it, once the newest state is older
 // than the grace (see the invariant at the top of the file).
-func (n *Node) deleteCompacted(ctx context.Context, j *journal, states []storedState) error {
+func (j *journal) deleteCompacted(ctx context.Context, states []storedState, now time.Time, grace time.Duration) error {
 	if len(states) < 2 {
 		return nil
 	}
 	newest, floor := states[len(states)-1], states[len(states)-2]
-	if newest.modTime.After(n.clock.Now().Add(-n.opts.GCGrace)) {
+	if newest.modTime.After(now.Add(-grace)) {
 		return nil
+	}
+	floorKey := journalFloorKey(j.stream, floor.seq)
+	if err := j.store.PutIfAbsent(ctx, floorKey, bytes.NewReader(nil), 0); err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
+		return fmt.Errorf("gc: stream %s: record journal floor: %w", j.stream, err)
 	}
 	prefix := journalPrefix(j.stream)
 	stop := journalKey(j.stream, floor.seq)
@@ -402,6 +423,17 @@ func (n *Node) deleteCompacted(ctx context.Context, j *journal, states []storedS
 			continue
 		}
 		j.stats.EntriesDeleted.Add(1)
+	}
+	floors, err := listNumbered(ctx, j.store, journalFloorPrefix(j.stream))
+	if err != nil {
+		return fmt.Errorf("gc: stream %s: list journal floors: %w", j.stream, err)
+	}
+	for _, f := range floors {
+		if f < floor.seq { // the newest floor covers whatever these did
+			if err := j.store.Delete(ctx, journalFloorKey(j.stream, f)); err != nil && !errors.Is(err, upload.ErrNotFound) {
+				errs = append(errs, fmt.Errorf("gc: delete journal floor %d: %w", f, err))
+			}
+		}
 	}
 	for _, s := range states[:len(states)-2] {
 		if err := j.store.Delete(ctx, s.key); err != nil && !errors.Is(err, upload.ErrNotFound) {
