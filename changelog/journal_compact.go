@@ -139,7 +139,7 @@ func encodeJournalState(stream string, s *journalState) ([]byte, error) {
 		d.Live = append(d.Live, ed)
 	}
 	for _, cp := range s.checkpoints {
-		d.Checkpoints = append(d.Checkpoints, checkpointDoc{ID: cp.ID, Parts: cp.Parts, CompletedAtMs: cp.CompletedAtMs})
+		d.Checkpoints = append(d.Checkpoints, checkpointDoc(cp))
 	}
 	for g, owned := range s.everOwned {
 		if !owned {
@@ -224,7 +224,7 @@ func decodeJournalState(key string, data []byte, cfg StreamConfig) (journalState
 				return journalState{}, bad("checkpoint %d: %v", cd.ID, err)
 			}
 		}
-		s.checkpoints = append(s.checkpoints, CheckpointComplete{ID: cd.ID, Parts: cd.Parts, CompletedAtMs: cd.CompletedAtMs})
+		s.checkpoints = append(s.checkpoints, CheckpointComplete(cd))
 	}
 	for _, r := range d.EverOwned {
 		if err := r.Validate(cfg.KeyGroups); err != nil {

@@ -89,13 +89,6 @@ func (s *recordingStore) List(ctx context.Context, prefix, startAfter string, li
 	return s.BlobStore.List(ctx, prefix, startAfter, limit)
 }
 
-// forget drops a withdrawn entry from the record (it is not in the order).
-func (s *recordingStore) forget(key string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.entries, key)
-}
-
 // fullFold folds every entry the store ever created, in order: the state a
 // node that read every entry would have.
 func (s *recordingStore) fullFold(t *testing.T, cfg StreamConfig) journalState {
