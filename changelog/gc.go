@@ -202,6 +202,9 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 		return err
 	}
 	js := h.journal.snapshot()
+	if err := n.compactJournal(ctx, h); err != nil { // journal_compact.go
+		return err
+	}
 	snaps, unusable, err := n.listSnapshots(ctx, h)
 	if err != nil {
 		return fmt.Errorf("gc: %w", err)
@@ -255,6 +258,16 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 	marked, err := n.RetainedCheckpoints(ctx, stream)
 	if err != nil {
 		return err
+	}
+	// Fail safe (journal_compact.go): a mark created after the forget's
+	// own listing, for a record it forgot, cannot be honoured; stop
+	// rather than collect what the mark asks to keep. The retain refuses
+	// and removes it once this round ends (restorable.go).
+	after := h.journal.snapshot()
+	for _, id := range marked {
+		if after.forgotten(id) {
+			return fmt.Errorf("gc: stream %s: checkpoint %d: %w", stream, id, ErrRetainedCheckpointForgotten)
+		}
 	}
 	pinned, err := n.pinnedCheckpoints(ctx, stream)
 	if err != nil {

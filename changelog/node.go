@@ -58,6 +58,14 @@ type Options struct {
 	// GCInterval is the period of the background garbage collection of
 	// this node's segments (default 1m; negative disables it).
 	GCInterval time.Duration
+	// JournalCompactEvery: the appender of every JournalCompactEvery-th
+	// journal entry stores the folded journal state there, so a node
+	// opening a stream reads that and the entries after it (default 256).
+	JournalCompactEvery int
+	// JournalKeepCheckpoints is how many of the newest complete checkpoints
+	// keep their journal records at least (more if RetainCheckpoints is
+	// higher); older ones nothing needs are forgotten (default 64).
+	JournalKeepCheckpoints int
 	// JournalRefresh is how often writers re-read their streams' journals
 	// to learn that another node fenced them (default 1s).
 	JournalRefresh time.Duration
@@ -153,6 +161,12 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	}
 	if opts.GCInterval == 0 {
 		opts.GCInterval = time.Minute
+	}
+	if opts.JournalCompactEvery <= 0 {
+		opts.JournalCompactEvery = defaultJournalCompactEvery
+	}
+	if opts.JournalKeepCheckpoints <= 0 {
+		opts.JournalKeepCheckpoints = defaultJournalKeepCheckpoints
 	}
 	if opts.JournalRefresh <= 0 {
 		opts.JournalRefresh = time.Second
@@ -459,7 +473,7 @@ func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, er
 	n.mu.Lock()
 	h, ok = n.streams[name]
 	if !ok || h.journal.isGone() {
-		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce)}
+		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce).withCompaction(n.opts.JournalCompactEvery, n.opts.GCGrace)}
 		n.streams[name] = h
 	}
 	n.mu.Unlock()
