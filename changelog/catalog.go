@@ -60,7 +60,16 @@ func tryCreateStream(ctx context.Context, store upload.BlobStore, cfg StreamConf
 	}
 	err = store.PutIfAbsent(ctx, catalogKey(cfg.Name), bytes.NewReader(data), int64(len(data)))
 	if errors.Is(err, upload.ErrAlreadyExists) {
-		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists) // a racing creator won
+		// A racing creator won, or an earlier attempt of ours whose put
+		// failed landed after all (late): the incarnation nonce tells.
+		old, gerr := getStream(ctx, store, cfg.Name)
+		switch {
+		case gerr != nil:
+			return gerr
+		case old == cfg:
+			return nil
+		}
+		return fmt.Errorf("stream %s: %w", cfg.Name, ErrStreamExists)
 	}
 	return err
 }
