@@ -26,7 +26,7 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 		// Objects a writer on another node stored after an earlier delete
 		// would keep the name from being created again: clear them.
 		if leftovers := checkNoLeftovers(ctx, n.store, name); errors.Is(leftovers, ErrStreamBusy) {
-			if err := deletePrefix(ctx, n.store, streamPrefix(name)); err != nil {
+			if err := deletePrefix(ctx, n.store, streamNamePrefix(name)); err != nil {
 				return fmt.Errorf("stream %s: delete leftovers: %w", name, err)
 			}
 			return nil
@@ -44,7 +44,7 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 	}
 	delete(n.streams, name)
 	n.mu.Unlock()
-	if err := deletePrefix(ctx, n.store, streamPrefix(name)); err != nil {
+	if err := deletePrefix(ctx, n.store, streamNamePrefix(name)); err != nil {
 		return fmt.Errorf("stream %s: delete: %w", name, err)
 	}
 	if err := n.store.Delete(ctx, catalogKey(name)); err != nil {
@@ -73,7 +73,7 @@ func deletePrefix(ctx context.Context, store upload.BlobStore, prefix string) er
 // checkNoLeftovers refuses to create a stream whose name still has objects
 // of a deleted incarnation (a deletion that did not finish).
 func checkNoLeftovers(ctx context.Context, store upload.BlobStore, name string) error {
-	page, err := store.List(ctx, streamPrefix(name), "", 1)
+	page, err := store.List(ctx, streamNamePrefix(name), "", 1)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", name, err)
 	}

@@ -255,7 +255,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 	if len(retained) > n.opts.RetainCheckpoints {
 		retained = retained[len(retained)-n.opts.RetainCheckpoints:]
 	}
-	marked, err := n.RetainedCheckpoints(ctx, stream)
+	marked, err := n.retainedCheckpoints(ctx, h.cfg.ns())
 	if err != nil {
 		return err
 	}
@@ -269,7 +269,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 			return fmt.Errorf("gc: stream %s: checkpoint %d: %w", stream, id, ErrRetainedCheckpointForgotten)
 		}
 	}
-	pinned, err := n.pinnedCheckpoints(ctx, stream)
+	pinned, err := n.pinnedCheckpoints(ctx, h.cfg.ns())
 	if err != nil {
 		return err
 	}
@@ -301,7 +301,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 			}
 		}
 	}
-	pending, err := n.pendingParts(ctx, stream, js.lastCheckpoint())
+	pending, err := n.pendingParts(ctx, h.cfg.ns(), js.lastCheckpoint())
 	if err != nil {
 		return err
 	}
@@ -377,8 +377,8 @@ func (n *Node) addPartReferences(ctx context.Context, stream, key string, refs, 
 
 // pendingParts lists the parts recorded for checkpoints above the newest
 // complete one.
-func (n *Node) pendingParts(ctx context.Context, stream string, lastComplete uint64) ([]string, error) {
-	prefix := streamPrefix(stream) + "checkpoints/"
+func (n *Node) pendingParts(ctx context.Context, ns streamNS, lastComplete uint64) ([]string, error) {
+	stream, prefix := ns.name, streamPrefix(ns)+"checkpoints/"
 	// '~' sorts after every digit: start after all parts of lastComplete.
 	startAfter := fmt.Sprintf("%s%020d/~", prefix, lastComplete)
 	var keys []string
