@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
+	"time"
 
 	"github.com/dstl-dev/dstl/upload"
 )
@@ -79,6 +81,62 @@ func checkNoLeftovers(ctx context.Context, store upload.BlobStore, name string) 
 	}
 	if len(page.Objects) > 0 {
 		return fmt.Errorf("stream %s: objects of a deleted stream of that name remain (%s); delete it again: %w", name, page.Objects[0].Key, ErrStreamBusy)
+	}
+	return nil
+}
+
+// collectDeadIncarnations deletes the objects of every incarnation of name
+// but the current one: late writes of a writer (or journal, GC, pin) that
+// had not noticed a delete and create of the name. They land in their own,
+// dead incarnation's prefix (streams/<name>/<incarnation>/), which
+// DeleteStream emptied and nothing reads, so without this they would leak
+// (invariant 5). The current incarnation is read from the definition, never
+// from a cached handle: a stale view must not take the live incarnation for
+// a dead one. Only objects older than GCGrace go: an incarnation created
+// between that read and the deletion (a delete and create meanwhile) has
+// only younger objects. A definition without an incarnation keeps its
+// objects directly under streams/<name>/: nothing to do.
+func (n *Node) collectDeadIncarnations(ctx context.Context, name string, st *GCStats, deadline time.Time) error {
+	cfg, err := getStream(ctx, n.store, name)
+	if errors.Is(err, ErrStreamNotFound) {
+		return nil // deleted meanwhile: DeleteStream clears the name
+	}
+	if err != nil || cfg.Incarnation == "" {
+		return err
+	}
+	base, live := streamNamePrefix(name), cfg.Incarnation
+	cutoff := n.clock.Now().Add(-n.opts.GCGrace)
+	after := ""
+	for n.clock.Now().Before(deadline) {
+		page, err := n.store.List(ctx, base, after, 1)
+		if err != nil {
+			return fmt.Errorf("gc: stream %s: list incarnations: %w", name, err)
+		}
+		if len(page.Objects) == 0 {
+			return nil
+		}
+		inc, _, ok := strings.Cut(strings.TrimPrefix(page.Objects[0].Key, base), "/")
+		if !ok {
+			after = page.Objects[0].Key // not an incarnation's object: leave it
+			continue
+		}
+		// '~' sorts after every character of a key: skip the whole prefix.
+		after = base + inc + "/~"
+		if inc == live {
+			continue
+		}
+		for o, err := range upload.Walk(ctx, n.store, base+inc+"/", "") {
+			if err != nil {
+				return fmt.Errorf("gc: stream %s: list incarnation %s: %w", name, inc, err)
+			}
+			if !o.ModTime.Before(cutoff) {
+				continue // maybe a new incarnation's, or still being written: next round
+			}
+			if err := n.store.Delete(ctx, o.Key); err != nil {
+				return fmt.Errorf("gc: stream %s: delete %s of a deleted incarnation: %w", name, o.Key, err)
+			}
+			st.DeadIncarnationObjects++
+		}
 	}
 	return nil
 }

@@ -25,6 +25,10 @@ type GCStats struct {
 	// SnapshotsDeleted counts snapshot records no retained checkpoint, live
 	// epoch or pending part restores from any more (never the newest).
 	SnapshotsDeleted int
+	// DeadIncarnationObjects counts the objects deleted from the prefixes
+	// of deleted incarnations of live stream names (late writes after a
+	// delete and create; see collectDeadIncarnations).
+	DeadIncarnationObjects int
 }
 
 // CollectGarbage deletes segment objects that nothing references: this
@@ -184,6 +188,9 @@ func (n *Node) segmentReferences(ctx context.Context, st *GCStats, deadline time
 	}
 	for _, name := range streams {
 		if err := n.checkpointReferences(ctx, name, refs, owners, st, deadline); err != nil {
+			return nil, nil, err
+		}
+		if err := n.collectDeadIncarnations(ctx, name, st, deadline); err != nil {
 			return nil, nil, err
 		}
 	}
