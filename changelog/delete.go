@@ -24,7 +24,8 @@ var ErrStreamBusy = errors.New("stream busy")
 // stream that still exists and can be deleted again; CreateStream refuses a
 // name whose old objects are still there.
 func (n *Node) DeleteStream(ctx context.Context, name string) error {
-	if _, err := getStream(ctx, n.store, name); errors.Is(err, ErrStreamNotFound) {
+	cfg, err := getStream(ctx, n.store, name)
+	if errors.Is(err, ErrStreamNotFound) {
 		// Objects a writer on another node stored after an earlier delete
 		// would keep the name from being created again: clear them.
 		if leftovers := checkNoLeftovers(ctx, n.store, name); errors.Is(leftovers, ErrStreamBusy) {
@@ -39,7 +40,9 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 	}
 	n.mu.Lock()
 	for _, w := range n.writers {
-		if w.cfg.Stream == name {
+		// A writer of a deleted incarnation of the name holds nothing of
+		// this one (its keys are its own incarnation's).
+		if w.cfg.Stream == name && w.incarnation == cfg.Incarnation {
 			n.mu.Unlock()
 			return fmt.Errorf("stream %s: writer %s is open: %w", name, w.logID, ErrStreamBusy)
 		}
