@@ -54,7 +54,7 @@ func (n *Node) abandonOrphans(ctx context.Context, h *streamHandle) error {
 // isOrphan reports whether epoch of h has no writer on this node that could
 // ever write it (see above).
 func (n *Node) isOrphan(h *streamHandle, epoch uint64) bool {
-	logID := logIDOf(h.cfg.Name, epoch)
+	logID := logIDOf(h.cfg.ns(), epoch)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed || n.opening[h.cfg.Name] > 0 {
@@ -72,8 +72,8 @@ func (n *Node) abandonEpoch(ctx context.Context, h *streamHandle, ep EpochState)
 	var empty PartRef
 	if _, ok := newestPartOf(st, ep.Epoch); !ok {
 		var err error
-		empty, err = writePart(ctx, n.store, Part{
-			Stream: h.cfg.Name, Epoch: ep.Epoch, KeyGroups: ep.KeyGroups, LogID: logIDOf(h.cfg.Name, ep.Epoch),
+		empty, err = writePart(ctx, n.store, h.cfg.ns(), Part{
+			Stream: h.cfg.Name, Epoch: ep.Epoch, KeyGroups: ep.KeyGroups, LogID: logIDOf(h.cfg.ns(), ep.Epoch),
 			FromCheckpoint: ep.FromCheckpoint, TruncatedBefore: 1,
 		})
 		if err != nil {

@@ -28,6 +28,7 @@ type CheckpointResult struct {
 // fenced writer gets ErrFenced and its part never becomes visible.
 func (w *Writer) Checkpoint(ctx context.Context, id uint64, metadata []byte) (CheckpointResult, error) {
 	res, err := w.checkpoint(ctx, id, metadata)
+	err = w.streamGone(err)
 	if errors.Is(err, ErrFenced) {
 		// Other writers of this node may have stored their parts and waited
 		// for this one's, which will never come: complete for them.
@@ -140,7 +141,7 @@ func (w *Writer) recordPart(ctx context.Context, id uint64, h PersistHandle, met
 			segs = append(segs, s)
 		}
 	}
-	return writePart(ctx, w.node.store, Part{
+	return writePart(ctx, w.node.store, w.ns(), Part{
 		Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, Checkpoint: id, LogID: w.logID,
 		FromCheckpoint: w.from, TruncatedBefore: truncated, UpToSQN: h.UpToSQN, Segments: segs,
 		Metadata: slices.Clone(metadata),
@@ -184,7 +185,7 @@ func (n *Node) localPartsDoneLocked(h *streamHandle, st journalState, id uint64)
 	if !ok {
 		return false
 	}
-	for _, o := range n.liveWriters(h.cfg.Name) {
+	for _, o := range n.liveWriters(h) {
 		if _, fenced := st.fenced(o.epoch); !fenced && !stored[o.epoch] {
 			return false
 		}
@@ -264,7 +265,7 @@ func (n *Node) finishCheckpoint(ctx context.Context, h *streamHandle, id uint64)
 	if !st.completable(id) {
 		return false, nil
 	}
-	recorded, err := listParts(ctx, n.store, h.cfg.Name, id)
+	recorded, err := listParts(ctx, n.store, h.cfg.ns(), id)
 	if err != nil {
 		return false, err
 	}
@@ -283,7 +284,7 @@ func (n *Node) finishCheckpoint(ctx context.Context, h *streamHandle, id uint64)
 		if len(s.orphaned()) > 0 {
 			return JournalEntry{}, errNothingToAppend // completes once the orphans are reopened
 		}
-		recorded, err := listParts(ctx, n.store, h.cfg.Name, id)
+		recorded, err := listParts(ctx, n.store, h.cfg.ns(), id)
 		if err != nil {
 			return JournalEntry{}, err
 		}
@@ -293,7 +294,7 @@ func (n *Node) finishCheckpoint(ctx context.Context, h *streamHandle, id uint64)
 			case ep.Closed:
 				parts = append(parts, ep.FinalPart)
 			case recorded[ep.Epoch]:
-				parts = append(parts, PartRef{Epoch: ep.Epoch, KeyGroups: ep.KeyGroups, Checkpoint: id, Key: partKey(h.cfg.Name, id, ep.Epoch)})
+				parts = append(parts, PartRef{Epoch: ep.Epoch, KeyGroups: ep.KeyGroups, Checkpoint: id, Key: partKey(h.cfg.ns(), id, ep.Epoch)})
 			default:
 				return JournalEntry{}, errNothingToAppend // another writer completes it
 			}
@@ -307,14 +308,14 @@ func (n *Node) finishCheckpoint(ctx context.Context, h *streamHandle, id uint64)
 // listParts returns the epochs of this writer's stream that recorded a
 // part of checkpoint id.
 func (w *Writer) listParts(ctx context.Context, id uint64) (map[uint64]bool, error) {
-	return listParts(ctx, w.node.store, w.cfg.Stream, id)
+	return listParts(ctx, w.node.store, w.ns(), id)
 }
 
 // listParts returns the epochs that recorded a part of checkpoint id.
-func listParts(ctx context.Context, store upload.BlobStore, stream string, id uint64) (map[uint64]bool, error) {
-	epochs, err := listNumbered(ctx, store, checkpointPrefix(stream, id))
+func listParts(ctx context.Context, store upload.BlobStore, ns streamNS, id uint64) (map[uint64]bool, error) {
+	epochs, err := listNumbered(ctx, store, checkpointPrefix(ns, id))
 	if err != nil {
-		return nil, fmt.Errorf("stream %s: list parts of checkpoint %d: %w", stream, id, err)
+		return nil, fmt.Errorf("stream %s: list parts of checkpoint %d: %w", ns.name, id, err)
 	}
 	out := make(map[uint64]bool, len(epochs))
 	for _, ep := range epochs {
@@ -376,7 +377,7 @@ func (w *Writer) Close(ctx context.Context) error {
 		}
 		return err
 	}
-	err = w.close(ctx)
+	err = w.streamGone(w.close(ctx))
 	w.mu.Lock()
 	w.closeErr = err
 	w.mu.Unlock()

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
+	"time"
 
 	"github.com/dstl-dev/dstl/upload"
 )
@@ -22,11 +24,12 @@ var ErrStreamBusy = errors.New("stream busy")
 // stream that still exists and can be deleted again; CreateStream refuses a
 // name whose old objects are still there.
 func (n *Node) DeleteStream(ctx context.Context, name string) error {
-	if _, err := getStream(ctx, n.store, name); errors.Is(err, ErrStreamNotFound) {
+	cfg, err := getStream(ctx, n.store, name)
+	if errors.Is(err, ErrStreamNotFound) {
 		// Objects a writer on another node stored after an earlier delete
 		// would keep the name from being created again: clear them.
 		if leftovers := checkNoLeftovers(ctx, n.store, name); errors.Is(leftovers, ErrStreamBusy) {
-			if err := deletePrefix(ctx, n.store, streamPrefix(name)); err != nil {
+			if err := deletePrefix(ctx, n.store, streamNamePrefix(name)); err != nil {
 				return fmt.Errorf("stream %s: delete leftovers: %w", name, err)
 			}
 			return nil
@@ -37,14 +40,16 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 	}
 	n.mu.Lock()
 	for _, w := range n.writers {
-		if w.cfg.Stream == name {
+		// A writer of a deleted incarnation of the name holds nothing of
+		// this one (its keys are its own incarnation's).
+		if w.cfg.Stream == name && w.incarnation == cfg.Incarnation {
 			n.mu.Unlock()
 			return fmt.Errorf("stream %s: writer %s is open: %w", name, w.logID, ErrStreamBusy)
 		}
 	}
 	delete(n.streams, name)
 	n.mu.Unlock()
-	if err := deletePrefix(ctx, n.store, streamPrefix(name)); err != nil {
+	if err := deletePrefix(ctx, n.store, streamNamePrefix(name)); err != nil {
 		return fmt.Errorf("stream %s: delete: %w", name, err)
 	}
 	if err := n.store.Delete(ctx, catalogKey(name)); err != nil {
@@ -73,12 +78,68 @@ func deletePrefix(ctx context.Context, store upload.BlobStore, prefix string) er
 // checkNoLeftovers refuses to create a stream whose name still has objects
 // of a deleted incarnation (a deletion that did not finish).
 func checkNoLeftovers(ctx context.Context, store upload.BlobStore, name string) error {
-	page, err := store.List(ctx, streamPrefix(name), "", 1)
+	page, err := store.List(ctx, streamNamePrefix(name), "", 1)
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", name, err)
 	}
 	if len(page.Objects) > 0 {
 		return fmt.Errorf("stream %s: objects of a deleted stream of that name remain (%s); delete it again: %w", name, page.Objects[0].Key, ErrStreamBusy)
+	}
+	return nil
+}
+
+// collectDeadIncarnations deletes the objects of every incarnation of name
+// but the current one: late writes of a writer (or journal, GC, pin) that
+// had not noticed a delete and create of the name. They land in their own,
+// dead incarnation's prefix (streams/<name>/<incarnation>/), which
+// DeleteStream emptied and nothing reads, so without this they would leak
+// (invariant 5). The current incarnation is read from the definition, never
+// from a cached handle: a stale view must not take the live incarnation for
+// a dead one. Only objects older than GCGrace go: an incarnation created
+// between that read and the deletion (a delete and create meanwhile) has
+// only younger objects. A definition without an incarnation keeps its
+// objects directly under streams/<name>/: nothing to do.
+func (n *Node) collectDeadIncarnations(ctx context.Context, name string, st *GCStats, deadline time.Time) error {
+	cfg, err := getStream(ctx, n.store, name)
+	if errors.Is(err, ErrStreamNotFound) {
+		return nil // deleted meanwhile: DeleteStream clears the name
+	}
+	if err != nil || cfg.Incarnation == "" {
+		return err
+	}
+	base, live := streamNamePrefix(name), cfg.Incarnation
+	cutoff := n.clock.Now().Add(-n.opts.GCGrace)
+	after := ""
+	for n.clock.Now().Before(deadline) {
+		page, err := n.store.List(ctx, base, after, 1)
+		if err != nil {
+			return fmt.Errorf("gc: stream %s: list incarnations: %w", name, err)
+		}
+		if len(page.Objects) == 0 {
+			return nil
+		}
+		inc, _, ok := strings.Cut(strings.TrimPrefix(page.Objects[0].Key, base), "/")
+		if !ok {
+			after = page.Objects[0].Key // not an incarnation's object: leave it
+			continue
+		}
+		// '~' sorts after every character of a key: skip the whole prefix.
+		after = base + inc + "/~"
+		if inc == live {
+			continue
+		}
+		for o, err := range upload.Walk(ctx, n.store, base+inc+"/", "") {
+			if err != nil {
+				return fmt.Errorf("gc: stream %s: list incarnation %s: %w", name, inc, err)
+			}
+			if !o.ModTime.Before(cutoff) {
+				continue // maybe a new incarnation's, or still being written: next round
+			}
+			if err := n.store.Delete(ctx, o.Key); err != nil {
+				return fmt.Errorf("gc: stream %s: delete %s of a deleted incarnation: %w", name, o.Key, err)
+			}
+			st.DeadIncarnationObjects++
+		}
 	}
 	return nil
 }

@@ -25,6 +25,10 @@ type GCStats struct {
 	// SnapshotsDeleted counts snapshot records no retained checkpoint, live
 	// epoch or pending part restores from any more (never the newest).
 	SnapshotsDeleted int
+	// DeadIncarnationObjects counts the objects deleted from the prefixes
+	// of deleted incarnations of live stream names (late writes after a
+	// delete and create; see collectDeadIncarnations).
+	DeadIncarnationObjects int
 }
 
 // CollectGarbage deletes segment objects that nothing references: this
@@ -186,6 +190,9 @@ func (n *Node) segmentReferences(ctx context.Context, st *GCStats, deadline time
 		if err := n.checkpointReferences(ctx, name, refs, owners, st, deadline); err != nil {
 			return nil, nil, err
 		}
+		if err := n.collectDeadIncarnations(ctx, name, st, deadline); err != nil {
+			return nil, nil, err
+		}
 	}
 	return refs, owners, nil
 }
@@ -255,7 +262,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 	if len(retained) > n.opts.RetainCheckpoints {
 		retained = retained[len(retained)-n.opts.RetainCheckpoints:]
 	}
-	marked, err := n.RetainedCheckpoints(ctx, stream)
+	marked, err := n.retainedCheckpoints(ctx, h.cfg.ns())
 	if err != nil {
 		return err
 	}
@@ -269,7 +276,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 			return fmt.Errorf("gc: stream %s: checkpoint %d: %w", stream, id, ErrRetainedCheckpointForgotten)
 		}
 	}
-	pinned, err := n.pinnedCheckpoints(ctx, stream)
+	pinned, err := n.pinnedCheckpoints(ctx, h.cfg.ns())
 	if err != nil {
 		return err
 	}
@@ -301,7 +308,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 			}
 		}
 	}
-	pending, err := n.pendingParts(ctx, stream, js.lastCheckpoint())
+	pending, err := n.pendingParts(ctx, h.cfg.ns(), js.lastCheckpoint())
 	if err != nil {
 		return err
 	}
@@ -377,8 +384,8 @@ func (n *Node) addPartReferences(ctx context.Context, stream, key string, refs, 
 
 // pendingParts lists the parts recorded for checkpoints above the newest
 // complete one.
-func (n *Node) pendingParts(ctx context.Context, stream string, lastComplete uint64) ([]string, error) {
-	prefix := streamPrefix(stream) + "checkpoints/"
+func (n *Node) pendingParts(ctx context.Context, ns streamNS, lastComplete uint64) ([]string, error) {
+	stream, prefix := ns.name, streamPrefix(ns)+"checkpoints/"
 	// '~' sorts after every digit: start after all parts of lastComplete.
 	startAfter := fmt.Sprintf("%s%020d/~", prefix, lastComplete)
 	var keys []string

@@ -51,6 +51,9 @@ type journal struct {
 	state journalState
 }
 
+// ns is the key space of the journal's incarnation.
+func (j *journal) ns() streamNS { return streamNS{name: j.stream, incarnation: j.incarnation} }
+
 // journalStats counts what compaction did, for tests and measurements.
 type journalStats struct {
 	EntriesRead    atomic.Int64 // journal entry GETs
@@ -219,20 +222,37 @@ func (j *journal) merge(r journalRead) (folded []JournalEntry, jumped bool, err 
 var errEntryGone = errors.New("journal entry deleted while reading")
 
 // readAfter reads the entries after seq, in order, up to the first error.
+//
+// The listing starts at entry seq itself, the anchor: the journal lives in
+// its incarnation's prefix, so after the stream was deleted (and maybe
+// created again, in another prefix) listing after seq would just look
+// quiet. A missing anchor means a deletion or a compaction past seq; the
+// definition tells which (one read, only then), and a deleted or replaced
+// stream fails with ErrStreamNotFound and marks the journal gone.
 func (j *journal) readAfter(ctx context.Context, seq uint64) ([]JournalEntry, error) {
-	prefix := journalPrefix(j.stream)
+	prefix := journalPrefix(j.ns())
 	startAfter := ""
 	if seq > 0 {
-		startAfter = journalKey(j.stream, seq)
+		startAfter = journalKey(j.ns(), seq-1)
 	}
 	var read []JournalEntry
+	anchored := seq == 0
 	for obj, err := range upload.Walk(ctx, j.store, prefix, startAfter) {
 		if err != nil {
 			return read, fmt.Errorf("stream %s: list journal: %w", j.stream, err)
 		}
 		n, err := strconv.ParseUint(strings.TrimPrefix(obj.Key, prefix), 10, 64)
-		if err != nil || journalKey(j.stream, n) != obj.Key {
+		if err != nil || journalKey(j.ns(), n) != obj.Key {
 			return read, fmt.Errorf("stream %s: journal object %s: not an entry name: %w", j.stream, obj.Key, envelope.ErrCorrupt)
+		}
+		if !anchored {
+			anchored = true
+			if n == seq {
+				continue // known already
+			}
+			if err := j.checkCatalog(ctx); err != nil {
+				return read, err
+			}
 		}
 		e, err := j.readEntry(ctx, obj.Key)
 		if errors.Is(err, upload.ErrNotFound) {
@@ -248,6 +268,11 @@ func (j *journal) readAfter(ctx context.Context, seq uint64) ([]JournalEntry, er
 		}
 		read = append(read, e)
 	}
+	if !anchored {
+		if err := j.checkCatalog(ctx); err != nil {
+			return read, err
+		}
+	}
 	return read, nil
 }
 
@@ -257,7 +282,13 @@ func (j *journal) readAfter(ctx context.Context, seq uint64) ([]JournalEntry, er
 func (j *journal) refreshLocked(ctx context.Context) ([]JournalEntry, bool, error) {
 	r, err := j.read(ctx, j.state.seq)
 	folded, jumped, aerr := j.merge(r)
-	return folded, jumped, errors.Join(aerr, err)
+	err = errors.Join(aerr, err)
+	if errors.Is(err, ErrStreamNotFound) {
+		// An entry of another incarnation (apply refuses it): this
+		// journal's stream is gone; the next streamHandle builds afresh.
+		j.gone.Store(true)
+	}
+	return folded, jumped, err
 }
 
 func (j *journal) readEntry(ctx context.Context, key string) (JournalEntry, error) {
@@ -332,7 +363,7 @@ func (j *journal) append(ctx context.Context, propose func(*journalState) (Journ
 		if err != nil {
 			return JournalEntry{}, fmt.Errorf("stream %s: %w", j.stream, err)
 		}
-		key := journalKey(j.stream, e.Seq)
+		key := journalKey(j.ns(), e.Seq)
 		err = j.store.PutIfAbsent(ctx, key, bytes.NewReader(data), int64(len(data)))
 		if err == nil && j.now().Sub(listed) > j.appendBound {
 			// The entry landed: finish the check even if the caller gave

@@ -76,20 +76,20 @@ const (
 // checkpoint needs; release the mark to resume it.
 var ErrRetainedCheckpointForgotten = errors.New("retained checkpoint's record was forgotten")
 
-func journalStatePrefix(name string) string { return streamPrefix(name) + "journal-state/" }
+func journalStatePrefix(ns streamNS) string { return streamPrefix(ns) + "journal-state/" }
 
 // A journal floor (an empty object, streams/<name>/journal-floor/<seq>)
 // records, before any entry is deleted, that entries up to seq are being
 // deleted: a slow append that finds one at or above its position knows it
 // re-created a deleted key.
-func journalFloorPrefix(name string) string { return streamPrefix(name) + "journal-floor/" }
+func journalFloorPrefix(ns streamNS) string { return streamPrefix(ns) + "journal-floor/" }
 
-func journalFloorKey(name string, seq uint64) string {
-	return fmt.Sprintf("%s%020d", journalFloorPrefix(name), seq)
+func journalFloorKey(ns streamNS, seq uint64) string {
+	return fmt.Sprintf("%s%020d", journalFloorPrefix(ns), seq)
 }
 
-func journalStateKey(name string, seq uint64) string {
-	return fmt.Sprintf("%s%020d", journalStatePrefix(name), seq)
+func journalStateKey(ns streamNS, seq uint64) string {
+	return fmt.Sprintf("%s%020d", journalStatePrefix(ns), seq)
 }
 
 // journalStateDoc is the stored form of journalState.
@@ -246,14 +246,14 @@ type storedState struct {
 
 // listStates lists the stream's compacted states in ascending seq order.
 func (j *journal) listStates(ctx context.Context, startAfter string) ([]storedState, error) {
-	prefix := journalStatePrefix(j.stream)
+	prefix := journalStatePrefix(j.ns())
 	var out []storedState
 	for o, err := range upload.Walk(ctx, j.store, prefix, startAfter) {
 		if err != nil {
 			return nil, fmt.Errorf("stream %s: list journal states: %w", j.stream, err)
 		}
 		n, err := strconv.ParseUint(strings.TrimPrefix(o.Key, prefix), 10, 64)
-		if err != nil || journalStateKey(j.stream, n) != o.Key {
+		if err != nil || journalStateKey(j.ns(), n) != o.Key {
 			continue // not ours (a stray object); never read, never deleted
 		}
 		out = append(out, storedState{seq: n, key: o.Key, modTime: o.ModTime})
@@ -268,7 +268,7 @@ func (j *journal) listStates(ctx context.Context, startAfter string) ([]storedSt
 func (j *journal) loadState(ctx context.Context, above uint64) (st journalState, ok bool, skipped, err error) {
 	startAfter := ""
 	if above > 0 {
-		startAfter = journalStateKey(j.stream, above)
+		startAfter = journalStateKey(j.ns(), above)
 	}
 	states, err := j.listStates(ctx, startAfter)
 	if err != nil {
@@ -309,7 +309,7 @@ func (j *journal) writeState(ctx context.Context, s *journalState) error {
 	if err != nil {
 		return err
 	}
-	key := journalStateKey(j.stream, s.seq)
+	key := journalStateKey(j.ns(), s.seq)
 	err = j.store.PutIfAbsent(ctx, key, bytes.NewReader(data), int64(len(data)))
 	if err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
 		return fmt.Errorf("stream %s: write journal state %d: %w", j.stream, s.seq, err)
@@ -325,9 +325,9 @@ func (j *journal) writeState(ctx context.Context, s *journalState) error {
 func (j *journal) floorCovers(ctx context.Context, seq uint64) (bool, error) {
 	after := ""
 	if seq > 1 {
-		after = journalFloorKey(j.stream, seq-1)
+		after = journalFloorKey(j.ns(), seq-1)
 	}
-	page, err := j.store.List(ctx, journalFloorPrefix(j.stream), after, 1)
+	page, err := j.store.List(ctx, journalFloorPrefix(j.ns()), after, 1)
 	if err != nil {
 		return false, fmt.Errorf("stream %s: list journal floors: %w", j.stream, err)
 	}
@@ -392,12 +392,12 @@ func (j *journal) deleteCompacted(ctx context.Context, states []storedState, now
 	if newest.modTime.After(now.Add(-grace)) {
 		return nil
 	}
-	floorKey := journalFloorKey(j.stream, floor.seq)
+	floorKey := journalFloorKey(j.ns(), floor.seq)
 	if err := j.store.PutIfAbsent(ctx, floorKey, bytes.NewReader(nil), 0); err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
 		return fmt.Errorf("gc: stream %s: record journal floor: %w", j.stream, err)
 	}
-	prefix := journalPrefix(j.stream)
-	stop := journalKey(j.stream, floor.seq)
+	prefix := journalPrefix(j.ns())
+	stop := journalKey(j.ns(), floor.seq)
 	var errs []error
 	for o, err := range upload.Walk(ctx, j.store, prefix, "") {
 		if err != nil {
@@ -412,13 +412,13 @@ func (j *journal) deleteCompacted(ctx context.Context, states []storedState, now
 		}
 		j.stats.EntriesDeleted.Add(1)
 	}
-	floors, err := listNumbered(ctx, j.store, journalFloorPrefix(j.stream))
+	floors, err := listNumbered(ctx, j.store, journalFloorPrefix(j.ns()))
 	if err != nil {
 		return fmt.Errorf("gc: stream %s: list journal floors: %w", j.stream, err)
 	}
 	for _, f := range floors {
 		if f < floor.seq { // the newest floor covers whatever these did
-			if err := j.store.Delete(ctx, journalFloorKey(j.stream, f)); err != nil && !errors.Is(err, upload.ErrNotFound) {
+			if err := j.store.Delete(ctx, journalFloorKey(j.ns(), f)); err != nil && !errors.Is(err, upload.ErrNotFound) {
 				errs = append(errs, fmt.Errorf("gc: delete journal floor %d: %w", f, err))
 			}
 		}
@@ -447,7 +447,7 @@ func (n *Node) forgetCheckpoints(ctx context.Context, h *streamHandle) error {
 	}
 	// Listed last, right before the append: a mark created after this
 	// is caught by checkpointReferences' check (ErrRetainedCheckpointForgotten).
-	marked, err := n.RetainedCheckpoints(ctx, h.cfg.Name)
+	marked, err := n.retainedCheckpoints(ctx, h.cfg.ns())
 	if err != nil {
 		return err
 	}

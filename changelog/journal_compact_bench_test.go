@@ -59,7 +59,7 @@ func BenchmarkJournalOpen(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := store.PutIfAbsent(ctx, journalKey("s", seq), bytes.NewReader(data), int64(len(data))); err != nil {
+				if err := store.PutIfAbsent(ctx, journalKey(cfg.ns(), seq), bytes.NewReader(data), int64(len(data))); err != nil {
 					b.Fatal(err)
 				}
 				if compacted && seq%defaultJournalCompactEvery == 0 {

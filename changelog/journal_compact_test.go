@@ -300,7 +300,7 @@ func TestJournalStaleAppendWithdrawn(t *testing.T) {
 	var armed atomic.Bool
 	armed.Store(true)
 	store.before = func(key string) {
-		if key != journalKey("s", 2) || !armed.CompareAndSwap(true, false) {
+		if key != journalKey(cfg.ns(), 2) || !armed.CompareAndSwap(true, false) {
 			return
 		}
 		skew.Store(int64(20 * time.Second))
@@ -327,7 +327,7 @@ func TestJournalStaleAppendWithdrawn(t *testing.T) {
 	if e.Seq != 10 || slow.stats.Withdrawn.Load() != 1 {
 		t.Fatalf("slow append landed at %d with %d withdrawn, want 10 and 1", e.Seq, slow.stats.Withdrawn.Load())
 	}
-	if _, err := store.Stat(ctx, journalKey("s", 2)); !errors.Is(err, upload.ErrNotFound) {
+	if _, err := store.Stat(ctx, journalKey(cfg.ns(), 2)); !errors.Is(err, upload.ErrNotFound) {
 		t.Fatalf("stale entry 2 still stored: %v", err)
 	}
 	fresh := compactJournalOf(store, cfg, "c", 4, time.Hour)
@@ -372,7 +372,7 @@ func TestJournalStateWriteFaults(t *testing.T) {
 	if err := j.stateErr(); !upload.IsTransient(err) {
 		t.Fatalf("state error %v, want the lost ack kept", err)
 	}
-	if _, err := store.Stat(ctx, journalStateKey("s", 4)); err != nil {
+	if _, err := store.Stat(ctx, journalStateKey(cfg.ns(), 4)); err != nil {
 		t.Fatalf("state 4 after a lost ack: %v", err)
 	}
 	st := j.snapshot()
@@ -385,7 +385,7 @@ func TestJournalStateWriteFaults(t *testing.T) {
 			t.Fatalf("append with a failing state write: %v", err)
 		}
 	}
-	if _, err := store.Stat(ctx, journalStateKey("s", 8)); !errors.Is(err, upload.ErrNotFound) {
+	if _, err := store.Stat(ctx, journalStateKey(cfg.ns(), 8)); !errors.Is(err, upload.ErrNotFound) {
 		t.Fatalf("state 8 after a failed write: %v", err)
 	}
 	mode = "fail-list"
@@ -425,7 +425,7 @@ func TestJournalStateCorrupt(t *testing.T) {
 	want := j.snapshot()
 	corrupt := func(seq uint64) string {
 		t.Helper()
-		key := journalStateKey("s", seq)
+		key := journalStateKey(cfg.ns(), seq)
 		path := filepath.Join(fs.(*file.Store).Root(), filepath.FromSlash(key))
 		data, err := os.ReadFile(path)
 		if err != nil {
@@ -614,6 +614,12 @@ func TestNodeJournalCompaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The node's background start (abandonAllOrphans) may have made the
+	// handle and still be in its first read: streamHandle then returns
+	// it as is. Wait for a read of this caller's own.
+	if err := oh.journal.refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
 	sameFold(t, "node opening from scratch", oh.journal.snapshot(), h.journal.snapshot())
 	if got := oh.journal.stats.EntriesRead.Load(); got >= 8 {
 		t.Fatalf("node opening from scratch read %d entries", got)
@@ -678,7 +684,7 @@ func FuzzDecodeJournalState(f *testing.F) {
 	f.Add(wrongKind)
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		key := journalStateKey("s", 5)
+		key := journalStateKey(cfg.ns(), 5)
 		st, err := decodeJournalState(key, data, cfg)
 		if err != nil {
 			if !errors.Is(err, envelope.ErrCorrupt) && !errors.Is(err, envelope.ErrUnknownVersion) && !errors.Is(err, envelope.ErrWrongKind) && !errors.Is(err, ErrStreamNotFound) {

@@ -151,7 +151,7 @@ func completeSeq(t *testing.T, j *journal, id uint64) uint64 {
 	t.Helper()
 	ctx := context.Background()
 	for seq := uint64(1); seq <= j.snapshot().seq; seq++ {
-		e, err := j.readEntry(ctx, journalKey(j.stream, seq))
+		e, err := j.readEntry(ctx, journalKey(j.ns(), seq))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -232,7 +232,7 @@ func TestJournalLostAcks(t *testing.T) {
 	}
 	nonces := map[string]bool{}
 	for seq := uint64(1); seq <= r.snapshot().seq; seq++ {
-		e, err := r.readEntry(ctx, journalKey("s", seq))
+		e, err := r.readEntry(ctx, journalKey(r.ns(), seq))
 		if err != nil {
 			t.Fatal(err)
 		}

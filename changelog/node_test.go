@@ -472,3 +472,13 @@ func TestCheckpointCompletesWhenTheLastWriterCloses(t *testing.T) {
 		t.Fatalf("checkpoint 1 = %v", got)
 	}
 }
+
+// testNS returns the key space of the current incarnation of stream name.
+func testNS(t testing.TB, store upload.BlobStore, name string) streamNS {
+	t.Helper()
+	cfg, err := getStream(context.Background(), store, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg.ns()
+}

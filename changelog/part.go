@@ -79,21 +79,21 @@ func spansOf(blocks []segments.BlockInfo) []BlockSpan {
 	return out
 }
 
-func checkpointPrefix(stream string, id uint64) string {
-	return fmt.Sprintf("%scheckpoints/%020d/", streamPrefix(stream), id)
+func checkpointPrefix(ns streamNS, id uint64) string {
+	return fmt.Sprintf("%scheckpoints/%020d/", streamPrefix(ns), id)
 }
 
-func partKey(stream string, id, epoch uint64) string {
+func partKey(ns streamNS, id, epoch uint64) string {
 	if id == 0 {
-		return fmt.Sprintf("%sfinal/%020d", streamPrefix(stream), epoch)
+		return fmt.Sprintf("%sfinal/%020d", streamPrefix(ns), epoch)
 	}
-	return fmt.Sprintf("%s%020d", checkpointPrefix(stream, id), epoch)
+	return fmt.Sprintf("%s%020d", checkpointPrefix(ns, id), epoch)
 }
 
 // writePart stores p create-only. Writing the same part twice (a retried
 // checkpoint) is fine as long as the stored one covers the same SQN.
-func writePart(ctx context.Context, store upload.BlobStore, p Part) (PartRef, error) {
-	key := partKey(p.Stream, p.Checkpoint, p.Epoch)
+func writePart(ctx context.Context, store upload.BlobStore, ns streamNS, p Part) (PartRef, error) {
+	key := partKey(ns, p.Checkpoint, p.Epoch)
 	ref := PartRef{Epoch: p.Epoch, KeyGroups: p.KeyGroups, Checkpoint: p.Checkpoint, Key: key}
 	data, err := envelope.Seal(partKind, p)
 	if err != nil {

@@ -127,7 +127,7 @@ func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []uplo
 	metas := make(map[string]walMeta, len(rec.Logs))
 	for logID, rl := range rec.Logs {
 		var meta walMeta
-		if err := json.Unmarshal(rl.Meta, &meta); err != nil || logIDOf(meta.Stream, meta.Epoch) != logID {
+		if err := json.Unmarshal(rl.Meta, &meta); err != nil || logIDOf(streamNS{name: meta.Stream, incarnation: meta.Incarnation}, meta.Epoch) != logID {
 			return fmt.Errorf("changelog: recover log %s: bad metadata %q: %w", logID, rl.Meta, locallog.ErrCorrupt)
 		}
 		metas[logID] = meta
@@ -145,7 +145,7 @@ func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []uplo
 	for logID, rl := range rec.Logs {
 		meta := metas[logID]
 		w := &Writer{
-			node: n, cfg: WriterConfig{Stream: meta.Stream, KeyGroups: meta.KeyGroups}, epoch: meta.Epoch,
+			node: n, cfg: WriterConfig{Stream: meta.Stream, KeyGroups: meta.KeyGroups}, incarnation: meta.Incarnation, epoch: meta.Epoch,
 			logID: logID, from: meta.FromCheckpoint, truncatedBefore: max(meta.TruncatedBefore, 1), done: make(chan struct{}),
 		}
 		for _, s := range segs[logID] {
@@ -189,7 +189,7 @@ func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []uplo
 
 // resumeWriter reattaches a recovered log whose epoch is still live.
 func (n *Node) resumeWriter(ctx context.Context, h *streamHandle, cfg WriterConfig) (*Writer, error) {
-	logID := logIDOf(cfg.Stream, cfg.Resume)
+	logID := logIDOf(h.cfg.ns(), cfg.Resume)
 	n.mu.Lock()
 	rl, ok := n.recovered[logID]
 	if live, isLive := n.writers[logID]; isLive {

@@ -118,7 +118,7 @@ func TestRegressionCloseDropsAcknowledgedLocalAppend(t *testing.T) {
 		return
 	}
 	// ... or, if acknowledged, covered by the final part (checked below).
-	p, err := readPart(ctx, bs, partKey("s", 0, w.Epoch()))
+	p, err := readPart(ctx, bs, partKey(w.ns(), 0, w.Epoch()))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,10 +49,10 @@ const gcMarkerSkew = time.Minute
 
 func gcRoundPrefix() string { return "gc/" }
 
-func pinPrefix(stream string) string { return streamPrefix(stream) + "pins/" }
+func pinPrefix(ns streamNS) string { return streamPrefix(ns) + "pins/" }
 
-func pinKey(stream string, id uint64, nonce string) string {
-	return fmt.Sprintf("%s%020d-%s", pinPrefix(stream), id, nonce)
+func pinKey(ns streamNS, id uint64, nonce string) string {
+	return fmt.Sprintf("%s%020d-%s", pinPrefix(ns), id, nonce)
 }
 
 // pinTTL: a pin older than this is stale (its open crashed) and no longer
@@ -230,8 +230,9 @@ func (n *Node) makeRoot(ctx context.Context, stream string, id uint64, r *keygro
 // restorable and
 // protected, and unpin, to call once the epoch-open entry is in the
 // journal (or the open failed). created is when the pin was made.
-func (n *Node) pin(ctx context.Context, stream string, id uint64, r keygroup.Range) (unpin func(appended bool), created time.Time, err error) {
-	key := pinKey(stream, id, newNonce())
+func (n *Node) pin(ctx context.Context, h *streamHandle, id uint64, r keygroup.Range) (unpin func(appended bool), created time.Time, err error) {
+	stream := h.cfg.Name
+	key := pinKey(h.cfg.ns(), id, newNonce())
 	created = n.clock.Now()
 	if err := n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0); err != nil {
 		_ = n.store.Delete(context.WithoutCancel(ctx), key)
@@ -257,8 +258,8 @@ func (n *Node) pin(ctx context.Context, stream string, id uint64, r keygroup.Ran
 
 // pinnedCheckpoints lists the checkpoints pinned by opens in progress,
 // deleting stale pins (older than pinTTL).
-func (n *Node) pinnedCheckpoints(ctx context.Context, stream string) ([]uint64, error) {
-	prefix := pinPrefix(stream)
+func (n *Node) pinnedCheckpoints(ctx context.Context, ns streamNS) ([]uint64, error) {
+	stream, prefix := ns.name, pinPrefix(ns)
 	cutoff := n.clock.Now().Add(-pinTTL)
 	var ids []uint64
 	for o, err := range upload.Walk(ctx, n.store, prefix, "") {

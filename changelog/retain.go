@@ -13,10 +13,10 @@ import (
 // per retained checkpoint. Garbage collection keeps everything a retained
 // checkpoint needs, in addition to the newest RetainCheckpoints ones.
 
-func retainedPrefix(stream string) string { return streamPrefix(stream) + "retained/" }
+func retainedPrefix(ns streamNS) string { return streamPrefix(ns) + "retained/" }
 
-func retainedKey(stream string, id uint64) string {
-	return fmt.Sprintf("%s%020d", retainedPrefix(stream), id)
+func retainedKey(ns streamNS, id uint64) string {
+	return fmt.Sprintf("%s%020d", retainedPrefix(ns), id)
 }
 
 // RetainCheckpoint marks complete checkpoint id of stream retained (or
@@ -27,17 +27,21 @@ func retainedKey(stream string, id uint64) string {
 // protocol in restorable.go), so a retain that returns nil protects data
 // that exists.
 func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, retain bool) error {
+	h, err := n.streamHandle(ctx, stream)
+	if err != nil {
+		return err
+	}
 	if _, err := n.completeCheckpoint(ctx, stream, id); err != nil {
 		return err
 	}
-	key := retainedKey(stream, id)
+	key := retainedKey(h.cfg.ns(), id)
 	if !retain {
 		if err := n.store.Delete(ctx, key); err != nil {
 			return fmt.Errorf("stream %s: release checkpoint %d: %w", stream, id, err)
 		}
 		return nil
 	}
-	err := n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0)
+	err = n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0)
 	if err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
 		// The mark may have landed: a retain that failed must not leave
 		// a mark that was never checked.
@@ -54,9 +58,18 @@ func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, r
 
 // RetainedCheckpoints returns the ids of the checkpoints marked retained.
 func (n *Node) RetainedCheckpoints(ctx context.Context, stream string) ([]uint64, error) {
-	ids, err := listNumbered(ctx, n.store, retainedPrefix(stream))
+	h, err := n.streamHandle(ctx, stream)
 	if err != nil {
-		return nil, fmt.Errorf("stream %s: list retained checkpoints: %w", stream, err)
+		return nil, err
+	}
+	return n.retainedCheckpoints(ctx, h.cfg.ns())
+}
+
+// retainedCheckpoints lists the retention marks of one incarnation.
+func (n *Node) retainedCheckpoints(ctx context.Context, ns streamNS) ([]uint64, error) {
+	ids, err := listNumbered(ctx, n.store, retainedPrefix(ns))
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: list retained checkpoints: %w", ns.name, err)
 	}
 	return ids, nil
 }

@@ -163,7 +163,7 @@ func TestReviewOpenFromCollectedCheckpoint(t *testing.T) {
 		if ids, err := n.RetainedCheckpoints(ctx, "s"); err != nil || len(ids) != 0 {
 			t.Fatalf("retained after refusals: %v %v", ids, err)
 		}
-		if pins, err := n.pinnedCheckpoints(ctx, "s"); err != nil || len(pins) != 0 {
+		if pins, err := n.pinnedCheckpoints(ctx, testNS(t, n.store, "s")); err != nil || len(pins) != 0 {
 			t.Fatalf("pins after refusals: %v %v", pins, err)
 		}
 		// A checkpoint that is still restorable is accepted.
@@ -230,6 +230,7 @@ func TestReviewRetainRacesGC(t *testing.T) {
 			hs := &restoreHookStore{BlobStore: newFileStore(t)}
 			n := openTestNode(t, hs, t.TempDir())
 			checkpointsWithSnapshot(t, n)
+			ns := testNS(t, hs, "s")
 
 			retainDone := make(chan error, 1)
 			retainerWaits := make(chan struct{}) // the retainer listed the GC round markers
@@ -240,7 +241,7 @@ func TestReviewRetainRacesGC(t *testing.T) {
 					waitOnce.Do(func() { close(retainerWaits) })
 					return inner()
 				}
-				if prefix != retainedPrefix("s") {
+				if prefix != retainedPrefix(ns) {
 					return inner()
 				}
 				var page upload.ListPage

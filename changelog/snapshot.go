@@ -74,6 +74,7 @@ type Snapshot struct {
 	Files    []SnapshotFileRef `json:"files"`
 	Manifest json.RawMessage   `json:"manifest"`
 
+	ns  streamNS // the key space the record was read from or written to
 	key string
 	// The object the record was read from (size and ModTime as listed;
 	// zero if not read back yet): a listing showing another object under
@@ -106,25 +107,32 @@ type SnapshotContent struct {
 // Key is the snapshot record's blob key.
 func (s Snapshot) Key() string { return s.key }
 
-func snapshotPrefix(stream string) string { return streamPrefix(stream) + "snapshots/" }
+func snapshotPrefix(ns streamNS) string { return streamPrefix(ns) + "snapshots/" }
 
-func snapshotKey(stream string, checkpoint uint64) string {
-	return fmt.Sprintf("%s%020d", snapshotPrefix(stream), checkpoint)
+func snapshotKey(ns streamNS, checkpoint uint64) string {
+	return fmt.Sprintf("%s%020d", snapshotPrefix(ns), checkpoint)
 }
 
-// SnapshotFilePrefix is where a stream's snapshot files live: under the
-// stream, so DeleteStream removes them with it.
-func SnapshotFilePrefix(stream string) string { return streamPrefix(stream) + "sst/" }
+// SnapshotFilePrefix is where the snapshot files of one incarnation of a
+// stream (StreamConfig.Incarnation) live: under its prefix, so DeleteStream
+// removes them with it and a round of a deleted incarnation never uploads
+// into the new one's.
+func SnapshotFilePrefix(stream, incarnation string) string {
+	return streamPrefix(streamNS{name: stream, incarnation: incarnation}) + "sst/"
+}
 
-// SnapshotLeasePrefix is where materializer rounds keep the leases that
-// protect their files while they upload (see the materializer's
-// CollectFiles); under the stream, so DeleteStream removes them too.
-func SnapshotLeasePrefix(stream string) string { return streamPrefix(stream) + "sst-leases/" }
+// SnapshotLeasePrefix is where materializer rounds of one incarnation of a
+// stream keep the leases that protect their files while they upload (see
+// the materializer's CollectFiles); under its prefix, so DeleteStream
+// removes them too.
+func SnapshotLeasePrefix(stream, incarnation string) string {
+	return streamPrefix(streamNS{name: stream, incarnation: incarnation}) + "sst-leases/"
+}
 
 // validateSnapshotFiles checks a record's file list: keys under the
 // stream's snapshot-file prefix, sizes not negative, no key twice.
-func validateSnapshotFiles(stream string, files []SnapshotFileRef) error {
-	prefix := SnapshotFilePrefix(stream)
+func validateSnapshotFiles(ns streamNS, files []SnapshotFileRef) error {
+	prefix := SnapshotFilePrefix(ns.name, ns.incarnation)
 	seen := make(map[string]bool, len(files))
 	for _, f := range files {
 		if len(f.Key) <= len(prefix) || !strings.HasPrefix(f.Key, prefix) {
@@ -221,7 +229,7 @@ func (n *Node) PublishSnapshot(ctx context.Context, stream string, checkpoint ui
 	if c.Incarnation == "" {
 		return Snapshot{}, fmt.Errorf("stream %s: publish snapshot of checkpoint %d without an incarnation: %w", stream, checkpoint, ErrInvalidChange)
 	}
-	if err := validateSnapshotFiles(stream, c.Files); err != nil {
+	if err := validateSnapshotFiles(streamNS{name: stream, incarnation: c.Incarnation}, c.Files); err != nil {
 		return Snapshot{}, fmt.Errorf("stream %s: publish snapshot of checkpoint %d: %v: %w", stream, checkpoint, err, ErrInvalidChange)
 	}
 	h, err := n.streamHandle(ctx, stream)
@@ -252,7 +260,8 @@ func (n *Node) PublishSnapshot(ctx context.Context, stream string, checkpoint ui
 		NewBytes:    c.NewBytes,
 		Files:       c.Files,
 		Manifest:    c.Manifest,
-		key:         snapshotKey(stream, checkpoint),
+		key:         snapshotKey(h.cfg.ns(), checkpoint),
+		ns:          h.cfg.ns(),
 		verified:    true,
 	}
 	for _, p := range parts {
@@ -300,7 +309,7 @@ func (n *Node) Snapshots(ctx context.Context, stream string) ([]Snapshot, error)
 // never set aside (and so collect) the new stream's records.
 func (n *Node) listSnapshots(ctx context.Context, h *streamHandle) (usable, unusable []Snapshot, err error) {
 	stream, inc := h.cfg.Name, h.cfg.Incarnation
-	prefix := snapshotPrefix(stream)
+	prefix := snapshotPrefix(h.cfg.ns())
 	var objs []upload.ObjectInfo
 	for o, err := range upload.Walk(ctx, n.store, prefix, "") {
 		if err != nil {
@@ -315,7 +324,7 @@ func (n *Node) listSnapshots(ctx context.Context, h *streamHandle) (usable, unus
 		if err != nil {
 			continue // not a record
 		}
-		s, err := n.snapshot(ctx, stream, id, o)
+		s, err := n.snapshot(ctx, h.cfg.ns(), id, o)
 		if errors.Is(err, upload.ErrNotFound) {
 			continue // collected meanwhile
 		}
@@ -361,8 +370,8 @@ func (s Snapshot) ownedBy(inc string) bool { return s.Incarnation != "" && s.Inc
 // listing shows the object it was read from (size and ModTime; a store
 // with coarse ModTimes could only be fooled by a same-sized record
 // recreated within its resolution).
-func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64, o upload.ObjectInfo) (Snapshot, error) {
-	key := snapshotKey(stream, checkpoint)
+func (n *Node) snapshot(ctx context.Context, ns streamNS, checkpoint uint64, o upload.ObjectInfo) (Snapshot, error) {
+	stream, key := ns.name, snapshotKey(ns, checkpoint)
 	n.mu.Lock()
 	s, ok := n.snapshots[key]
 	n.mu.Unlock()
@@ -374,7 +383,7 @@ func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64, o
 		return Snapshot{}, fmt.Errorf("stream %s: read snapshot: %w", stream, err)
 	}
 	prev := s
-	if s, err = decodeSnapshot(stream, checkpoint, data); err != nil {
+	if s, err = decodeSnapshot(ns, checkpoint, data); err != nil {
 		return Snapshot{}, err
 	}
 	if ok && prev.Incarnation == s.Incarnation && prev.CreatedAt.Equal(s.CreatedAt) {
@@ -392,8 +401,8 @@ func (n *Node) snapshot(ctx context.Context, stream string, checkpoint uint64, o
 // `checkpoint` of a stream, checking that it names them and that its files
 // are the stream's. A record without an incarnation decodes (so that it
 // can be collected) but is never used.
-func decodeSnapshot(stream string, checkpoint uint64, data []byte) (Snapshot, error) {
-	key := snapshotKey(stream, checkpoint)
+func decodeSnapshot(ns streamNS, checkpoint uint64, data []byte) (Snapshot, error) {
+	stream, key := ns.name, snapshotKey(ns, checkpoint)
 	var s Snapshot
 	if err := envelope.Open(key, data, snapshotKind, &s); err != nil {
 		return Snapshot{}, err
@@ -401,10 +410,10 @@ func decodeSnapshot(stream string, checkpoint uint64, data []byte) (Snapshot, er
 	if s.Stream != stream || s.Checkpoint != checkpoint {
 		return Snapshot{}, fmt.Errorf("snapshot %s names stream %q checkpoint %d: %w", key, s.Stream, s.Checkpoint, envelope.ErrCorrupt)
 	}
-	if err := validateSnapshotFiles(stream, s.Files); err != nil {
+	if err := validateSnapshotFiles(ns, s.Files); err != nil {
 		return Snapshot{}, fmt.Errorf("snapshot %s: %v: %w", key, err, envelope.ErrCorrupt)
 	}
-	s.key = key
+	s.key, s.ns = key, ns
 	return s, nil
 }
 
@@ -422,7 +431,7 @@ func (n *Node) deleteSnapshot(ctx context.Context, s Snapshot) error {
 	data, err := readAll(ctx, n.store, s.key)
 	if err == nil {
 		var cur Snapshot
-		cur, err = decodeSnapshot(s.Stream, s.Checkpoint, data)
+		cur, err = decodeSnapshot(s.ns, s.Checkpoint, data)
 		if err == nil && (cur.Incarnation != s.Incarnation || !cur.CreatedAt.Equal(s.CreatedAt)) {
 			n.forgetSnapshot(s.key)
 			return nil

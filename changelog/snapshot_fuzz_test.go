@@ -14,8 +14,10 @@ import (
 // wrapping one of envelope's sentinels; never a panic. A record without an
 // incarnation decodes (GC must be able to delete it) but is never owned.
 func FuzzDecodeSnapshot(f *testing.F) {
-	files := []SnapshotFileRef{{Key: SnapshotFilePrefix("s") + "00000000000000000007-0a0b0c0d-000001.sst", Size: 10}}
-	valid := Snapshot{Stream: "s", Incarnation: "0123456789abcdef01234567", Checkpoint: 7, Logs: map[string]uint64{"s/1": 5, "s/2": 0}, CreatedAt: time.Unix(1, 0).UTC(), Bytes: 10, NewBytes: 4, Files: files, Manifest: []byte(`{"runs":[]}`)}
+	const inc = "0123456789abcdef01234567"
+	ns := streamNS{name: "s", incarnation: inc}
+	files := []SnapshotFileRef{{Key: SnapshotFilePrefix("s", inc) + "00000000000000000007-0a0b0c0d-000001.sst", Size: 10}}
+	valid := Snapshot{Stream: "s", Incarnation: inc, Checkpoint: 7, Logs: map[string]uint64{"s/1": 5, "s/2": 0}, CreatedAt: time.Unix(1, 0).UTC(), Bytes: 10, NewBytes: 4, Files: files, Manifest: []byte(`{"runs":[]}`)}
 	seal := func(v any, kind string) []byte {
 		data, err := envelope.Seal(kind, v)
 		if err != nil {
@@ -42,19 +44,19 @@ func FuzzDecodeSnapshot(f *testing.F) {
 	f.Add(seal(Part{Stream: "s"}, partKind))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s, err := decodeSnapshot("s", 7, data)
+		s, err := decodeSnapshot(ns, 7, data)
 		if err != nil {
 			if !errors.Is(err, envelope.ErrCorrupt) && !errors.Is(err, envelope.ErrUnknownVersion) && !errors.Is(err, envelope.ErrWrongKind) {
 				t.Fatalf("error %v wraps no envelope sentinel", err)
 			}
 			return
 		}
-		if s.Stream != "s" || s.Checkpoint != 7 || s.Key() != snapshotKey("s", 7) {
+		if s.Stream != "s" || s.Checkpoint != 7 || s.Key() != snapshotKey(ns, 7) {
 			t.Fatalf("decoded %+v for stream s checkpoint 7", s)
 		}
 		seen := map[string]bool{}
 		for _, f := range s.Files {
-			if !strings.HasPrefix(f.Key, SnapshotFilePrefix("s")) || f.Size < 0 || seen[f.Key] {
+			if !strings.HasPrefix(f.Key, SnapshotFilePrefix("s", inc)) || f.Size < 0 || seen[f.Key] {
 				t.Fatalf("decoded a record with file %+v", f)
 			}
 			seen[f.Key] = true

@@ -80,6 +80,8 @@ func newSnapEnv(t *testing.T, groups, retainCheckpoints int) *snapEnv {
 	return &snapEnv{t: t, ctx: ctx, store: store, n: n, stream: "s", inc: cfg.Incarnation, groups: groups, want: map[uint64]map[string]string{}}
 }
 
+func (e *snapEnv) ns() streamNS { return streamNS{name: e.stream, incarnation: e.inc} }
+
 func (e *snapEnv) full() keygroup.Range { return keygroup.Full(e.groups) }
 
 // open opens a writer over r from checkpoint from (0: the newest).
@@ -355,10 +357,10 @@ func TestSnapshotPlanRestorePicksNewestBase(t *testing.T) {
 	if snap.CreatedAt.Before(before.Add(-time.Second)) || snap.CreatedAt.After(after.Add(time.Second)) {
 		t.Fatalf("created at %v, published between %v and %v", snap.CreatedAt, before, after)
 	}
-	if snap.Key() != "streams/s/snapshots/00000000000000000002" {
+	if snap.Key() != "streams/s/"+e.inc+"/snapshots/00000000000000000002" {
 		t.Fatalf("key %q", snap.Key())
 	}
-	if got := SnapshotFilePrefix("s"); got != "streams/s/sst/" {
+	if got := SnapshotFilePrefix("s", e.inc); got != "streams/s/"+e.inc+"/sst/" {
 		t.Fatalf("SnapshotFilePrefix = %q", got)
 	}
 
@@ -894,7 +896,7 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 	}
 	// A valid record stored under another checkpoint's key.
 	write(path, good)
-	misplaced := filepath.Join(fs.Root(), filepath.FromSlash(snapshotKey("s", 2)))
+	misplaced := filepath.Join(fs.Root(), filepath.FromSlash(snapshotKey(e.ns(), 2)))
 	write(misplaced, good)
 	if _, err := reader.Snapshots(e.ctx, "s"); !errors.Is(err, envelope.ErrCorrupt) {
 		t.Fatalf("record of 1 under the key of 2: %v, want envelope.ErrCorrupt", err)
@@ -911,7 +913,7 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 	// A record deleted between the listing and the read (by GC on another
 	// node) is skipped.
 	e.publish(2)
-	hidden := openTestNode(t, &goneStore{BlobStore: e.store, gone: snapshotKey("s", 2)}, t.TempDir())
+	hidden := openTestNode(t, &goneStore{BlobStore: e.store, gone: snapshotKey(e.ns(), 2)}, t.TempDir())
 	if ids := e.snapshotIDs(hidden); !slices.Equal(ids, []uint64{1}) {
 		t.Fatalf("snapshots with 2 deleted meanwhile: %v, want [1]", ids)
 	}
@@ -1276,7 +1278,7 @@ func (s *statFault) Stat(ctx context.Context, key string) (upload.ObjectInfo, er
 // putFile stores a snapshot file of the stream and returns its reference.
 func (e *snapEnv) putFile(name string, size int) SnapshotFileRef {
 	e.t.Helper()
-	key := SnapshotFilePrefix(e.stream) + name
+	key := SnapshotFilePrefix(e.stream, e.inc) + name
 	if err := e.store.PutIfAbsent(e.ctx, key, bytes.NewReader(make([]byte, size)), int64(size)); err != nil {
 		e.t.Fatal(err)
 	}
@@ -1300,7 +1302,7 @@ func TestSnapshotPublishVerifiesFiles(t *testing.T) {
 	e.checkpoint(1, a)
 	f1, f2 := e.putFile("r1-a-000001.sst", 10), e.putFile("r1-a-000002.sst", 20)
 	c := e.content(`{}`)
-	c.Files = []SnapshotFileRef{f1, {Key: SnapshotFilePrefix("s") + "r1-a-000003.sst", Size: 5}}
+	c.Files = []SnapshotFileRef{f1, {Key: SnapshotFilePrefix("s", e.inc) + "r1-a-000003.sst", Size: 5}}
 	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, c); !errors.Is(err, ErrSnapshotFilesMissing) {
 		t.Fatalf("publish naming a file never stored: %v, want ErrSnapshotFilesMissing", err)
 	}
@@ -1310,7 +1312,7 @@ func TestSnapshotPublishVerifiesFiles(t *testing.T) {
 	}
 	for _, bad := range [][]SnapshotFileRef{
 		{{Key: "streams/t/sst/x", Size: 1}},
-		{{Key: SnapshotFilePrefix("s"), Size: 1}},
+		{{Key: SnapshotFilePrefix("s", e.inc), Size: 1}},
 		{f1, f1},
 		{{Key: f1.Key, Size: -1}},
 	} {
@@ -1331,7 +1333,7 @@ func TestSnapshotPublishVerifiesFiles(t *testing.T) {
 	if _, err := other.PublishSnapshot(e.ctx, "s", 1, c); err == nil || errors.Is(err, ErrSnapshotFilesMissing) || !errors.Is(err, upload.ErrTransient) {
 		t.Fatalf("publish while Stat fails: %v, want the Stat's error, not ErrSnapshotFilesMissing", err)
 	}
-	if e.exists(snapshotKey("s", 1)) {
+	if e.exists(snapshotKey(e.ns(), 1)) {
 		t.Fatal("a refused publication wrote a record")
 	}
 	s, err := e.n.PublishSnapshot(e.ctx, "s", 1, c)
@@ -1434,7 +1436,7 @@ func (e *snapEnv) sealSnapshot(s Snapshot) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	if err := e.store.PutIfAbsent(e.ctx, snapshotKey(s.Stream, s.Checkpoint), bytes.NewReader(data), int64(len(data))); err != nil {
+	if err := e.store.PutIfAbsent(e.ctx, snapshotKey(e.ns(), s.Checkpoint), bytes.NewReader(data), int64(len(data))); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -1471,7 +1473,7 @@ func TestSnapshotForeignIncarnationRefused(t *testing.T) {
 	if _, err := e.n.PublishSnapshot(e.ctx, "s", 2, SnapshotContent{Incarnation: "old-incarnation", Manifest: json.RawMessage(`{}`)}); !errors.Is(err, ErrStreamNotFound) {
 		t.Fatalf("publish for another incarnation: %v, want ErrStreamNotFound", err)
 	}
-	if st := e.gc(); st.SnapshotsDeleted != 2 || e.exists(snapshotKey("s", 1)) || e.exists(snapshotKey("s", 2)) {
+	if st := e.gc(); st.SnapshotsDeleted != 2 || e.exists(snapshotKey(e.ns(), 1)) || e.exists(snapshotKey(e.ns(), 2)) {
 		t.Fatalf("gc kept foreign records: %+v", st)
 	}
 	e.publish(2)

@@ -81,8 +81,34 @@ func (c StreamConfig) Validate() error {
 
 // Blob-store keys of a stream. Numbers are zero-padded to 20 digits so that
 // lexicographic listing order is numeric order.
-func streamPrefix(name string) string  { return path.Join("streams", name) + "/" }
-func journalPrefix(name string) string { return streamPrefix(name) + "journal/" }
+//
+// Every per-stream object lives under streams/<name>/<incarnation>/: a
+// stream deleted and created again numbers its journal entries, epochs and
+// checkpoint ids from 1 again, so only the incarnation tells its objects
+// from a dead incarnation's that a late writer (another node with a stale
+// view) stores after the delete. The catalog entry (catalog/<name>) names
+// the current incarnation; DeleteStream and CreateStream's leftover check
+// work on streams/<name>/ (every incarnation).
+
+// streamNS names the key space of one incarnation of a stream.
+type streamNS struct{ name, incarnation string }
+
+// ns returns the key space of the stream c defines.
+func (c StreamConfig) ns() streamNS { return streamNS{name: c.Name, incarnation: c.Incarnation} }
+
+// streamNamePrefix holds every incarnation of a name.
+func streamNamePrefix(name string) string { return path.Join("streams", name) + "/" }
+
+// streamPrefix holds one incarnation's objects. A definition stored before
+// incarnations existed has none: its objects stay where they were.
+func streamPrefix(ns streamNS) string {
+	if ns.incarnation == "" {
+		return streamNamePrefix(ns.name)
+	}
+	return streamNamePrefix(ns.name) + ns.incarnation + "/"
+}
+
+func journalPrefix(ns streamNS) string { return streamPrefix(ns) + "journal/" }
 
 // listNumbered returns the numbers that name the objects directly under
 // prefix (parts by epoch, retention marks by checkpoint id), in order.
@@ -100,6 +126,6 @@ func listNumbered(ctx context.Context, store upload.BlobStore, prefix string) ([
 	return out, nil
 }
 
-func journalKey(name string, seq uint64) string {
-	return fmt.Sprintf("%s%020d", journalPrefix(name), seq)
+func journalKey(ns streamNS, seq uint64) string {
+	return fmt.Sprintf("%s%020d", journalPrefix(ns), seq)
 }

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,9 +44,12 @@ type Writer struct {
 	node   *Node
 	stream *streamHandle
 	cfg    WriterConfig
-	epoch  uint64
-	logID  string
-	from   uint64 // checkpoint the epoch started from
+	// incarnation of the stream (StreamConfig.Incarnation): part of the
+	// log id and of every key the writer stores.
+	incarnation string
+	epoch       uint64
+	logID       string
+	from        uint64 // checkpoint the epoch started from
 
 	mu       sync.Mutex
 	next     uint64 // next SQN to assign
@@ -82,12 +87,50 @@ type Writer struct {
 	recovered []recoveryMark
 }
 
-func logIDOf(stream string, epoch uint64) string { return fmt.Sprintf("%s/%d", stream, epoch) }
+// logIDOf names the log of an epoch: "<stream>/<epoch>.<incarnation>",
+// the incarnation shortened to its first 8 characters (random hex: a
+// collision of two incarnations of one name, which would also need equal
+// epoch numbers and one node holding both logs, is negligible). The
+// incarnation keeps a deleted incarnation's log (its local-log entry, its
+// segments' blocks) from being taken for the new incarnation's epoch of the
+// same number. A stream defined before incarnations existed has none:
+// "<stream>/<epoch>". Parsers take the stream as everything before the last
+// '/' (see ParseLogID).
+func logIDOf(ns streamNS, epoch uint64) string {
+	if ns.incarnation == "" {
+		return fmt.Sprintf("%s/%d", ns.name, epoch)
+	}
+	inc := ns.incarnation
+	if len(inc) > 8 {
+		inc = inc[:8]
+	}
+	return fmt.Sprintf("%s/%d.%s", ns.name, epoch, inc)
+}
+
+// ParseLogID splits a log id (Writer.LogID) into its stream and epoch.
+func ParseLogID(id string) (stream string, epoch uint64, ok bool) {
+	i := strings.LastIndexByte(id, '/')
+	if i <= 0 {
+		return "", 0, false
+	}
+	num, _, _ := strings.Cut(id[i+1:], ".")
+	epoch, err := strconv.ParseUint(num, 10, 64)
+	if err != nil {
+		return "", 0, false
+	}
+	return id[:i], epoch, true
+}
+
+// ns is the key space of the writer's stream incarnation.
+func (w *Writer) ns() streamNS { return streamNS{name: w.cfg.Stream, incarnation: w.incarnation} }
 
 // walMeta is what the local log keeps about a log, to resume it after a
 // restart.
 type walMeta struct {
-	Stream         string         `json:"stream"`
+	Stream string `json:"stream"`
+	// Incarnation of the stream (StreamConfig.Incarnation); part of the
+	// log id.
+	Incarnation    string         `json:"incarnation,omitempty"`
 	Epoch          uint64         `json:"epoch"`
 	KeyGroups      keygroup.Range `json:"key_groups"`
 	FromCheckpoint uint64         `json:"from_checkpoint"`
@@ -101,7 +144,7 @@ type walMeta struct {
 
 // meta returns the writer's local-log metadata.
 func (w *Writer) meta(truncatedBefore uint64) []byte {
-	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore, Recovered: w.recovered})
+	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Incarnation: w.incarnation, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore, Recovered: w.recovered})
 	return data
 }
 
@@ -162,7 +205,7 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 		if _, err := n.completeCheckpoint(ctx, cfg.Stream, from); err != nil {
 			return nil, err
 		}
-		if unpin, pinnedAt, err = n.pin(ctx, cfg.Stream, from, cfg.KeyGroups); err != nil {
+		if unpin, pinnedAt, err = n.pin(ctx, h, from, cfg.KeyGroups); err != nil {
 			return nil, fmt.Errorf("stream %s: open from checkpoint %d: %w", cfg.Stream, from, err)
 		}
 	}
@@ -216,7 +259,7 @@ func (w *Writer) resumeUnfinishedClose(ctx context.Context) error {
 	if closing {
 		return nil
 	}
-	_, err := w.node.store.Stat(ctx, partKey(w.cfg.Stream, 0, w.epoch))
+	_, err := w.node.store.Stat(ctx, partKey(w.ns(), 0, w.epoch))
 	if errors.Is(err, upload.ErrNotFound) {
 		return nil
 	}
@@ -232,7 +275,7 @@ func (w *Writer) resumeUnfinishedClose(ctx context.Context) error {
 
 func (n *Node) newWriter(h *streamHandle, cfg WriterConfig, epoch, from uint64) *Writer {
 	return &Writer{
-		node: n, stream: h, cfg: cfg, epoch: epoch, logID: logIDOf(h.cfg.Name, epoch), from: from,
+		node: n, stream: h, cfg: cfg, incarnation: h.cfg.Incarnation, epoch: epoch, logID: logIDOf(h.cfg.ns(), epoch), from: from,
 		next: 1, truncatedBefore: 1, done: make(chan struct{}),
 	}
 }
@@ -244,7 +287,8 @@ func (n *Node) attach(w *Writer) {
 	n.mu.Lock()
 	var fenced []*Writer
 	for _, o := range n.writers {
-		if o.cfg.Stream == w.cfg.Stream && o.epoch < w.epoch && o.cfg.KeyGroups.Overlaps(w.cfg.KeyGroups) {
+		if o.cfg.Stream == w.cfg.Stream && o.stream.cfg.Incarnation == w.stream.cfg.Incarnation &&
+			o.epoch < w.epoch && o.cfg.KeyGroups.Overlaps(w.cfg.KeyGroups) {
 			fenced = append(fenced, o)
 		}
 	}
@@ -264,17 +308,30 @@ func (n *Node) detach(w *Writer) {
 	n.mu.Unlock()
 }
 
-// liveWriters returns this node's live writers of a stream.
-func (n *Node) liveWriters(stream string) []*Writer {
+// liveWriters returns this node's live writers of h's incarnation of its
+// stream. A writer of a deleted incarnation of the name is not one: it can
+// never record a part of this one (its keys are its own incarnation's).
+func (n *Node) liveWriters(h *streamHandle) []*Writer {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	var out []*Writer
 	for _, w := range n.writers {
-		if w.cfg.Stream == stream {
+		if w.cfg.Stream == h.cfg.Name && w.stream.cfg.Incarnation == h.cfg.Incarnation && !w.stream.journal.isGone() {
 			out = append(out, w)
 		}
 	}
 	return out
+}
+
+// streamGone kills w if err says its stream incarnation is gone (deleted,
+// maybe created again): every later call fails with ErrStreamNotFound and
+// the node no longer counts it (liveWriters, DeleteStream). err is
+// returned unchanged.
+func (w *Writer) streamGone(err error) error {
+	if errors.Is(err, ErrStreamNotFound) && w.stream.journal.isGone() {
+		w.kill(fmt.Errorf("writer %s: stream %s was deleted: %w", w.logID, w.cfg.Stream, ErrStreamNotFound))
+	}
+	return err
 }
 
 func (n *Node) checkOpen() error {
@@ -289,7 +346,8 @@ func (n *Node) checkOpen() error {
 // Epoch returns the writer's epoch.
 func (w *Writer) Epoch() uint64 { return w.epoch }
 
-// LogID returns the writer's log id ("<stream>/<epoch>").
+// LogID returns the writer's log id ("<stream>/<epoch>.<incarnation
+// prefix>", see logIDOf).
 func (w *Writer) LogID() string { return w.logID }
 
 // KeyGroups returns the writer's key-group range.

@@ -401,7 +401,11 @@ func usage(b *testing.B, e *e2eEnv) blobUsage {
 	b.Helper()
 	ctx := context.Background()
 	var u blobUsage
-	sstPrefix := changelog.SnapshotFilePrefix(e2eStream)
+	cfg, err := e.node.Stream(ctx, e2eStream)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sstPrefix := changelog.SnapshotFilePrefix(e2eStream, cfg.Incarnation)
 	sizes := map[string]int64{}
 	for o, err := range upload.Walk(ctx, e.blob, "", "") {
 		if err != nil {

@@ -66,14 +66,14 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		}
 	}
 	var objs []upload.ObjectInfo
-	for o, err := range upload.Walk(ctx, m.blob, changelog.SnapshotFilePrefix(stream), "") {
+	for o, err := range upload.Walk(ctx, m.blob, changelog.SnapshotFilePrefix(stream, ss.incarnation), "") {
 		if err != nil {
 			return FileGCStats{}, fmt.Errorf("stream %s: list snapshot files: %w", stream, err)
 		}
 		objs = append(objs, o)
 	}
 	now := m.cfg.Clock.Now()
-	live, expired, err := m.liveRounds(ctx, stream, now)
+	live, expired, err := m.liveRounds(ctx, stream, ss.incarnation, now)
 	if err != nil {
 		return FileGCStats{}, err
 	}
@@ -91,7 +91,7 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 			ss.sightings[o.Key] = sighting{Released: true}
 			continue
 		}
-		if round, ok := roundOfFile(stream, o.Key); ok && live[round] {
+		if round, ok := roundOfFile(stream, ss.incarnation, o.Key); ok && live[round] {
 			st.Leased++
 			delete(ss.sightings, o.Key)
 			continue

@@ -63,8 +63,8 @@ func roundName(checkpoint uint64, nonce string) string {
 
 // roundOfFile returns the round a snapshot-file key belongs to
 // (<prefix><checkpoint>-<nonce>-<name>).
-func roundOfFile(stream, key string) (string, bool) {
-	rest, ok := strings.CutPrefix(key, changelog.SnapshotFilePrefix(stream))
+func roundOfFile(stream, inc, key string) (string, bool) {
+	rest, ok := strings.CutPrefix(key, changelog.SnapshotFilePrefix(stream, inc))
 	if !ok {
 		return "", false
 	}
@@ -80,8 +80,8 @@ func roundOfFile(stream, key string) (string, bool) {
 }
 
 // parseLeaseKey splits <SnapshotLeasePrefix><round>.<seq>.<ttl ms>.
-func parseLeaseKey(stream, key string) (round string, ttl time.Duration, ok bool) {
-	rest, ok := strings.CutPrefix(key, changelog.SnapshotLeasePrefix(stream))
+func parseLeaseKey(stream, inc, key string) (round string, ttl time.Duration, ok bool) {
+	rest, ok := strings.CutPrefix(key, changelog.SnapshotLeasePrefix(stream, inc))
 	if !ok {
 		return "", 0, false
 	}
@@ -101,13 +101,13 @@ func parseLeaseKey(stream, key string) (round string, ttl time.Duration, ok bool
 
 // startLease stores the round's first lease (it must be confirmed before
 // any file is uploaded) and starts refreshing it until release.
-func (m *Materializer) startLease(ctx context.Context, stream, round string) (*roundLease, error) {
+func (m *Materializer) startLease(ctx context.Context, stream, inc, round string) (*roundLease, error) {
 	ttl := m.cfg.RoundLease
 	l := &roundLease{
 		blob:  m.blob,
 		clock: m.cfg.Clock,
 		ttl:   ttl,
-		base:  changelog.SnapshotLeasePrefix(stream) + round + ".",
+		base:  changelog.SnapshotLeasePrefix(stream, inc) + round + ".",
 		log:   m.cfg.Logger,
 		done:  make(chan struct{}),
 	}
@@ -215,13 +215,13 @@ const leaseDeleteTimeout = 10 * time.Second
 
 // liveRounds lists the stream's round leases: the rounds with a lease
 // younger than its ttl, and the expired leases (to delete).
-func (m *Materializer) liveRounds(ctx context.Context, stream string, now time.Time) (live map[string]bool, expired []upload.ObjectInfo, err error) {
+func (m *Materializer) liveRounds(ctx context.Context, stream, inc string, now time.Time) (live map[string]bool, expired []upload.ObjectInfo, err error) {
 	live = map[string]bool{}
-	for o, err := range upload.Walk(ctx, m.blob, changelog.SnapshotLeasePrefix(stream), "") {
+	for o, err := range upload.Walk(ctx, m.blob, changelog.SnapshotLeasePrefix(stream, inc), "") {
 		if err != nil {
 			return nil, nil, fmt.Errorf("stream %s: list round leases: %w", stream, err)
 		}
-		round, ttl, ok := parseLeaseKey(stream, o.Key)
+		round, ttl, ok := parseLeaseKey(stream, inc, o.Key)
 		if !ok {
 			continue // not a lease this code writes: leave it alone
 		}

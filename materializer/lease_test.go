@@ -129,7 +129,7 @@ func TestCollectFilesHonoursRoundLease(t *testing.T) {
 	e := newLeaseEnv(t)
 	const grace = 200 * time.Millisecond
 	m := e.materializer(e.node(e.blob), materializer.Config{GCGrace: grace, ReleasedGrace: grace})
-	files, leases := changelog.SnapshotFilePrefix("s"), changelog.SnapshotLeasePrefix("s")
+	files, leases := changelog.SnapshotFilePrefix("s", e.inc), changelog.SnapshotLeasePrefix("s", e.inc)
 	leased := files + "00000000000000000009-0a0b0c0d-000001.sst"
 	unleased := files + "00000000000000000009-cafef00d-000001.sst"
 	e.put(leased)
@@ -254,7 +254,7 @@ func TestRoundLeaseRenewedOrRoundRefused(t *testing.T) {
 				t.Fatalf("published file %s is gone", f.Key)
 			}
 		}
-		if left := e.keys(changelog.SnapshotLeasePrefix("s")); len(left) != 0 {
+		if left := e.keys(changelog.SnapshotLeasePrefix("s", e.inc)); len(left) != 0 {
 			t.Fatalf("leases left after the round: %v", left)
 		}
 		if got := restoreOnEmptyStore(t, e.ctx, e.wn, "s", 1, keygroup.Range{Lo: 0, Hi: 3}); len(got) != 2000 {
@@ -275,7 +275,7 @@ func TestRoundLeaseRenewedOrRoundRefused(t *testing.T) {
 		if snaps, err := e.wn.Snapshots(e.ctx, "s"); err != nil || len(snaps) != 0 {
 			t.Fatalf("snapshots after a lapsed round: %v %v", snaps, err)
 		}
-		if keys := e.keys(changelog.SnapshotFilePrefix("s")); len(keys) < 2 {
+		if keys := e.keys(changelog.SnapshotFilePrefix("s", e.inc)); len(keys) < 2 {
 			t.Fatalf("the round uploaded %d files; the test needs a long round", len(keys))
 		}
 	})

@@ -521,7 +521,7 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	nonce := make([]byte, 4)
 	_, _ = rand.Read(nonce)
 	round := roundName(id, hex.EncodeToString(nonce))
-	lease, err := m.startLease(ctx, ss.name, round)
+	lease, err := m.startLease(ctx, ss.name, ss.incarnation, round)
 	if err != nil {
 		ss.known = false
 		return res, err
@@ -864,7 +864,7 @@ func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.R
 // export writes the snapshot files of a round: a delta run on top of the
 // held snapshot when it is small enough, a full base export otherwise.
 func (m *Materializer) export(ctx context.Context, ss *streamState, round string, all keygroup.Range, changed *ChangedSet, obsolete int64) (next SnapshotManifest, base bool, uploaded int64, files int, err error) {
-	prefix := changelog.SnapshotFilePrefix(ss.name) + round + "-"
+	prefix := changelog.SnapshotFilePrefix(ss.name, ss.incarnation) + round + "-"
 	spool := filepath.Join(m.dir, "spool")
 	var mu sync.Mutex
 	create := func(name string) (io.WriteCloser, error) {

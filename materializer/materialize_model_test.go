@@ -528,7 +528,11 @@ func (m *matModel) checkNoLeaks() {
 			}
 		}
 	}
-	for o, err := range upload.Walk(m.ctx, m.inner, changelog.SnapshotFilePrefix(mmStream), "") {
+	cfg, err := m.node.Stream(m.ctx, mmStream)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	for o, err := range upload.Walk(m.ctx, m.inner, changelog.SnapshotFilePrefix(mmStream, cfg.Incarnation), "") {
 		if err != nil {
 			m.t.Fatal(err)
 		}

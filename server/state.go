@@ -356,7 +356,8 @@ func (v *streamView) ownerIs(kg uint16, w *writerView) bool {
 	return w == nil
 }
 
-// streamOf extracts the stream from a writer id ("<stream>/<epoch>").
+// streamOf extracts the stream from a writer id ("<stream>/<epoch>.<incarnation
+// prefix>", see changelog.ParseLogID): everything before the last '/'.
 func streamOf(writerID string) string {
 	for i := len(writerID) - 1; i >= 0; i-- {
 		if writerID[i] == '/' {

@@ -1124,7 +1124,12 @@ func (r *matRig) checkLeaks() {
 	if missing := sortedDiff(wantRecords, gotRecords); len(missing) > 0 {
 		t.Errorf("snapshot records retained checkpoints restore from are missing: %v", missing)
 	}
-	files, err := listKeys(ctx, r.blob, changelog.SnapshotFilePrefix(matStream))
+	cfg, err := r.verifier.Stream(ctx, matStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sstPrefix := changelog.SnapshotFilePrefix(matStream, cfg.Incarnation)
+	files, err := listKeys(ctx, r.blob, sstPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1133,7 +1138,7 @@ func (r *matRig) checkLeaks() {
 		var why []string
 		for _, f := range extra {
 			// streams/<s>/sst/<checkpoint:020d>-<nonce>-NNNNNN.sst
-			ckpt, _, _ := strings.Cut(strings.TrimPrefix(f, changelog.SnapshotFilePrefix(matStream)), "-")
+			ckpt, _, _ := strings.Cut(strings.TrimPrefix(f, sstPrefix), "-")
 			fate, ok := r.recordFate[ckpt]
 			if !ok {
 				fate = "never seen deleted"

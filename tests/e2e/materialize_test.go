@@ -24,7 +24,6 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
-	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/internal/envelope"
 	"github.com/dstl-dev/dstl/internal/s3server"
 )
@@ -638,6 +637,21 @@ func launchMaterializer(t *testing.T, name string, env, args []string) (*node, e
 }
 
 // s3Keys lists the keys under prefix in the test's bucket.
+// streamKeys returns where the objects of the stream's (only) incarnation
+// live: "<prefix>/streams/<stream>/<incarnation>/", read off a listing.
+func streamKeys(ctx context.Context, s3 *s3server.Server, prefix, stream string) (string, error) {
+	base := fmt.Sprintf("%s/streams/%s/", prefix, stream)
+	keys, err := s3Keys(ctx, s3, base)
+	if err != nil {
+		return "", err
+	}
+	if len(keys) == 0 {
+		return "", fmt.Errorf("no object under %s", base)
+	}
+	inc, _, _ := strings.Cut(strings.TrimPrefix(keys[0], base), "/")
+	return base + inc + "/", nil
+}
+
 func s3Keys(ctx context.Context, s3 *s3server.Server, prefix string) ([]string, error) {
 	cl := s3.Client()
 	var keys []string
@@ -660,9 +674,13 @@ func s3Keys(ctx context.Context, s3 *s3server.Server, prefix string) ([]string, 
 // uploaded, no record); orphans are the files of the killed round then.
 func killDuringRound(t *testing.T, s3 *s3server.Server, prefix, stream string, id uint64, mat *node, timeout time.Duration) (orphans []string, caught bool) {
 	t.Helper()
-	files := fmt.Sprintf("%s/%s%020d-", prefix, changelog.SnapshotFilePrefix(stream), id)
-	record := fmt.Sprintf("%s/streams/%s/snapshots/%020d", prefix, stream, id)
 	ctx := ctxT(t)
+	keys, err := streamKeys(ctx, s3, prefix, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := fmt.Sprintf("%ssst/%020d-", keys, id)
+	record := fmt.Sprintf("%ssnapshots/%020d", keys, id)
 	deadline := time.Now().Add(timeout)
 	// Files go up before the record: listing only the files (as fast as
 	// the server answers) is enough to know the round reached its upload.
@@ -723,7 +741,11 @@ func waitCollected(t *testing.T, s3 *s3server.Server, prefix, stream string, key
 			}
 			left = append(left, k)
 		}
-		recs, err := s3Keys(ctx, s3, fmt.Sprintf("%s/streams/%s/snapshots/", prefix, stream))
+		sk, err := streamKeys(ctx, s3, prefix, stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs, err := s3Keys(ctx, s3, sk+"snapshots/")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -737,7 +759,11 @@ func waitCollected(t *testing.T, s3 *s3server.Server, prefix, stream string, key
 // recordReferencing returns the key of a snapshot record of stream whose
 // manifest names file (a key inside the blob store), or "".
 func recordReferencing(ctx context.Context, s3 *s3server.Server, prefix, stream, file string) (string, error) {
-	recs, err := s3Keys(ctx, s3, fmt.Sprintf("%s/streams/%s/snapshots/", prefix, stream))
+	sk, err := streamKeys(ctx, s3, prefix, stream)
+	if err != nil {
+		return "", err
+	}
+	recs, err := s3Keys(ctx, s3, sk+"snapshots/")
 	if err != nil {
 		return "", err
 	}
