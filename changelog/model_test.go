@@ -221,7 +221,11 @@ func (m *model) resetIncarnation() {
 
 func (m *model) fatalf(format string, args ...any) {
 	m.t.Helper()
-	tail := m.trace[max(0, len(m.trace)-25):]
+	n := 25
+	if v, err := strconv.Atoi(os.Getenv("DSTL_MODEL_TRACE")); err == nil {
+		n = v // more of the trace, for debugging a seed
+	}
+	tail := m.trace[max(0, len(m.trace)-n):]
 	m.t.Fatalf("seed %d step %d: %s\nlast steps:\n  %s", m.seed, m.step, fmt.Sprintf(format, args...), strings.Join(tail, "\n  "))
 }
 
@@ -466,7 +470,6 @@ func (m *model) fromParts(id uint64) (map[string]string, bool) {
 		m.fatalf("checkpoint %d is not complete", id)
 	}
 	want := map[string]string{}
-	restorable := true
 	for _, ref := range cp.Parts {
 		p, err := m.observer.part(m.ctx, ref.Key)
 		if err != nil {
@@ -480,10 +483,35 @@ func (m *model) fromParts(id uint64) (map[string]string, bool) {
 			m.fatalf("checkpoint %d: part %s covers SQN %d, writer %s appended %d", id, ref.Key, p.UpToSQN, mw.w.LogID(), len(mw.log))
 		}
 		maps.Copy(want, mw.state(p.UpToSQN))
-		restorable = restorable && mw.baseOK && p.TruncatedBefore <= 1
 	}
-	return want, restorable
+	return want, m.restorableIn(id, keygroup.Full(modelKeyGroups))
 }
+
+// restorableIn reports whether complete checkpoint id can be restored over
+// r without snapshots: no part overlapping r, nor any part of the
+// checkpoints their epochs started from (within r), has a truncated log.
+func (m *model) restorableIn(id uint64, r keygroup.Range) bool {
+	st := m.journal()
+	cp, ok := st.checkpoint(id)
+	if !ok {
+		m.fatalf("checkpoint %d is not complete", id)
+	}
+	for _, ref := range cp.Parts {
+		in, ok := intersect(ref.KeyGroups, r)
+		if !ok {
+			continue
+		}
+		p, err := m.observer.part(m.ctx, ref.Key)
+		if err != nil {
+			m.fatalf("checkpoint %d: part %s: %v", id, ref.Key, err)
+		}
+		if p.TruncatedBefore > 1 || (p.FromCheckpoint != 0 && !m.restorableIn(p.FromCheckpoint, in)) {
+			return false
+		}
+	}
+	return true
+}
+
 
 // syncCheckpoints adopts the checkpoints the journal says are complete:
 // also those that completed after the call that tried them failed (a lost
@@ -567,7 +595,7 @@ func (m *model) adopt(ni int, w *Writer) *modelWriter {
 				mw.base[k] = v
 			}
 		}
-		mw.baseOK = m.restorable[f]
+		mw.baseOK = m.restorableIn(f, r)
 	}
 	m.byEpoch[w.Epoch()] = mw
 	// Epochs it overlaps are fenced (or, if closed, replaced).
@@ -658,7 +686,7 @@ func (m *model) openFromOlder() {
 	if !typed(err) {
 		m.fatalf("open from checkpoint %d: untyped error %v", from, err)
 	}
-	if complete && !m.mayBeGone[from] && m.restorable[from] {
+	if complete && !m.mayBeGone[from] && m.restorableIn(from, old.r) {
 		m.fatalf("open from checkpoint %d, which nothing collected, refused: %v", from, err)
 	}
 	if unknown {
@@ -1016,7 +1044,7 @@ func (m *model) checkCheckpoints() {
 		m.checkRestore(id, keygroup.Full(modelKeyGroups), "retained")
 	}
 	for _, mw := range m.writers {
-		if mw.from != 0 && mw.baseOK {
+		if mw.from != 0 {
 			m.checkRestore(mw.from, mw.r, "base of "+mw.w.LogID())
 		}
 	}
@@ -1035,16 +1063,17 @@ func (m *model) checkRestore(id uint64, r keygroup.Range, why string) {
 		}
 	}
 	got := map[string]string{}
+	restorable := m.restorableIn(id, r)
 	for c, err := range m.observer.RestoreChanges(m.ctx, modelStream, id, r) {
-		if err != nil && !m.restorable[id] && errors.Is(err, ErrLogTruncated) {
+		if err != nil && !restorable && errors.Is(err, ErrLogTruncated) {
 			return // refused, as it must be without a snapshot
 		}
 		if err != nil {
-			m.fatalf("restore checkpoint %d (%s; maybe collected: %v): %v", id, why, m.mayBeGone[id], err)
+			m.fatalf("restore checkpoint %d over %s (%s; maybe collected: %v): %v", id, r, why, m.mayBeGone[id], err)
 		}
 		applyChange(got, c)
 	}
-	if !m.restorable[id] {
+	if !restorable {
 		m.fatalf("checkpoint %d has a truncated log without a snapshot, but restored without ErrLogTruncated", id)
 	}
 	if !maps.Equal(got, want) {
