@@ -512,7 +512,6 @@ func (m *model) restorableIn(id uint64, r keygroup.Range) bool {
 	return true
 }
 
-
 // syncCheckpoints adopts the checkpoints the journal says are complete:
 // also those that completed after the call that tried them failed (a lost
 // acknowledgement, a late write, a close completing pending ids).
