@@ -203,3 +203,44 @@ func TestModelReproDeletedIncarnationsWriterBlocksCheckpoints(t *testing.T) {
 		t.Fatal("checkpoint 5 of the new incarnation: both writers recorded their parts, but it is not complete: the deleted incarnation's writer still counts as a live writer of node a")
 	}
 }
+
+// TestModelReproStaleJournalBlocksOpen (model seed 50, step 13): a node
+// whose cached journal of a stream is older than a delete and re-create
+// elsewhere, and shorter than the new journal, can never open a writer of
+// the new stream: journal.refresh reads the new incarnation's next entry,
+// apply refuses it ("belongs to another incarnation": ErrStreamNotFound),
+// but nothing marks the cached journal gone (journal.append returns on the
+// refresh error before checkCatalog), so OpenWriter's one retry on
+// ErrStreamNotFound takes the same stale handle and fails again, forever.
+func TestModelReproStaleJournalBlocksOpen(t *testing.T) {
+	ctx := context.Background()
+	store := reproStore(t)
+	a := openTestNode(t, store, t.TempDir())
+	b := openTestNode(t, store, t.TempDir())
+	full := keygroup.Full(4)
+	if _, err := b.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	old := mustOpenWriter(t, a, "s", full) // a reads the journal: seq 1
+	if err := old.Close(ctx); err != nil { // seq 2
+		t.Fatal(err)
+	}
+	if err := b.DeleteStream(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	for lo := uint16(0); lo < 3; lo++ { // the new journal: seq 1..3
+		mustOpenWriter(t, b, "s", keygroup.Range{Lo: lo, Hi: lo})
+	}
+	for attempt := range 3 {
+		if _, err := a.OpenWriter(ctx, WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 3, Hi: 3}}); err != nil {
+			if attempt == 2 {
+				t.Fatalf("node a cannot open a writer of the re-created stream (3 attempts): %v", err)
+			}
+			continue
+		}
+		return
+	}
+}

@@ -46,8 +46,8 @@ import (
 // TestModelRandomized ./changelog); DSTL_MODEL_STEPS=n sets the steps per
 // seed.
 func TestModelRandomized(t *testing.T) {
-	seeds := []uint64{1, 2, 3}
-	steps := 250
+	seeds := []uint64{1, 2, 3, 4, 5, 6}
+	steps := 300
 	if testing.Short() {
 		steps = 80
 	}
@@ -176,7 +176,7 @@ func newModel(t *testing.T, seed uint64) *model {
 	}
 	t.Cleanup(func() { inner.Close() })
 	store := faulty.Wrap(inner, faulty.Options{Seed: seed, PerOp: map[faulty.Op]faulty.Faults{
-		faulty.OpPut:      {Transient: 0.04, LostAck: 0.04, LateWrite: 0.03},
+		faulty.OpPut:      {Transient: 0.04, LostAck: 0.04, LateWrite: 0.05},
 		faulty.OpGet:      {Transient: 0.02},
 		faulty.OpGetRange: {Transient: 0.02},
 		faulty.OpList:     {Transient: 0.06},
@@ -202,9 +202,7 @@ func newModel(t *testing.T, seed uint64) *model {
 		}
 		m.admin.Close(context.Background())
 	})
-	if err := retry(func() error { _, err := m.admin.CreateStream(m.ctx, modelStream, modelKeyGroups); return err }); err != nil {
-		t.Fatal(err)
-	}
+	m.createStream()
 	m.writers = []*modelWriter{m.openWriter(m.rng.IntN(modelNodes), keygroup.Full(modelKeyGroups), 0)}
 	return m
 }
@@ -949,24 +947,7 @@ func (m *model) badCheckpointID() {
 // must fail with typed errors, and nothing of it may appear in the new one.
 func (m *model) deleteRecreate() {
 	m.deleteStream()
-	var err error
-	for range 10 {
-		_, err = m.admin.CreateStream(m.ctx, modelStream, modelKeyGroups)
-		if err == nil || errors.Is(err, ErrStreamExists) {
-			break // ErrStreamExists: an attempt whose acknowledgement was lost
-		}
-		if errors.Is(err, ErrStreamBusy) {
-			// Leftovers (an old writer's late object): delete again.
-			m.deleteStream()
-			continue
-		}
-		if !upload.IsTransient(err) {
-			break
-		}
-	}
-	if err != nil && !errors.Is(err, ErrStreamExists) {
-		m.fatalf("create stream again: %v", err)
-	}
+	m.createStream()
 	old := slices.Concat(m.writers, m.closed, m.zombies)
 	m.writers, m.closed, m.zombies = nil, nil, nil
 	m.resetIncarnation()
@@ -998,6 +979,28 @@ func (m *model) deleteRecreate() {
 	if f := m.writers[0].from; f != 0 {
 		m.fatalf("first writer of the new incarnation starts from checkpoint %d", f)
 	}
+}
+
+// createStream creates the stream from the admin node, retrying: a retry
+// after a create whose acknowledgement was lost finds it exists.
+func (m *model) createStream() {
+	unknown := false
+	var err error
+	for range 10 {
+		_, err = m.admin.CreateStream(m.ctx, modelStream, modelKeyGroups)
+		switch {
+		case err == nil || (unknown && errors.Is(err, ErrStreamExists)):
+			return
+		case errors.Is(err, ErrStreamBusy):
+			// Leftovers (an old writer's late object): delete again.
+			m.deleteStream()
+		case upload.IsTransient(err):
+			unknown = true
+		default:
+			m.fatalf("create stream: %v", err)
+		}
+	}
+	m.fatalf("create stream: %v", err)
 }
 
 // deleteStream deletes the stream from the admin node, retrying: a retry
