@@ -1,8 +1,11 @@
 package changelog
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"maps"
 	"testing"
 
@@ -242,5 +245,52 @@ func TestModelReproStaleJournalBlocksOpen(t *testing.T) {
 			continue
 		}
 		return
+	}
+}
+
+// lateCatalogStore fails the first put of the stream definition with a
+// deadline error and stores it just before the next put of that key: the
+// PUT a client timed out on that the server carried out a moment later.
+type lateCatalogStore struct {
+	upload.BlobStore
+	pending []byte
+	done    bool
+}
+
+func (s *lateCatalogStore) PutIfAbsent(ctx context.Context, key string, r io.Reader, size int64) error {
+	if key != catalogKey("s") {
+		return s.BlobStore.PutIfAbsent(ctx, key, r, size)
+	}
+	if !s.done && s.pending == nil {
+		data, err := io.ReadAll(r)
+		if err != nil {
+			return err
+		}
+		s.pending = data
+		return fmt.Errorf("put %s: %w: %w", key, context.DeadlineExceeded, upload.ErrTransient)
+	}
+	if s.pending != nil && !s.done {
+		s.done = true
+		if err := s.BlobStore.PutIfAbsent(ctx, key, bytes.NewReader(s.pending), int64(len(s.pending))); err != nil {
+			return err
+		}
+	}
+	return s.BlobStore.PutIfAbsent(ctx, key, r, size)
+}
+
+// TestModelReproCreateStreamLateWrite (model seed 32, setup): CreateStream
+// retries a put of the definition that failed with a deadline error; when
+// that put lands between the retry's existence check and its own put, the
+// retry's PutIfAbsent finds the key taken and tryCreateStream (catalog.go)
+// reports ErrStreamExists ("a racing creator won") without reading the
+// definition back: the caller is told its stream exists already when it
+// created it (a lost acknowledgement it could resolve by comparing the
+// stored definition, as the existence check does).
+func TestModelReproCreateStreamLateWrite(t *testing.T) {
+	ctx := context.Background()
+	store := &lateCatalogStore{BlobStore: reproStore(t)}
+	n := openTestNode(t, store, t.TempDir())
+	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatalf("CreateStream whose first put landed late: %v, want success", err)
 	}
 }
