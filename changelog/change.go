@@ -67,15 +67,19 @@ func ParseDurability(s string) (Durability, error) {
 	return 0, fmt.Errorf("durability %q: want buffered, local or replicated: %w", s, ErrInvalidChange)
 }
 
-// Limits bound what one change may carry.
+// Limits bound what one change, or one request, may carry.
 type Limits struct {
 	MaxKeySize   int // default 64 KiB
 	MaxValueSize int // default 16 MiB
 	MaxStateName int // default 1 KiB (the segment format's bound)
+	// MaxCheckpointIDStep bounds how far above the newest complete
+	// checkpoint a Checkpoint id may be (default 1<<20): one request with
+	// id 2^64-1 would otherwise leave the stream no id to checkpoint with.
+	MaxCheckpointIDStep uint64
 }
 
 // DefaultLimits are the limits of a node that sets none.
-var DefaultLimits = Limits{MaxKeySize: 64 << 10, MaxValueSize: 16 << 20, MaxStateName: segments.MaxStateLen}
+var DefaultLimits = Limits{MaxKeySize: 64 << 10, MaxValueSize: 16 << 20, MaxStateName: segments.MaxStateLen, MaxCheckpointIDStep: 1 << 20}
 
 func (l Limits) withDefaults() Limits {
 	if l.MaxKeySize <= 0 {
@@ -87,6 +91,9 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxStateName <= 0 || l.MaxStateName > segments.MaxStateLen {
 		l.MaxStateName = DefaultLimits.MaxStateName
 	}
+	if l.MaxCheckpointIDStep == 0 {
+		l.MaxCheckpointIDStep = DefaultLimits.MaxCheckpointIDStep
+	}
 	// A change must fit one segment block whatever the limits say.
 	if l.MaxValueSize > segments.MaxBlockRawSize-l.MaxKeySize-l.MaxStateName-64 {
 		l.MaxValueSize = segments.MaxBlockRawSize - l.MaxKeySize - l.MaxStateName - 64
@@ -97,12 +104,15 @@ func (l Limits) withDefaults() Limits {
 // Errors for bad input; all wrap ErrInvalidChange so an API can map them
 // to one "invalid argument" code, while callers can still tell them apart.
 var (
-	ErrInvalidChange         = errors.New("invalid change")
-	ErrKeyGroupOutOfRange    = fmt.Errorf("key group outside the writer's range: %w", ErrInvalidChange)
-	ErrKeyTooLarge           = fmt.Errorf("key too large: %w", ErrInvalidChange)
-	ErrValueTooLarge         = fmt.Errorf("value too large: %w", ErrInvalidChange)
-	ErrUnknownOp             = fmt.Errorf("unknown op: %w", ErrInvalidChange)
-	ErrUnsupportedDurability = errors.New("durability level not supported")
+	ErrInvalidChange      = errors.New("invalid change")
+	ErrKeyGroupOutOfRange = fmt.Errorf("key group outside the writer's range: %w", ErrInvalidChange)
+	ErrKeyTooLarge        = fmt.Errorf("key too large: %w", ErrInvalidChange)
+	ErrValueTooLarge      = fmt.Errorf("value too large: %w", ErrInvalidChange)
+	ErrUnknownOp          = fmt.Errorf("unknown op: %w", ErrInvalidChange)
+	// ErrCheckpointIDOutOfRange: a checkpoint id more than
+	// Limits.MaxCheckpointIDStep above the newest complete checkpoint.
+	ErrCheckpointIDOutOfRange = fmt.Errorf("checkpoint id out of range: %w", ErrInvalidChange)
+	ErrUnsupportedDurability  = errors.New("durability level not supported")
 )
 
 // validate checks one change of a batch against the writer's range and the

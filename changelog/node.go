@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dstl-dev/dstl/changelog/locallog"
@@ -75,6 +76,11 @@ type Node struct {
 	streams   map[string]*streamHandle
 	writers   map[string]*Writer // live writers by log id
 	recovered map[string]*recoveredLog
+	// opening counts the opens in flight per stream, from before their
+	// epoch-open entry is appended until the writer is attached or its
+	// open failed: an epoch of this node without a writer is an orphan
+	// only while none is (see abandon.go).
+	opening   map[string]int
 	parts     map[string]Part     // checkpoint parts read so far (immutable)
 	snapshots map[string]Snapshot // snapshot records read so far (immutable; dropped when deleted)
 }
@@ -92,6 +98,9 @@ type streamHandle struct {
 	// listing (on a loopback S3 the number of calls is what costs).
 	partsMu sync.Mutex
 	parts   map[uint64]map[uint64]bool
+	// completeRetry: completeWaiting failed; the background refresh
+	// tries again.
+	completeRetry atomic.Bool
 }
 
 // Open starts a node: it recovers the local log (changes acknowledged
@@ -143,6 +152,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		streams:   map[string]*streamHandle{},
 		writers:   map[string]*Writer{},
 		recovered: map[string]*recoveredLog{},
+		opening:   map[string]int{},
 		parts:     map[string]Part{},
 		snapshots: map[string]Snapshot{},
 	}
@@ -189,12 +199,14 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 func (n *Node) runBackground(ctx context.Context) {
 	defer close(n.gcDone)
 	nextGC := n.clock.Now().Add(n.opts.GCInterval)
+	n.abandonAllOrphans(ctx)
 	for {
 		if err := clock.Sleep(ctx, n.clock, n.opts.JournalRefresh); err != nil {
 			return
 		}
 		n.refreshWriters(ctx)
 		n.releaseRecovered(ctx)
+		n.abandonCachedOrphans(ctx)
 		if n.opts.GCInterval > 0 && !n.clock.Now().Before(nextGC) {
 			nextGC = n.clock.Now().Add(n.opts.GCInterval)
 			if _, err := n.AdoptSnapshots(ctx); err != nil && ctx.Err() == nil {
@@ -275,13 +287,32 @@ func (n *Node) refreshWriters(ctx context.Context) {
 			continue
 		}
 		st := h.journal.snapshot()
+		changed := h.completeRetry.Load()
 		for _, w := range ws {
 			if by, ok := st.fenced(w.epoch); ok {
 				w.fence(by)
+				changed = true
+				continue
 			}
+			if w.closeFailed() {
+				// Finish a Close that failed: its entry may have landed
+				// (then this only re-reads), or it is appended now.
+				cctx, cancel := context.WithTimeout(ctx, closeRetryTimeout)
+				if err := w.Close(cctx); err != nil && ctx.Err() == nil {
+					n.log.Warn("retrying a failed writer close failed", "log", w.logID, "err", err)
+				}
+				cancel()
+			}
+		}
+		if changed {
+			n.completeWaiting(ctx, h)
 		}
 	}
 }
+
+// closeRetryTimeout bounds one background retry of a failed Close, so one
+// writer cannot hold up the refresh of the others for long.
+const closeRetryTimeout = 30 * time.Second
 
 // ID returns the node's id.
 func (n *Node) ID() string { return n.id }

@@ -110,9 +110,10 @@ func TestRegressionCloseDropsAcknowledgedLocalAppend(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err != nil {
-		// The contract: an append during a close is refused...
-		if !errors.Is(err, ErrClosed) {
-			t.Fatalf("append during Close: %v, want ErrClosed", err)
+		// The contract: an append during a close is refused (ErrClosing:
+		// the writer is not closed until the Close succeeds)...
+		if !errors.Is(err, ErrClosing) {
+			t.Fatalf("append during Close: %v, want ErrClosing", err)
 		}
 		return
 	}

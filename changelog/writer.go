@@ -62,9 +62,14 @@ type Writer struct {
 	done chan struct{}
 	// dead is set once the writer is fenced or closed; every call fails.
 	dead error
-	// closing is set while Close runs: no SQN is assigned any more, so the
-	// final part Close records covers every acknowledged change.
-	closing bool
+	// closing is set by the first Close and never cleared: no SQN is
+	// assigned any more, so the final part Close records covers every
+	// acknowledged change, at every attempt (see Close). closeErr is the
+	// error of the newest Close attempt, if it failed.
+	closing  bool
+	closeErr error
+	// closeMu serialises Close attempts.
+	closeMu sync.Mutex
 
 	walMu      sync.Mutex
 	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
@@ -119,8 +124,25 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 		return nil, fmt.Errorf("stream %s: %w", cfg.Stream, err)
 	}
 	if cfg.Resume != 0 {
-		return n.resumeWriter(ctx, h, cfg)
+		w, err := n.resumeWriter(ctx, h, cfg)
+		if err != nil {
+			return nil, err
+		}
+		if err := w.resumeUnfinishedClose(ctx); err != nil {
+			return nil, err
+		}
+		return w, nil
 	}
+	n.mu.Lock()
+	n.opening[cfg.Stream]++
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		if n.opening[cfg.Stream]--; n.opening[cfg.Stream] == 0 {
+			delete(n.opening, cfg.Stream)
+		}
+		n.mu.Unlock()
+	}()
 	e, err := h.journal.append(ctx, func(s *journalState) (JournalEntry, error) {
 		from := cfg.FromCheckpoint
 		if from == 0 {
@@ -135,10 +157,46 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 	}
 	w := n.newWriter(h, cfg, e.Seq, e.Open.FromCheckpoint)
 	if err := n.wal.SetMeta(ctx, w.logID, w.meta(1)); err != nil {
-		return nil, fmt.Errorf("writer %s: record in local log: %w", w.logID, err)
+		err = fmt.Errorf("writer %s: record in local log: %w", w.logID, err)
+		// The epoch is open in the journal but no writer will ever write
+		// it: close it at once, or it blocks every checkpoint (S1). If
+		// that fails too, the background refresh closes it.
+		ep := EpochState{Epoch: e.Seq, KeyGroups: cfg.KeyGroups, Node: n.id, FromCheckpoint: e.Open.FromCheckpoint}
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeRetryTimeout)
+		defer cancel()
+		if aerr := n.abandonEpoch(actx, h, ep); aerr != nil {
+			err = errors.Join(err, aerr)
+		}
+		return nil, err
 	}
 	n.attach(w)
 	return w, nil
+}
+
+// resumeUnfinishedClose keeps a resumed writer closing if a Close of its
+// epoch began before the restart (its final part exists): that Close's
+// epoch-close entry may still land, so the writer must not acknowledge new
+// changes (see Close); Close finishes it. A resume that fails here leaves
+// the writer attached, and the next resume checks again.
+func (w *Writer) resumeUnfinishedClose(ctx context.Context) error {
+	w.mu.Lock()
+	closing := w.closing
+	w.mu.Unlock()
+	if closing {
+		return nil
+	}
+	_, err := w.node.store.Stat(ctx, partKey(w.cfg.Stream, 0, w.epoch))
+	if errors.Is(err, upload.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("writer %s: resume: look for the final part of an unfinished close: %w", w.logID, err)
+	}
+	w.mu.Lock()
+	w.closing = true
+	w.closeErr = errors.New("a Close began before the node restarted and did not finish")
+	w.mu.Unlock()
+	return nil
 }
 
 func (n *Node) newWriter(h *streamHandle, cfg WriterConfig, epoch, from uint64) *Writer {
@@ -303,7 +361,7 @@ func (w *Writer) Append(ctx context.Context, batch []Change, d Durability) (firs
 	if err := w.deadOrClosingLocked(); err != nil {
 		w.mu.Unlock()
 		w.node.sched.Release(bytes)
-		return 0, 0, err
+		return 0, 0, w.resolveClosing(ctx, err)
 	}
 	first = w.next
 	for i := range batch {
@@ -345,8 +403,11 @@ func (w *Writer) deadOrClosingLocked() error {
 	if w.dead != nil {
 		return w.dead
 	}
+	if w.closing && w.closeErr != nil {
+		return fmt.Errorf("writer %s: a Close failed (%v) and accepts no changes until one succeeds: call Close again: %w", w.logID, w.closeErr, ErrClosing)
+	}
 	if w.closing {
-		return fmt.Errorf("writer %s: closing: %w", w.logID, ErrClosed)
+		return fmt.Errorf("writer %s: %w", w.logID, ErrClosing)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 
 	"connectrpc.com/connect"
@@ -58,7 +59,13 @@ func (x *checkpointService) CreateCheckpoint(ctx context.Context, req *connect.R
 	}
 	id := uint64(1)
 	if len(cps) > 0 {
-		id = cps[len(cps)-1].ID + 1
+		last := cps[len(cps)-1].ID
+		if last == math.MaxUint64 {
+			// Unreachable while the changelog bounds ids
+			// (Limits.MaxCheckpointIDStep); never wrap around to 0.
+			return nil, toConnect(fmt.Errorf("stream %s: newest checkpoint id %d leaves no next id: %w", stream, last, changelog.ErrCheckpointIDOutOfRange))
+		}
+		id = last + 1
 	}
 	s.mu.Lock()
 	var writers []*changelog.Writer

@@ -56,6 +56,7 @@ func codeOf(err error) connect.Code {
 		errors.Is(err, changelog.ErrStreamBusy),
 		errors.Is(err, changelog.ErrLogTruncated),
 		errors.Is(err, changelog.ErrClosed),
+		errors.Is(err, changelog.ErrClosing),
 		errors.Is(err, errNoWriters):
 		return connect.CodeFailedPrecondition
 	case errors.Is(err, changelog.ErrUnsupportedDurability):
