@@ -258,8 +258,10 @@ func (m *model) run(steps int) {
 				m.do("retain", m.retain)
 			case p < 86:
 				m.do("crash", m.crashRestart)
-			case p < 93:
+			case p < 90:
 				m.do("gc", m.gc)
+			case p < 93:
+				m.do("background", m.backgroundStep)
 			case p < 97:
 				m.do("bad checkpoint id", m.badCheckpointID)
 			default:
@@ -301,7 +303,7 @@ func retry(f func() error) error {
 func typed(err error) bool {
 	for _, e := range []error{ErrInvalidChange, ErrUnsupportedDurability, ErrStreamBusy, ErrClosed,
 		ErrWriterNotFound, ErrLogTruncated, ErrInvalidStreamName, ErrStreamNotFound, ErrStreamExists,
-		ErrFenced, ErrCheckpointTooOld, ErrOrphanedKeyGroups, ErrCheckpointConflict, ErrCheckpointNotFound} {
+		ErrFenced, ErrCheckpointTooOld, ErrOrphanedKeyGroups, ErrCheckpointConflict, ErrCheckpointNotFound, ErrClosing} {
 		if errors.Is(err, e) {
 			return true
 		}
@@ -434,8 +436,19 @@ func (m *model) checkpoint() {
 	// error may follow a completion whose acknowledgement was lost).
 	st := m.journal()
 	_, done := st.checkpoint(id)
+	for round := 0; failed == nil && !done && round < 5; round++ {
+		// Every writer recorded its part: if a node's stale view of the
+		// journal kept it from completing, the background pass must
+		// complete it (issue 9, R6).
+		for ni := range m.nodes {
+			m.background(ni)
+		}
+		st = m.journal()
+		_, done = st.checkpoint(id)
+		m.logf("checkpoint %d: every part recorded; complete after background pass %d: %v", id, round+1, done)
+	}
 	if failed == nil && !done {
-		m.fatalf("checkpoint %d: every writer recorded its part but it is not complete", id)
+		m.fatalf("checkpoint %d: every writer recorded its part but it is not complete, even after background passes", id)
 	}
 	if !done {
 		m.logf("checkpoint %d failed: %v", id, failed)
@@ -892,6 +905,22 @@ func (m *model) crashRestart() {
 		mw.w = w
 	}
 	m.logf("crash and restart node%d", ni)
+}
+
+// background runs node ni's background pass (journal refresh, which fences
+// zombies and finishes failed closes, release of recovered logs, orphaned
+// epochs) in the model's goroutine, so that a seed replays.
+func (m *model) background(ni int) {
+	n := m.nodes[ni]
+	n.refreshWriters(m.ctx)
+	n.releaseRecovered(m.ctx)
+	n.abandonCachedOrphans(m.ctx)
+}
+
+func (m *model) backgroundStep() {
+	ni := m.rng.IntN(modelNodes)
+	m.background(ni)
+	m.logf("background pass on node%d", ni)
 }
 
 func (m *model) gc() {
