@@ -52,12 +52,8 @@ func (n *Node) DeleteStream(ctx context.Context, name string) error {
 	}
 	n.mu.Lock()
 	delete(n.streams, name)
-	for key, p := range n.parts {
-		if p.Stream == name {
-			delete(n.parts, key)
-		}
-	}
 	n.mu.Unlock()
+	n.parts.dropStream(name)
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/upload"
@@ -18,22 +19,28 @@ type GCStats struct {
 	Young        int   // unreferenced but still uploading or younger than the grace period
 	Deleted      int   // deleted
 	DeletedBytes int64 // their size
+	// ForeignDeleted counts the deleted segments (included in Deleted)
+	// of other nodes that look gone for good.
+	ForeignDeleted int
 	// SnapshotsDeleted counts snapshot records no retained checkpoint, live
 	// epoch or pending part restores from any more (never the newest).
 	SnapshotsDeleted int
 }
 
-// CollectGarbage deletes this node's segment objects that nothing
-// references. References are rebuilt from scratch every time, from the
-// node's live and recovered logs and from the blob store (journals and
-// checkpoint parts), so a crash never leaves a wrong count behind:
+// CollectGarbage deletes segment objects that nothing references: this
+// node's, and those of other nodes that look gone for good (see
+// foreignCollectable). References are rebuilt from scratch every time,
+// from the node's live and recovered logs and from the blob store
+// (journals and checkpoint parts), so a crash never leaves a wrong count
+// behind:
 //
 //   - every live or recovered log references its segments from its
 //     truncation point on;
 //   - each of the newest RetainCheckpoints complete checkpoints of every
-//     stream, and each checkpoint marked retained, references the segments
-//     its parts list, and those of the checkpoints its parts start from,
-//     recursively (a restore needs them);
+//     stream, each checkpoint marked retained, and each checkpoint pinned
+//     by an open in progress references the segments its parts list, and
+//     those of the checkpoints its parts start from, recursively (a
+//     restore needs them);
 //   - the final part of every closed, still live epoch, the checkpoint every
 //     live epoch started from, and every part of a checkpoint not complete
 //     yet (it may complete later) reference their segments.
@@ -42,21 +49,44 @@ type GCStats struct {
 // these references it, its flush has settled (the scheduler has delivered
 // its callbacks, so a log that needs it references it), and it is older
 // than GCGrace (a margin for objects other processes may be writing).
+// The round runs inside a round marker and stops deleting after GCMaxRound
+// (see the GC/root protocol in restorable.go): a root created meanwhile is
+// either seen by the round or waits for it to end.
 func (n *Node) CollectGarbage(ctx context.Context) (GCStats, error) {
-	// Read before the references: a segment settled by now has had its
-	// callbacks, so its logs already reference it.
-	settled := n.sched.SettledBelow()
-	objs, err := listSegments(ctx, n.store, n.id)
+	end, err := n.beginGCRound(ctx)
 	if err != nil {
 		return GCStats{}, err
 	}
+	defer end()
+	deadline := n.clock.Now().Add(n.opts.GCMaxRound)
+	// Read before the references: a segment settled by now has had its
+	// callbacks, so its logs already reference it.
+	settled := n.sched.SettledBelow()
+	all, err := listAllSegments(ctx, n.store)
+	if err != nil {
+		return GCStats{}, err
+	}
+	objs := all[n.id]
 	st := GCStats{Segments: len(objs)}
-	refs, err := n.segmentReferences(ctx, &st)
+	refs, owners, err := n.segmentReferences(ctx, &st, deadline)
 	if err != nil {
 		return st, err
 	}
 	cutoff := n.clock.Now().Add(-n.opts.GCGrace)
 	var errs []error
+	del := func(o upload.ObjectInfo) bool {
+		if !n.clock.Now().Before(deadline) {
+			errs = append(errs, fmt.Errorf("gc: round took longer than %v: %w", n.opts.GCMaxRound, context.DeadlineExceeded))
+			return false
+		}
+		if err := n.store.Delete(ctx, o.Key); err != nil {
+			errs = append(errs, fmt.Errorf("gc: delete %s: %w", o.Key, err))
+			return true
+		}
+		st.Deleted++
+		st.DeletedBytes += o.Size
+		return true
+	}
 	for _, o := range objs {
 		seq, ok := segmentSeq(segmentPrefix(n.id), o.Key)
 		switch {
@@ -65,20 +95,73 @@ func (n *Node) CollectGarbage(ctx context.Context) (GCStats, error) {
 		case !ok || seq >= settled || o.ModTime.After(cutoff):
 			st.Young++
 		default:
-			if err := n.store.Delete(ctx, o.Key); err != nil {
-				errs = append(errs, fmt.Errorf("gc: delete %s: %w", o.Key, err))
+			if !del(o) {
+				return st, errors.Join(errs...)
+			}
+		}
+	}
+	for node, fobjs := range all {
+		if node == n.id || !n.foreignCollectable(node, fobjs, owners) {
+			continue
+		}
+		fcutoff := n.clock.Now().Add(-n.opts.ForeignGCGrace)
+		for _, o := range fobjs {
+			if refs[o.Key] || o.ModTime.After(fcutoff) {
 				continue
 			}
-			st.Deleted++
-			st.DeletedBytes += o.Size
+			if !del(o) {
+				return st, errors.Join(errs...)
+			}
+			st.ForeignDeleted++
 		}
+	}
+	if err := n.collectStaleRoundMarkers(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
 }
 
+// foreignCollectable says whether another node's segments may be collected
+// (issue 9 S5: a node whose data dir is lost never collects its own). The
+// rule is conservative, because many nodes share the blob store and a
+// node's live logs reference segments no checkpoint lists yet: the node
+// owns no live epoch in any stream's journal (its logs can never be
+// checkpointed again, so only checkpoints — already references — need its
+// segments), and it has uploaded no segment for ForeignGCGrace. Each
+// segment must also be unreferenced and older than ForeignGCGrace.
+func (n *Node) foreignCollectable(node string, objs []upload.ObjectInfo, owners map[string]bool) bool {
+	if n.opts.ForeignGCGrace < 0 || owners[node] || len(objs) == 0 {
+		return false
+	}
+	cutoff := n.clock.Now().Add(-n.opts.ForeignGCGrace)
+	for _, o := range objs {
+		if o.ModTime.After(cutoff) {
+			return false // active lately
+		}
+	}
+	return true
+}
+
+// listAllSegments lists every node's segment objects, by node.
+func listAllSegments(ctx context.Context, store upload.BlobStore) (map[string][]upload.ObjectInfo, error) {
+	out := map[string][]upload.ObjectInfo{}
+	for o, err := range upload.Walk(ctx, store, "segments/", "") {
+		if err != nil {
+			return nil, fmt.Errorf("list segments: %w", err)
+		}
+		node, _, ok := strings.Cut(strings.TrimPrefix(o.Key, "segments/"), "/")
+		if !ok {
+			continue
+		}
+		out[node] = append(out[node], o)
+	}
+	return out, nil
+}
+
 // segmentReferences returns the set of segment keys something references.
-func (n *Node) segmentReferences(ctx context.Context, st *GCStats) (map[string]bool, error) {
-	refs := map[string]bool{}
+// owners are the nodes owning a live epoch of some stream.
+func (n *Node) segmentReferences(ctx context.Context, st *GCStats, deadline time.Time) (refs, owners map[string]bool, err error) {
+	refs, owners = map[string]bool{}, map[string]bool{}
 	n.mu.Lock()
 	var logs []*Writer
 	for _, w := range n.writers {
@@ -97,17 +180,17 @@ func (n *Node) segmentReferences(ctx context.Context, st *GCStats) (map[string]b
 	}
 	streams, err := listStreams(ctx, n.store)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, name := range streams {
-		if err := n.checkpointReferences(ctx, name, refs, st); err != nil {
-			return nil, err
+		if err := n.checkpointReferences(ctx, name, refs, owners, st, deadline); err != nil {
+			return nil, nil, err
 		}
 	}
-	return refs, nil
+	return refs, owners, nil
 }
 
-func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map[string]bool, st *GCStats) error {
+func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, owners map[string]bool, st *GCStats, deadline time.Time) error {
 	h, err := n.streamHandle(ctx, stream)
 	if errors.Is(err, ErrStreamNotFound) {
 		return nil // deleted meanwhile
@@ -119,7 +202,10 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		return err
 	}
 	js := h.journal.snapshot()
-	snaps, err := n.Snapshots(ctx, stream)
+	if err := n.compactJournal(ctx, h); err != nil { // journal_compact.go
+		return err
+	}
+	snaps, unusable, err := n.listSnapshots(ctx, h)
 	if err != nil {
 		return fmt.Errorf("gc: %w", err)
 	}
@@ -173,7 +259,21 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 	if err != nil {
 		return err
 	}
+	// Fail safe (journal_compact.go): a mark created after the forget's
+	// own listing, for a record it forgot, cannot be honoured; stop
+	// rather than collect what the mark asks to keep. The retain refuses
+	// and removes it once this round ends (restorable.go).
+	after := h.journal.snapshot()
 	for _, id := range marked {
+		if after.forgotten(id) {
+			return fmt.Errorf("gc: stream %s: checkpoint %d: %w", stream, id, ErrRetainedCheckpointForgotten)
+		}
+	}
+	pinned, err := n.pinnedCheckpoints(ctx, stream)
+	if err != nil {
+		return err
+	}
+	for _, id := range append(marked, pinned...) {
 		if cp, ok := js.checkpoint(id); ok {
 			retained = append(retained, cp)
 		}
@@ -184,6 +284,7 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		}
 	}
 	for _, ep := range js.live {
+		owners[ep.Node] = true
 		if ep.Closed {
 			if err := addPart(ep.FinalPart.Key); err != nil {
 				return err
@@ -216,12 +317,17 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs map
 		if used[s.Checkpoint] {
 			continue
 		}
+		if !n.clock.Now().Before(deadline) {
+			errs = append(errs, fmt.Errorf("gc: round took longer than %v: %w", n.opts.GCMaxRound, context.DeadlineExceeded))
+			break
+		}
 		if err := n.deleteSnapshot(ctx, s); err != nil {
 			errs = append(errs, fmt.Errorf("gc: %w", err))
 			continue
 		}
 		st.SnapshotsDeleted++
 	}
+	errs = append(errs, n.deleteUnusableSnapshots(ctx, unusable, st))
 	return errors.Join(errs...)
 }
 

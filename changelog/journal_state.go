@@ -3,6 +3,7 @@ package changelog
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
@@ -27,6 +28,10 @@ const (
 	EntryEpochOpen          = "epoch-open"
 	EntryEpochClose         = "epoch-close"
 	EntryCheckpointComplete = "checkpoint-complete"
+	// EntryCheckpointsForget drops the records of complete checkpoints
+	// nothing needs any more (see journal_compact.go), so the state stays
+	// bounded however many checkpoints a stream makes.
+	EntryCheckpointsForget = "checkpoints-forget"
 )
 
 // JournalEntry is one record of a stream's journal.
@@ -43,6 +48,18 @@ type JournalEntry struct {
 	Open       *EpochOpen          `json:"open,omitempty"`
 	Close      *EpochClose         `json:"close,omitempty"`
 	Checkpoint *CheckpointComplete `json:"checkpoint,omitempty"`
+	Forget     *CheckpointsForget  `json:"forget,omitempty"`
+}
+
+// CheckpointsForget removes the records of complete checkpoints IDs
+// (strictly ascending) from the state, and forgets which epoch fenced each
+// epoch below FencedBelow (they stay fenced: every epoch below it that is
+// not live is). The fold refuses to forget the newest complete checkpoint
+// or one a live epoch, or a part of a remaining checkpoint, starts from, so
+// what is left is always restorable as far as the journal is concerned.
+type CheckpointsForget struct {
+	IDs         []uint64 `json:"ids"`
+	FencedBelow uint64   `json:"fenced_below"`
 }
 
 // EpochOpen records a writer taking ownership of a key-group range. Its
@@ -105,8 +122,18 @@ type journalState struct {
 	seq         uint64
 	// live holds the live epochs sorted by KeyGroups.Lo; ranges are disjoint.
 	live []EpochState
-	// fencedBy maps a fenced epoch to the epoch that fenced it.
-	fencedBy map[uint64]uint64
+	// fencedBy maps a fenced epoch to the epoch that fenced it; entries
+	// below fencedFloor are forgotten (every epoch below it that is not
+	// live is fenced, by an epoch no longer known).
+	fencedBy    map[uint64]uint64
+	fencedFloor uint64
+	// epochFrom maps an epoch that started from a checkpoint to that
+	// checkpoint, for live epochs and those with a part in checkpoints: a
+	// restore of a checkpoint goes through the checkpoints its parts'
+	// epochs started from, so those must not be forgotten.
+	epochFrom map[uint64]uint64
+	// forgotUpTo is the newest checkpoint id a forget entry removed.
+	forgotUpTo uint64
 	// checkpoints holds the complete checkpoints in ascending ID order.
 	checkpoints []CheckpointComplete
 	// everOwned marks the key groups some epoch has opened: they hold state,
@@ -115,7 +142,7 @@ type journalState struct {
 }
 
 func newJournalState(keyGroups int) journalState {
-	return journalState{keyGroups: keyGroups, fencedBy: map[uint64]uint64{}, everOwned: make([]bool, keyGroups)}
+	return journalState{keyGroups: keyGroups, fencedBy: map[uint64]uint64{}, epochFrom: map[uint64]uint64{}, everOwned: make([]bool, keyGroups)}
 }
 
 // apply folds e into s, or returns an error wrapping errJournalInvalid and
@@ -148,6 +175,9 @@ func (s *journalState) apply(e JournalEntry) error {
 		kept = append(kept, EpochState{Epoch: e.Seq, KeyGroups: e.Open.KeyGroups, Node: e.Open.Node, FromCheckpoint: e.Open.FromCheckpoint})
 		slices.SortFunc(kept, func(a, b EpochState) int { return int(a.KeyGroups.Lo) - int(b.KeyGroups.Lo) })
 		s.live = kept
+		if e.Open.FromCheckpoint != 0 {
+			s.epochFrom[e.Seq] = e.Open.FromCheckpoint
+		}
 		for g := int(e.Open.KeyGroups.Lo); g <= int(e.Open.KeyGroups.Hi); g++ {
 			s.everOwned[g] = true
 		}
@@ -168,6 +198,10 @@ func (s *journalState) apply(e JournalEntry) error {
 		cp := *e.Checkpoint
 		cp.CompletedAtMs = e.TimeMs
 		s.checkpoints = append(s.checkpoints, cp)
+	case e.Kind == EntryCheckpointsForget && e.Forget != nil:
+		if err := s.forget(e.Seq, *e.Forget); err != nil {
+			return fmt.Errorf("entry %d: %w: %w", e.Seq, err, errJournalInvalid)
+		}
 	default:
 		return fmt.Errorf("entry %d: unknown kind %q: %w", e.Seq, e.Kind, errJournalInvalid)
 	}
@@ -215,10 +249,87 @@ func (s *journalState) partsComplete(recorded map[uint64]bool) bool {
 	return true
 }
 
-// fenced reports whether epoch is no longer live, and which epoch fenced it.
+// fenced reports whether epoch is no longer live, and which epoch fenced it
+// (0 when a forget entry dropped that: see CheckpointsForget).
 func (s *journalState) fenced(epoch uint64) (by uint64, ok bool) {
-	by, ok = s.fencedBy[epoch]
-	return by, ok
+	if by, ok = s.fencedBy[epoch]; ok {
+		return by, true
+	}
+	if epoch < s.fencedFloor && s.liveIndex(epoch) < 0 {
+		return 0, true
+	}
+	return 0, false
+}
+
+// forget folds a forget entry at seq, or fails leaving s unchanged.
+func (s *journalState) forget(seq uint64, f CheckpointsForget) error {
+	if f.FencedBelow > seq {
+		return fmt.Errorf("forget fenced epochs below %d at %d", f.FencedBelow, seq)
+	}
+	drop := make(map[uint64]bool, len(f.IDs))
+	for i, id := range f.IDs {
+		if i > 0 && id <= f.IDs[i-1] {
+			return fmt.Errorf("forget: checkpoint ids not ascending")
+		}
+		if _, ok := s.checkpoint(id); !ok {
+			return fmt.Errorf("forget checkpoint %d, which is not complete", id)
+		}
+		if id == s.lastCheckpoint() {
+			return fmt.Errorf("forget the newest complete checkpoint %d", id)
+		}
+		drop[id] = true
+	}
+	for _, ep := range s.live {
+		if drop[ep.FromCheckpoint] {
+			return fmt.Errorf("forget checkpoint %d, which live epoch %d starts from", ep.FromCheckpoint, ep.Epoch)
+		}
+	}
+	kept := make([]CheckpointComplete, 0, len(s.checkpoints)-len(drop))
+	for _, cp := range s.checkpoints {
+		if !drop[cp.ID] {
+			kept = append(kept, cp)
+		}
+	}
+	for _, cp := range kept {
+		for _, p := range cp.Parts {
+			if from := s.epochFrom[p.Epoch]; drop[from] {
+				return fmt.Errorf("forget checkpoint %d, which part %s of checkpoint %d starts from", from, p.Key, cp.ID)
+			}
+		}
+	}
+	// Keep the bases of what is left only: those are what restores need.
+	needed := map[uint64]bool{}
+	for _, ep := range s.live {
+		needed[ep.Epoch] = true
+	}
+	for _, cp := range kept {
+		for _, p := range cp.Parts {
+			needed[p.Epoch] = true
+		}
+	}
+	for ep := range s.epochFrom {
+		if !needed[ep] {
+			delete(s.epochFrom, ep)
+		}
+	}
+	for ep := range s.fencedBy {
+		if ep < f.FencedBelow {
+			delete(s.fencedBy, ep)
+		}
+	}
+	s.fencedFloor = max(s.fencedFloor, f.FencedBelow)
+	if n := len(f.IDs); n > 0 {
+		s.forgotUpTo = max(s.forgotUpTo, f.IDs[n-1])
+	}
+	s.checkpoints = kept
+	return nil
+}
+
+// forgotten reports whether checkpoint id may have been complete once but
+// its record was forgotten: it is not restorable any more.
+func (s *journalState) forgotten(id uint64) bool {
+	_, ok := s.checkpoint(id)
+	return !ok && id <= s.forgotUpTo
 }
 
 func (s *journalState) liveIndex(epoch uint64) int {
@@ -278,9 +389,13 @@ func (s *journalState) clone() journalState {
 	c.live = slices.Clone(s.live)
 	c.checkpoints = slices.Clone(s.checkpoints)
 	c.everOwned = slices.Clone(s.everOwned)
-	c.fencedBy = make(map[uint64]uint64, len(s.fencedBy))
-	for k, v := range s.fencedBy {
-		c.fencedBy[k] = v
+	c.fencedBy = maps.Clone(s.fencedBy)
+	c.epochFrom = maps.Clone(s.epochFrom)
+	if c.fencedBy == nil {
+		c.fencedBy = map[uint64]uint64{}
+	}
+	if c.epochFrom == nil {
+		c.epochFrom = map[uint64]uint64{}
 	}
 	return c
 }

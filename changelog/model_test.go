@@ -303,7 +303,7 @@ func retry(f func() error) error {
 func typed(err error) bool {
 	for _, e := range []error{ErrInvalidChange, ErrUnsupportedDurability, ErrStreamBusy, ErrClosed,
 		ErrWriterNotFound, ErrLogTruncated, ErrInvalidStreamName, ErrStreamNotFound, ErrStreamExists,
-		ErrFenced, ErrCheckpointTooOld, ErrOrphanedKeyGroups, ErrCheckpointConflict, ErrCheckpointNotFound, ErrClosing} {
+		ErrFenced, ErrCheckpointTooOld, ErrOrphanedKeyGroups, ErrCheckpointConflict, ErrCheckpointNotFound, ErrClosing, ErrCheckpointNotRestorable} {
 		if errors.Is(err, e) {
 			return true
 		}
@@ -631,6 +631,22 @@ func (m *model) reopen() {
 	from := uint64(0)
 	if ret := m.retained(); len(ret) > 0 && m.rng.IntN(2) == 0 {
 		from = ret[m.rng.IntN(len(ret))]
+	}
+	if from != 0 && !m.restorableIn(from, old.r) {
+		// A checkpoint that cannot be restored is refused before anything
+		// is fenced (issue 9 R2); the writer reopens from the newest.
+		err := retry(func() error {
+			_, err := m.nodes[ni].OpenWriter(m.ctx, WriterConfig{Stream: modelStream, KeyGroups: old.r, FromCheckpoint: from})
+			return err
+		})
+		if !errors.Is(err, ErrCheckpointNotRestorable) {
+			m.fatalf("open %s from unrestorable checkpoint %d: %v, want ErrCheckpointNotRestorable", old.r, from, err)
+		}
+		if err := old.w.alive(); err != nil {
+			m.fatalf("a refused open fenced %s: %v", old.w.LogID(), err)
+		}
+		m.logf("open %s from %d refused: %v", old.r, from, err)
+		from = 0
 	}
 	mw := m.openWriter(ni, old.r, from)
 	m.fenceOverlapped(old.r)
@@ -1134,7 +1150,7 @@ func (m *model) checkNoLeaks() {
 		if _, err := n.CollectGarbage(m.ctx); err != nil {
 			m.fatalf("final gc node%d: %v", ni, err)
 		}
-		refs, err := n.segmentReferences(m.ctx, &GCStats{})
+		refs, _, err := n.segmentReferences(m.ctx, &GCStats{}, time.Now().Add(time.Hour))
 		if err != nil {
 			m.fatalf("references node%d: %v", ni, err)
 		}

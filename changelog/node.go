@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -41,9 +42,30 @@ type Options struct {
 	// GCGrace protects segment objects younger than this from garbage
 	// collection, so an object being uploaded is never deleted (default 10m).
 	GCGrace time.Duration
+	// GCMaxRound bounds one garbage collection round: it deletes nothing
+	// once it is older than this (the next round continues). A retain or
+	// an open from an old checkpoint waits at most this long (plus a clock
+	// skew margin) for a round of a crashed node (default 2m).
+	GCMaxRound time.Duration
+	// ForeignGCGrace: segments of another node are collected only when
+	// nothing references them, they are older than this, the node has
+	// uploaded no segment for this long and owns no live epoch (a node
+	// whose data dir was lost forever; default 24h, negative: never).
+	ForeignGCGrace time.Duration
+	// PartCacheBytes bounds the cache of checkpoint parts read (default
+	// 32 MiB, estimated in-memory size).
+	PartCacheBytes int64
 	// GCInterval is the period of the background garbage collection of
 	// this node's segments (default 1m; negative disables it).
 	GCInterval time.Duration
+	// JournalCompactEvery: the appender of every JournalCompactEvery-th
+	// journal entry stores the folded journal state there, so a node
+	// opening a stream reads that and the entries after it (default 256).
+	JournalCompactEvery int
+	// JournalKeepCheckpoints is how many of the newest complete checkpoints
+	// keep their journal records at least (more if RetainCheckpoints is
+	// higher); older ones nothing needs are forgotten (default 64).
+	JournalKeepCheckpoints int
 	// JournalRefresh is how often writers re-read their streams' journals
 	// to learn that another node fenced them (default 1s).
 	JournalRefresh time.Duration
@@ -67,6 +89,8 @@ type Node struct {
 	sched *upload.Scheduler
 	wal   *locallog.Log
 
+	firstSeq uint64 // sequence of this incarnation's first segment
+
 	runCancel context.CancelFunc
 	runDone   chan error
 	gcDone    chan struct{}
@@ -81,7 +105,7 @@ type Node struct {
 	// open failed: an epoch of this node without a writer is an orphan
 	// only while none is (see abandon.go).
 	opening   map[string]int
-	parts     map[string]Part     // checkpoint parts read so far (immutable)
+	parts     *partCache          // checkpoint parts read recently (immutable)
 	snapshots map[string]Snapshot // snapshot records read so far (immutable; dropped when deleted)
 }
 
@@ -126,8 +150,23 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	if opts.GCGrace <= 0 {
 		opts.GCGrace = 10 * time.Minute
 	}
+	if opts.GCMaxRound <= 0 {
+		opts.GCMaxRound = 2 * time.Minute
+	}
+	if opts.ForeignGCGrace == 0 {
+		opts.ForeignGCGrace = 24 * time.Hour
+	}
+	if opts.PartCacheBytes <= 0 {
+		opts.PartCacheBytes = 32 << 20
+	}
 	if opts.GCInterval == 0 {
 		opts.GCInterval = time.Minute
+	}
+	if opts.JournalCompactEvery <= 0 {
+		opts.JournalCompactEvery = defaultJournalCompactEvery
+	}
+	if opts.JournalKeepCheckpoints <= 0 {
+		opts.JournalKeepCheckpoints = defaultJournalKeepCheckpoints
 	}
 	if opts.JournalRefresh <= 0 {
 		opts.JournalRefresh = time.Second
@@ -153,7 +192,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		writers:   map[string]*Writer{},
 		recovered: map[string]*recoveredLog{},
 		opening:   map[string]int{},
-		parts:     map[string]Part{},
+		parts:     newPartCache(opts.PartCacheBytes),
 		snapshots: map[string]Snapshot{},
 	}
 	// Segment keys carry the node's flush sequence: continue after the
@@ -164,11 +203,27 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	}
 	so := opts.Scheduler
 	so.Store, so.Node, so.Clock = opts.Store, opts.NodeID, opts.Clock
+	var newest uint64
 	for _, o := range objs {
-		if seq, ok := segmentSeq(segmentPrefix(opts.NodeID), o.Key); ok && seq >= so.FirstSeq {
-			so.FirstSeq = seq + 1
+		if seq, ok := segmentSeq(segmentPrefix(opts.NodeID), o.Key); ok && seq > newest {
+			newest = seq
 		}
 	}
+	// Each start leaves a gap of incarnationSeqs after the newest segment
+	// it sees: a segment an earlier incarnation was still uploading (a PUT
+	// that lands after this listing) has a lower sequence than every
+	// segment of this incarnation, which is what recovery marks rely on.
+	// The previous start's first sequence is kept in the data dir: GC may
+	// have deleted the newest segments, so the listing alone could go back.
+	prev, err := loadSeq(opts.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	so.FirstSeq = max(so.FirstSeq, newest+incarnationSeqs, prev+incarnationSeqs)
+	if err := storeSeq(opts.DataDir, so.FirstSeq); err != nil {
+		return nil, err
+	}
+	n.firstSeq = so.FirstSeq
 	sched, err := upload.NewScheduler(so)
 	if err != nil {
 		return nil, fmt.Errorf("changelog: %w", err)
@@ -418,7 +473,7 @@ func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, er
 	n.mu.Lock()
 	h, ok = n.streams[name]
 	if !ok || h.journal.isGone() {
-		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce)}
+		h = &streamHandle{cfg: cfg, journal: newJournal(n.store, cfg, n.clock.Now, newNonce).withCompaction(n.opts.JournalCompactEvery, n.opts.GCGrace)}
 		n.streams[name] = h
 	}
 	n.mu.Unlock()
@@ -480,6 +535,57 @@ func loadNodeID(dir string) (string, error) {
 		return "", fmt.Errorf("changelog: write node id: %w", err)
 	}
 	return id, nil
+}
+
+// seqFile holds the first segment sequence of the node's latest start.
+const seqFile = "segment-seq"
+
+func loadSeq(dir string) (uint64, error) {
+	data, err := os.ReadFile(filepath.Join(dir, seqFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("changelog: read %s: %w", seqFile, err)
+	}
+	v, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("changelog: %s holds %q: %w", seqFile, data, locallog.ErrCorrupt)
+	}
+	return v, nil
+}
+
+// storeSeq records seq durably (write, fsync, rename, fsync the dir)
+// before the node uploads any segment.
+func storeSeq(dir string, seq uint64) error {
+	p := filepath.Join(dir, seqFile)
+	tmp := p + ".tmp"
+	err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o644)
+	if err == nil {
+		err = syncPath(tmp)
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err == nil {
+		err = syncPath(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("changelog: record segment sequence: %w", err)
+	}
+	return nil
+}
+
+func syncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // crash stops the node as a kill -9 would, as far as that is possible in

@@ -21,6 +21,40 @@ type recoveredLog struct {
 	writer *Writer // registered with the scheduler, not live until resumed
 }
 
+// incarnationSeqs is the gap of segment sequence numbers each start of a
+// node leaves after the newest segment it lists: more than any incarnation
+// ever uploads, so every segment of an earlier incarnation — even a PUT
+// still in flight when it was killed, landing after the restart listed the
+// segments — has a lower sequence than every segment of a later one.
+const incarnationSeqs = 1 << 32
+
+// recoveryMark records one restart that recovered a log (issue 9 S4). The
+// restart continued the log after UpTo: every SQN ≤ UpTo was uploaded or in
+// the local log, but a change above it may have had an SQN only in the
+// dead incarnation's memory (buffered), which the log then reused for a
+// different change. A segment of an incarnation before the restart
+// (sequence below Below) that holds the log's SQNs above UpTo can only be
+// such a late PUT: its blocks are never read.
+//
+// Invariant: SQNs of a log are never reused in what any reader sees. The
+// mark is in the local log before the restarted incarnation uploads any
+// segment, and every scan applies all of a log's marks.
+type recoveryMark struct {
+	Below uint64 `json:"below"` // first segment sequence of the restarted incarnation
+	UpTo  uint64 `json:"up_to"` // the log's last SQN known at the restart
+}
+
+// staleBlock says whether a block of a log, in a segment of sequence seq,
+// is a dead incarnation's late upload of SQNs the log reused.
+func staleBlock(marks []recoveryMark, seq uint64, b segments.BlockInfo) bool {
+	for _, m := range marks {
+		if seq < m.Below && b.LastSQN > m.UpTo {
+			return true
+		}
+	}
+	return false
+}
+
 func segmentPrefix(node string) string { return "segments/" + node + "/" }
 
 // segmentSeq parses the flush sequence number out of a segment key
@@ -49,7 +83,9 @@ func listSegments(ctx context.Context, store upload.BlobStore, node string) ([]u
 // scanSegments reads the index of every listed segment (one range read
 // each) and returns, per log id, its segments in upload order. This rebuilds
 // what a node knew about its logs' segments before a restart.
-func scanSegments(ctx context.Context, store upload.BlobStore, objs []upload.ObjectInfo, want func(logID string) bool) (map[string][]SegmentBlocks, error) {
+//
+// stale drops blocks a dead incarnation uploaded late (see recoveryMark).
+func scanSegments(ctx context.Context, store upload.BlobStore, objs []upload.ObjectInfo, want func(logID string) bool, stale func(key string, b segments.BlockInfo) bool) (map[string][]SegmentBlocks, error) {
 	out := map[string][]SegmentBlocks{}
 	for _, o := range objs {
 		rd, err := segments.Open(upload.ReaderAt(ctx, store, o.Key, o.Size), o.Size, o.Key)
@@ -58,7 +94,7 @@ func scanSegments(ctx context.Context, store upload.BlobStore, objs []upload.Obj
 		}
 		byLog := map[string][]segments.BlockInfo{}
 		for _, b := range rd.Blocks() {
-			if want(b.LogID) {
+			if want(b.LogID) && !stale(o.Key, b) {
 				byLog[b.LogID] = append(byLog[b.LogID], b)
 			}
 		}
@@ -88,16 +124,26 @@ func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []uplo
 	if rec == nil || len(rec.Logs) == 0 {
 		return nil
 	}
-	segs, err := scanSegments(ctx, n.store, objs, func(id string) bool { _, ok := rec.Logs[id]; return ok })
-	if err != nil {
-		return fmt.Errorf("changelog: recover: %w", err)
-	}
-	var total int64
+	metas := make(map[string]walMeta, len(rec.Logs))
 	for logID, rl := range rec.Logs {
 		var meta walMeta
 		if err := json.Unmarshal(rl.Meta, &meta); err != nil || logIDOf(meta.Stream, meta.Epoch) != logID {
 			return fmt.Errorf("changelog: recover log %s: bad metadata %q: %w", logID, rl.Meta, locallog.ErrCorrupt)
 		}
+		metas[logID] = meta
+	}
+	prefix := segmentPrefix(n.id)
+	segs, err := scanSegments(ctx, n.store, objs, func(id string) bool { _, ok := rec.Logs[id]; return ok },
+		func(key string, b segments.BlockInfo) bool {
+			seq, ok := segmentSeq(prefix, key)
+			return ok && staleBlock(metas[b.LogID].Recovered, seq, b)
+		})
+	if err != nil {
+		return fmt.Errorf("changelog: recover: %w", err)
+	}
+	var total int64
+	for logID, rl := range rec.Logs {
+		meta := metas[logID]
 		w := &Writer{
 			node: n, cfg: WriterConfig{Stream: meta.Stream, KeyGroups: meta.KeyGroups}, epoch: meta.Epoch,
 			logID: logID, from: meta.FromCheckpoint, truncatedBefore: max(meta.TruncatedBefore, 1), done: make(chan struct{}),
@@ -122,6 +168,12 @@ func (n *Node) recover(ctx context.Context, rec *locallog.Recovered, objs []uplo
 		}
 		w.next = w.uploaded + uint64(len(w.tail)) + 1
 		w.walDurable = w.next - 1
+		// Durable before this incarnation uploads anything: SQNs from
+		// w.next on may be reused (see recoveryMark).
+		w.recovered = append(slices.Clip(meta.Recovered), recoveryMark{Below: n.firstSeq, UpTo: w.next - 1})
+		if err := n.wal.SetMeta(ctx, logID, w.meta(w.truncatedBefore)); err != nil {
+			return fmt.Errorf("changelog: recover log %s: record recovery: %w", logID, err)
+		}
 		n.recovered[logID] = &recoveredLog{meta: meta, writer: w}
 		n.sched.Register(w)
 		n.log.Info("recovered log", "log", logID, "uploaded", w.uploaded, "pending", len(w.tail))

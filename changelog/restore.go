@@ -48,21 +48,17 @@ func (n *Node) completeCheckpoint(ctx context.Context, stream string, id uint64)
 	return cp, nil
 }
 
-// part reads a checkpoint part, caching it: parts are immutable.
+// part reads a checkpoint part through the node's bounded cache: parts are
+// immutable.
 func (n *Node) part(ctx context.Context, key string) (Part, error) {
-	n.mu.Lock()
-	p, ok := n.parts[key]
-	n.mu.Unlock()
-	if ok {
+	if p, ok := n.parts.get(key); ok {
 		return p, nil
 	}
 	p, err := readPart(ctx, n.store, key)
 	if err != nil {
 		return Part{}, err
 	}
-	n.mu.Lock()
-	n.parts[key] = p
-	n.mu.Unlock()
+	n.parts.add(key, p)
 	return p, nil
 }
 

@@ -20,7 +20,12 @@ func retainedKey(stream string, id uint64) string {
 }
 
 // RetainCheckpoint marks complete checkpoint id of stream retained (or
-// releases the mark when retain is false).
+// releases the mark when retain is false). A checkpoint whose data garbage
+// collection already deleted is refused with ErrCheckpointNotRestorable
+// (and not marked). The mark is created first and the checkpoint checked
+// after every GC round that may not have seen it ended (the GC/root
+// protocol in restorable.go), so a retain that returns nil protects data
+// that exists.
 func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, retain bool) error {
 	if _, err := n.completeCheckpoint(ctx, stream, id); err != nil {
 		return err
@@ -34,6 +39,14 @@ func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, r
 	}
 	err := n.store.PutIfAbsent(ctx, key, bytes.NewReader(nil), 0)
 	if err != nil && !errors.Is(err, upload.ErrAlreadyExists) {
+		// The mark may have landed: a retain that failed must not leave
+		// a mark that was never checked.
+		if derr := n.store.Delete(context.WithoutCancel(ctx), key); derr != nil {
+			err = errors.Join(err, derr)
+		}
+		return fmt.Errorf("stream %s: retain checkpoint %d: %w", stream, id, err)
+	}
+	if err := n.makeRoot(ctx, stream, id, nil, key); err != nil {
 		return fmt.Errorf("stream %s: retain checkpoint %d: %w", stream, id, err)
 	}
 	return nil

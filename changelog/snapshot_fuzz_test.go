@@ -2,6 +2,7 @@ package changelog
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -9,20 +10,36 @@ import (
 )
 
 // FuzzDecodeSnapshot: any bytes decode to a snapshot record of the stream
-// and checkpoint asked for, or to an error wrapping one of envelope's
-// sentinels; never a panic.
+// and checkpoint asked for whose files are the stream's, or to an error
+// wrapping one of envelope's sentinels; never a panic. A record without an
+// incarnation decodes (GC must be able to delete it) but is never owned.
 func FuzzDecodeSnapshot(f *testing.F) {
-	valid := Snapshot{Stream: "s", Checkpoint: 7, Logs: map[string]uint64{"s/1": 5, "s/2": 0}, CreatedAt: time.Unix(1, 0).UTC(), Bytes: 10, NewBytes: 4, Manifest: []byte(`{"runs":[]}`)}
-	data, err := envelope.Seal(snapshotKind, valid)
-	if err != nil {
-		f.Fatal(err)
+	files := []SnapshotFileRef{{Key: SnapshotFilePrefix("s") + "00000000000000000007-0a0b0c0d-000001.sst", Size: 10}}
+	valid := Snapshot{Stream: "s", Incarnation: "0123456789abcdef01234567", Checkpoint: 7, Logs: map[string]uint64{"s/1": 5, "s/2": 0}, CreatedAt: time.Unix(1, 0).UTC(), Bytes: 10, NewBytes: 4, Files: files, Manifest: []byte(`{"runs":[]}`)}
+	seal := func(v any, kind string) []byte {
+		data, err := envelope.Seal(kind, v)
+		if err != nil {
+			f.Fatal(err)
+		}
+		return data
 	}
+	data := seal(valid, snapshotKind)
 	f.Add(data)
 	f.Add(data[:len(data)/2])
-	other, _ := envelope.Seal(snapshotKind, Snapshot{Stream: "t", Checkpoint: 7})
-	f.Add(other)
-	wrongKind, _ := envelope.Seal(partKind, Part{Stream: "s"})
-	f.Add(wrongKind)
+	f.Add(seal(Snapshot{Stream: "t", Checkpoint: 7}, snapshotKind))
+	legacy := valid
+	legacy.Incarnation, legacy.Files = "", nil
+	f.Add(seal(legacy, snapshotKind))
+	outside := valid
+	outside.Files = []SnapshotFileRef{{Key: "streams/t/sst/x", Size: 1}}
+	f.Add(seal(outside, snapshotKind))
+	twice := valid
+	twice.Files = append(files, files...)
+	f.Add(seal(twice, snapshotKind))
+	negative := valid
+	negative.Files = []SnapshotFileRef{{Key: files[0].Key, Size: -1}}
+	f.Add(seal(negative, snapshotKind))
+	f.Add(seal(Part{Stream: "s"}, partKind))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s, err := decodeSnapshot("s", 7, data)
@@ -34,6 +51,16 @@ func FuzzDecodeSnapshot(f *testing.F) {
 		}
 		if s.Stream != "s" || s.Checkpoint != 7 || s.Key() != snapshotKey("s", 7) {
 			t.Fatalf("decoded %+v for stream s checkpoint 7", s)
+		}
+		seen := map[string]bool{}
+		for _, f := range s.Files {
+			if !strings.HasPrefix(f.Key, SnapshotFilePrefix("s")) || f.Size < 0 || seen[f.Key] {
+				t.Fatalf("decoded a record with file %+v", f)
+			}
+			seen[f.Key] = true
+		}
+		if s.Incarnation == "" && s.ownedBy("") {
+			t.Fatal("a record without an incarnation is owned")
 		}
 	})
 }

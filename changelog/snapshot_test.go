@@ -19,6 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,6 +57,7 @@ type snapEnv struct {
 	store  upload.BlobStore
 	n      *Node
 	stream string
+	inc    string // the stream's incarnation
 	groups int
 	want   map[uint64]map[string]string
 }
@@ -70,10 +73,11 @@ func newSnapEnv(t *testing.T, groups, retainCheckpoints int) *snapEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close(context.Background()) })
-	if _, err := n.CreateStream(ctx, "s", groups); err != nil {
+	cfg, err := n.CreateStream(ctx, "s", groups)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return &snapEnv{t: t, ctx: ctx, store: store, n: n, stream: "s", groups: groups, want: map[uint64]map[string]string{}}
+	return &snapEnv{t: t, ctx: ctx, store: store, n: n, stream: "s", inc: cfg.Incarnation, groups: groups, want: map[uint64]map[string]string{}}
 }
 
 func (e *snapEnv) full() keygroup.Range { return keygroup.Full(e.groups) }
@@ -128,11 +132,16 @@ func (e *snapEnv) checkpoint(id uint64, ws ...*snapWriter) {
 
 func (e *snapEnv) publish(id uint64) Snapshot {
 	e.t.Helper()
-	s, err := e.n.PublishSnapshot(e.ctx, e.stream, id, json.RawMessage(`{}`), 100, 10)
+	s, err := e.n.PublishSnapshot(e.ctx, e.stream, id, e.content(`{}`))
 	if err != nil {
 		e.t.Fatalf("publish snapshot of checkpoint %d: %v", id, err)
 	}
 	return s
+}
+
+// content is a publication of the current incarnation naming no files.
+func (e *snapEnv) content(manifest string) SnapshotContent {
+	return SnapshotContent{Incarnation: e.inc, Manifest: json.RawMessage(manifest), Bytes: 100, NewBytes: 10}
 }
 
 func (e *snapEnv) adopt(want int) {
@@ -813,17 +822,17 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 	e.append(a, put(1, "k", "v"))
 	e.checkpoint(2, a)
 	snap := e.publish(1)
-	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, json.RawMessage(`{"other":true}`), 1, 1); !errors.Is(err, ErrSnapshotConflict) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, e.content(`{"other":true}`)); !errors.Is(err, ErrSnapshotConflict) {
 		t.Fatalf("second snapshot of 1: %v, want ErrSnapshotConflict", err)
 	}
 	other := openTestNode(t, e.store, t.TempDir())
-	if _, err := other.PublishSnapshot(e.ctx, "s", 1, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrSnapshotConflict) {
+	if _, err := other.PublishSnapshot(e.ctx, "s", 1, e.content(`{}`)); !errors.Is(err, ErrSnapshotConflict) {
 		t.Fatalf("second snapshot of 1 from another node: %v, want ErrSnapshotConflict", err)
 	}
-	if _, err := e.n.PublishSnapshot(e.ctx, "s", 7, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrCheckpointNotFound) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 7, e.content(`{}`)); !errors.Is(err, ErrCheckpointNotFound) {
 		t.Fatalf("snapshot of unknown checkpoint 7: %v, want ErrCheckpointNotFound", err)
 	}
-	if _, err := e.n.PublishSnapshot(e.ctx, "missing", 1, json.RawMessage(`{}`), 1, 1); !errors.Is(err, ErrStreamNotFound) {
+	if _, err := e.n.PublishSnapshot(e.ctx, "missing", 1, e.content(`{}`)); !errors.Is(err, ErrStreamNotFound) {
 		t.Fatalf("snapshot of an unknown stream: %v, want ErrStreamNotFound", err)
 	}
 	if ids := e.snapshotIDs(other); !slices.Equal(ids, []uint64{1}) {
@@ -868,8 +877,9 @@ func TestSnapshotPublishErrorsAndCorruption(t *testing.T) {
 			t.Fatalf("byte %d flipped: AdoptSnapshots of a node without writers: %v", i, err)
 		}
 		// GC must not delete anything while it cannot read the records.
-		if st, err := e.n.CollectGarbage(e.ctx); err != nil || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
-			// e.n cached the record when it published it; it may carry on.
+		if st, err := e.n.CollectGarbage(e.ctx); (err != nil && !errors.Is(err, envelope.ErrCorrupt)) || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
+			// e.n cached the record when it published it, but the listing
+			// shows another object under the key now: it reads it again.
 			t.Fatalf("byte %d flipped: gc of the publishing node: %+v, %v", i, st, err)
 		}
 		if st, err := reader.CollectGarbage(e.ctx); !errors.Is(err, envelope.ErrCorrupt) || st.Deleted != 0 || st.SnapshotsDeleted != 0 {
@@ -1246,5 +1256,307 @@ func TestSnapshotPlanTwoBases(t *testing.T) {
 			t.Fatalf("plan of 4 after gc: %v", err)
 		}
 		checkPlan(n, pl)
+	}
+}
+
+// statFault fails every Stat of a snapshot file (an unknown outcome) while
+// fail is set.
+type statFault struct {
+	upload.BlobStore
+	fail atomic.Bool
+}
+
+func (s *statFault) Stat(ctx context.Context, key string) (upload.ObjectInfo, error) {
+	if s.fail.Load() && strings.Contains(key, "/sst/") {
+		return upload.ObjectInfo{}, fmt.Errorf("stat %s: injected: %w", key, upload.ErrTransient)
+	}
+	return s.BlobStore.Stat(ctx, key)
+}
+
+// putFile stores a snapshot file of the stream and returns its reference.
+func (e *snapEnv) putFile(name string, size int) SnapshotFileRef {
+	e.t.Helper()
+	key := SnapshotFilePrefix(e.stream) + name
+	if err := e.store.PutIfAbsent(e.ctx, key, bytes.NewReader(make([]byte, size)), int64(size)); err != nil {
+		e.t.Fatal(err)
+	}
+	return SnapshotFileRef{Key: key, Size: int64(size)}
+}
+
+func (e *snapEnv) truncatedBefore(sw *snapWriter) uint64 {
+	sw.w.mu.Lock()
+	defer sw.w.mu.Unlock()
+	return sw.w.truncatedBefore
+}
+
+// R3 (publication): every file a record names is Stat-ed, with its size,
+// before the record is written; a definitely missing file refuses it, a
+// failed Stat (unknown outcome) refuses it without calling anything
+// missing; bad requests are refused before anything is read.
+func TestSnapshotPublishVerifiesFiles(t *testing.T) {
+	e := newSnapEnv(t, 4, 3)
+	a := e.open(e.full(), 0)
+	e.append(a, put(0, "k", "v"))
+	e.checkpoint(1, a)
+	f1, f2 := e.putFile("r1-a-000001.sst", 10), e.putFile("r1-a-000002.sst", 20)
+	c := e.content(`{}`)
+	c.Files = []SnapshotFileRef{f1, {Key: SnapshotFilePrefix("s") + "r1-a-000003.sst", Size: 5}}
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, c); !errors.Is(err, ErrSnapshotFilesMissing) {
+		t.Fatalf("publish naming a file never stored: %v, want ErrSnapshotFilesMissing", err)
+	}
+	c.Files = []SnapshotFileRef{f1, {Key: f2.Key, Size: 21}}
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, c); !errors.Is(err, ErrSnapshotFilesMissing) {
+		t.Fatalf("publish naming a file with the wrong size: %v, want ErrSnapshotFilesMissing", err)
+	}
+	for _, bad := range [][]SnapshotFileRef{
+		{{Key: "streams/t/sst/x", Size: 1}},
+		{{Key: SnapshotFilePrefix("s"), Size: 1}},
+		{f1, f1},
+		{{Key: f1.Key, Size: -1}},
+	} {
+		c.Files = bad
+		if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, c); !errors.Is(err, ErrInvalidChange) {
+			t.Fatalf("publish with files %v: %v, want ErrInvalidChange", bad, err)
+		}
+	}
+	c.Files = []SnapshotFileRef{f1, f2}
+	c.Incarnation = ""
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 1, c); !errors.Is(err, ErrInvalidChange) {
+		t.Fatalf("publish without an incarnation: %v, want ErrInvalidChange", err)
+	}
+	faulty := &statFault{BlobStore: e.store}
+	faulty.fail.Store(true)
+	other := openTestNode(t, faulty, t.TempDir())
+	c.Incarnation = e.inc
+	if _, err := other.PublishSnapshot(e.ctx, "s", 1, c); err == nil || errors.Is(err, ErrSnapshotFilesMissing) || !errors.Is(err, upload.ErrTransient) {
+		t.Fatalf("publish while Stat fails: %v, want the Stat's error, not ErrSnapshotFilesMissing", err)
+	}
+	if e.exists(snapshotKey("s", 1)) {
+		t.Fatal("a refused publication wrote a record")
+	}
+	s, err := e.n.PublishSnapshot(e.ctx, "s", 1, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Incarnation != e.inc || !slices.Equal(s.Files, c.Files) {
+		t.Fatalf("published %+v", s)
+	}
+	if snaps, err := openTestNode(t, e.store, t.TempDir()).Snapshots(e.ctx, "s"); err != nil || len(snaps) != 1 || !slices.Equal(snaps[0].Files, c.Files) {
+		t.Fatalf("read back: %+v %v", snaps, err)
+	}
+}
+
+// R3 (adoption): a node truncates a writer below a snapshot only after it
+// found all the snapshot's files. A record with a file definitely missing
+// is refused before anything is truncated, is never planned from, and GC
+// deletes it; checkpoint 1 still restores from the log. A Stat that fails
+// decides nothing: no truncation, no deletion, and once Stat works the
+// (complete) snapshot is adopted.
+func TestSnapshotAdoptRefusesMissingFiles(t *testing.T) {
+	e := newSnapEnv(t, 4, 3)
+	a := e.open(e.full(), 0)
+	e.append(a, put(0, "k", "v"), put(1, "k2", "v2"))
+	e.checkpoint(1, a)
+	e.append(a, put(2, "k3", "v3"))
+	e.checkpoint(2, a)
+	c := e.content(`{}`)
+	c.Files = []SnapshotFileRef{e.putFile("r1-a-000001.sst", 10), e.putFile("r1-a-000002.sst", 20)}
+	// Published by another node (a materializer): e.n has not checked it.
+	pub := openTestNode(t, e.store, t.TempDir())
+	s, err := pub.PublishSnapshot(e.ctx, "s", 1, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A file vanishes after publication (the review's in-flight GC).
+	if err := e.store.Delete(e.ctx, c.Files[1].Key); err != nil {
+		t.Fatal(err)
+	}
+	before := e.truncatedBefore(a)
+	k, err := e.n.AdoptSnapshots(e.ctx)
+	if k != 0 || !errors.Is(err, ErrSnapshotFilesMissing) {
+		t.Fatalf("adopt a snapshot with a missing file: truncated %d, %v; want 0 and ErrSnapshotFilesMissing", k, err)
+	}
+	if got := e.truncatedBefore(a); got != before {
+		t.Fatalf("writer truncated before %d (was %d) below a snapshot with a missing file", got, before)
+	}
+	if ids := e.snapshotIDs(e.n); len(ids) != 0 {
+		t.Fatalf("Snapshots lists %v, want none (the record names a missing file)", ids)
+	}
+	if pl := e.plan(e.n, 2, e.full()); len(pl.Bases) != 0 {
+		t.Fatalf("plan of 2 uses a base with a missing file: %s", describePlan(pl))
+	}
+	if st := e.gc(); st.SnapshotsDeleted != 1 || e.exists(s.Key()) {
+		t.Fatalf("gc kept the record with a missing file: %+v", st)
+	}
+	e.plan(e.n, 1, e.full())
+	e.plan(e.n, 2, e.full())
+
+	// Unknown outcome: a writer node whose Stats fail.
+	faulty := &statFault{BlobStore: e.store}
+	wn, err := Open(e.ctx, testNodeOptions(faulty, t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wn.Close(context.Background()) })
+	a.w.Close(e.ctx)
+	w, err := wn.OpenWriter(e.ctx, WriterConfig{Stream: "s", KeyGroups: e.full()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &snapWriter{w: w, r: e.full(), base: e.want[2]}
+	e.append(b, put(3, "k4", "v4"))
+	e.checkpoint(3, b)
+	c.Files = []SnapshotFileRef{e.putFile("r3-a-000001.sst", 10)}
+	if _, err := pub.PublishSnapshot(e.ctx, "s", 3, c); err != nil {
+		t.Fatal(err)
+	}
+	faulty.fail.Store(true)
+	k, err = wn.AdoptSnapshots(e.ctx)
+	if k != 0 || err == nil || errors.Is(err, ErrSnapshotFilesMissing) {
+		t.Fatalf("adopt while Stat fails: truncated %d, %v; want 0 and the Stat's error", k, err)
+	}
+	if st, err := wn.CollectGarbage(e.ctx); err == nil || st.SnapshotsDeleted != 0 || st.Deleted != 0 {
+		t.Fatalf("gc while Stat fails: %+v %v; want an error and nothing deleted", st, err)
+	}
+	faulty.fail.Store(false)
+	if k, err := wn.AdoptSnapshots(e.ctx); k != 1 || err != nil {
+		t.Fatalf("adopt once Stat works: truncated %d, %v; want 1", k, err)
+	}
+	if got := e.truncatedBefore(b); got != uint64(len(b.log))+1 {
+		t.Fatalf("writer truncated before %d, want %d", got, len(b.log)+1)
+	}
+}
+
+// sealSnapshot stores a snapshot record as another process would have.
+func (e *snapEnv) sealSnapshot(s Snapshot) {
+	e.t.Helper()
+	data, err := envelope.Seal(snapshotKind, s)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := e.store.PutIfAbsent(e.ctx, snapshotKey(s.Stream, s.Checkpoint), bytes.NewReader(data), int64(len(data))); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// R5: records of another incarnation of the stream (a late publication by
+// a round that spanned DeleteStream + CreateStream), and records of no
+// incarnation, are refused everywhere: not listed, planned or adopted,
+// deleted by GC; publication for another incarnation is refused.
+func TestSnapshotForeignIncarnationRefused(t *testing.T) {
+	e := newSnapEnv(t, 4, 3)
+	a := e.open(e.full(), 0)
+	e.append(a, put(0, "k", "v"), put(1, "k2", "v2"))
+	e.checkpoint(1, a)
+	e.append(a, put(2, "k3", "v3"))
+	e.checkpoint(2, a)
+	logs := map[string]uint64{a.w.LogID(): 2}
+	e.sealSnapshot(Snapshot{Stream: "s", Incarnation: "old-incarnation", Checkpoint: 1, Logs: logs, CreatedAt: time.Now().UTC(), Manifest: json.RawMessage(`{}`)})
+	e.sealSnapshot(Snapshot{Stream: "s", Checkpoint: 2, Logs: map[string]uint64{a.w.LogID(): 3}, CreatedAt: time.Now().UTC(), Manifest: json.RawMessage(`{}`)})
+	for _, n := range []*Node{e.n, openTestNode(t, e.store, t.TempDir())} {
+		if ids := e.snapshotIDs(n); len(ids) != 0 {
+			t.Fatalf("Snapshots lists %v, want none (foreign and incarnation-less records)", ids)
+		}
+	}
+	if pl := e.plan(e.n, 2, e.full()); len(pl.Bases) != 0 {
+		t.Fatalf("plan of 2 uses a foreign base: %s", describePlan(pl))
+	}
+	if _, ownAfter, err := e.n.PlanWriter(e.ctx, a.w); err != nil || ownAfter != 0 {
+		t.Fatalf("writer plan: after %d, %v; want the whole log", ownAfter, err)
+	}
+	e.adopt(0)
+	if got := e.truncatedBefore(a); got > 1 {
+		t.Fatalf("writer truncated before %d below a foreign snapshot", got)
+	}
+	if _, err := e.n.PublishSnapshot(e.ctx, "s", 2, SnapshotContent{Incarnation: "old-incarnation", Manifest: json.RawMessage(`{}`)}); !errors.Is(err, ErrStreamNotFound) {
+		t.Fatalf("publish for another incarnation: %v, want ErrStreamNotFound", err)
+	}
+	if st := e.gc(); st.SnapshotsDeleted != 2 || e.exists(snapshotKey("s", 1)) || e.exists(snapshotKey("s", 2)) {
+		t.Fatalf("gc kept foreign records: %+v", st)
+	}
+	e.publish(2)
+	e.adopt(1)
+	e.plan(e.n, 2, e.full())
+}
+
+// R5 with a stale view: a node that read stream t before it was deleted
+// and created again must neither publish the old incarnation's state into
+// the new stream nor set aside (and so collect) the new stream's records;
+// a record of the old incarnation it had cached does not hide the new
+// one's under the same key.
+func TestSnapshotStaleIncarnationView(t *testing.T) {
+	ctx := context.Background()
+	store := newFileStore(t)
+	x := openTestNode(t, store, t.TempDir()) // the stale node
+	y := openTestNode(t, store, t.TempDir())
+	cfg1, err := y.CreateStream(ctx, "t", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := keygroup.Full(2)
+	cp := func(id uint64) *Writer {
+		t.Helper()
+		w, err := y.OpenWriter(ctx, WriterConfig{Stream: "t", KeyGroups: all})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := w.Append(ctx, []Change{put(0, "k", fmt.Sprint(id))}, Buffered); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := w.Checkpoint(ctx, id, nil); err != nil || !res.Complete {
+			t.Fatalf("checkpoint %d: %+v %v", id, res, err)
+		}
+		return w
+	}
+	w := cp(1)
+	if _, err := y.PublishSnapshot(ctx, "t", 1, SnapshotContent{Incarnation: cfg1.Incarnation, Manifest: json.RawMessage(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if snaps, err := x.Snapshots(ctx, "t"); err != nil || len(snaps) != 1 {
+		t.Fatalf("x lists %v %v", snaps, err) // x caches incarnation 1's record
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := y.DeleteStream(ctx, "t"); err != nil {
+		t.Fatal(err)
+	}
+	cfg2, err := y.CreateStream(ctx, "t", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w = cp(1)
+	defer w.Close(ctx)
+	s2, err := y.PublishSnapshot(ctx, "t", 1, SnapshotContent{Incarnation: cfg2.Incarnation, Manifest: json.RawMessage(`{}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// x's garbage collection sees the new record as foreign at first: it
+	// must find out it is stale rather than delete it.
+	for range 3 {
+		_, err := x.CollectGarbage(ctx)
+		t.Logf("gc of the stale node: %v", err)
+		if err != nil && !errors.Is(err, ErrStreamNotFound) {
+			t.Fatalf("gc of the stale node: %v", err)
+		}
+		if _, err := store.Stat(ctx, s2.Key()); err != nil {
+			t.Fatalf("the stale node's gc deleted the new incarnation's record: %v", err)
+		}
+	}
+	var snaps []Snapshot
+	for range 2 { // the first call may only find out the view is stale
+		if snaps, err = x.Snapshots(ctx, "t"); err == nil {
+			break
+		}
+		if !errors.Is(err, ErrStreamNotFound) {
+			t.Fatal(err)
+		}
+	}
+	if err != nil || len(snaps) != 1 || snaps[0].Incarnation != cfg2.Incarnation {
+		t.Fatalf("x lists %+v %v, want the new incarnation's record", snaps, err)
+	}
+	// A round that folded the old incarnation on x cannot publish.
+	if _, err := x.PublishSnapshot(ctx, "t", 2, SnapshotContent{Incarnation: cfg1.Incarnation, Manifest: json.RawMessage(`{}`)}); !errors.Is(err, ErrStreamNotFound) {
+		t.Fatalf("publish of the old incarnation: %v, want ErrStreamNotFound", err)
 	}
 }

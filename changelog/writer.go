@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/segments"
@@ -75,6 +76,10 @@ type Writer struct {
 	walDurable uint64 // every SQN ≤ walDurable is in the local log or uploaded
 
 	truncMu sync.Mutex
+
+	// recovered: the log's recovery marks (set before the writer is
+	// shared, immutable after).
+	recovered []recoveryMark
 }
 
 func logIDOf(stream string, epoch uint64) string { return fmt.Sprintf("%s/%d", stream, epoch) }
@@ -90,11 +95,13 @@ type walMeta struct {
 	// reference, so a restart never resurrects a released prefix whose
 	// segments may already be deleted.
 	TruncatedBefore uint64 `json:"truncated_before,omitempty"`
+	// Recovered has one mark per restart that recovered the log (S4).
+	Recovered []recoveryMark `json:"recovered,omitempty"`
 }
 
 // meta returns the writer's local-log metadata.
 func (w *Writer) meta(truncatedBefore uint64) []byte {
-	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore})
+	data, _ := json.Marshal(walMeta{Stream: w.cfg.Stream, Epoch: w.epoch, KeyGroups: w.cfg.KeyGroups, FromCheckpoint: w.from, TruncatedBefore: truncatedBefore, Recovered: w.recovered})
 	return data
 }
 
@@ -143,15 +150,39 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 		}
 		n.mu.Unlock()
 	}()
+	// An explicit base may be old enough for GC to have deleted its data:
+	// pin it and check it is restorable before the entry that fences
+	// anyone is appended (issue 9 R2). The newest complete checkpoint,
+	// taken when FromCheckpoint is 0, is always a GC root and needs no pin.
+	var (
+		unpin    func(appended bool)
+		pinnedAt time.Time
+	)
+	if from := cfg.FromCheckpoint; from != 0 {
+		if _, err := n.completeCheckpoint(ctx, cfg.Stream, from); err != nil {
+			return nil, err
+		}
+		if unpin, pinnedAt, err = n.pin(ctx, cfg.Stream, from, cfg.KeyGroups); err != nil {
+			return nil, fmt.Errorf("stream %s: open from checkpoint %d: %w", cfg.Stream, from, err)
+		}
+	}
 	e, err := h.journal.append(ctx, func(s *journalState) (JournalEntry, error) {
 		from := cfg.FromCheckpoint
 		if from == 0 {
 			from = s.lastCheckpoint()
 		} else if _, ok := s.checkpoint(from); !ok {
 			return JournalEntry{}, fmt.Errorf("stream %s: checkpoint %d: %w", cfg.Stream, from, ErrCheckpointNotFound)
+		} else if n.clock.Now().Sub(pinnedAt) > pinTTL/2 {
+			// The pin is about to go stale: GC may stop honouring it.
+			return JournalEntry{}, fmt.Errorf("stream %s: open from checkpoint %d: pinned %v ago: %w", cfg.Stream, from, n.clock.Now().Sub(pinnedAt), context.DeadlineExceeded)
 		}
 		return JournalEntry{Kind: EntryEpochOpen, Open: &EpochOpen{KeyGroups: cfg.KeyGroups, Node: n.id, FromCheckpoint: from}}, nil
 	})
+	if unpin != nil {
+		// An append error may have landed the entry: keep the pin through
+		// the rounds in progress either way.
+		unpin(true)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -20,6 +20,9 @@ var (
 	// ErrAppliedConflict: Import of a snapshot whose applied SQN of a log
 	// differs from the one this store already has for it.
 	ErrAppliedConflict = errors.New("applied SQN conflict")
+	// ErrLeaseLapsed: a round could not keep its lease renewed long enough
+	// to publish; its files may be collected, so it published nothing.
+	ErrLeaseLapsed = errors.New("round lease lapsed: the round's files are no longer protected from collection")
 	// ErrClosed: the store is closed.
 	ErrClosed = errors.New("materializer store closed")
 )

@@ -17,8 +17,11 @@ type FileGCStats struct {
 	Files        int   // files found under the stream's snapshot prefix
 	Referenced   int   // of which a published snapshot references
 	Young        int   // unreferenced, but within the grace period
+	Leased       int   // unreferenced, but their round's lease is live
 	Deleted      int   // deleted
 	DeletedBytes int64 // their size
+	// LeasesDeleted counts expired round leases deleted.
+	LeasesDeleted int
 }
 
 // CollectFiles deletes the stream's snapshot files that no published
@@ -35,10 +38,18 @@ type FileGCStats struct {
 //     ReleasedGrace of the check, can still reference it;
 //   - a file never seen referenced (an upload in flight, or garbage of a
 //     failed round) after GCGrace, counted from both its upload and its
-//     first unreferenced sighting.
+//     first unreferenced sighting;
+//   - never a file of a round with a live lease (see roundLease), whatever
+//     its age: a round uploads for as long as it needs. Its sightings
+//     start over when the lease ends, so a file of a round that ended
+//     unpublished still gets the full GCGrace.
 //
-// Files are listed before records are read, so a file uploaded after the
-// records were read is not listed. Sightings persist next to the store.
+// Files are listed before the leases, and the leases before the records:
+// a round stores its lease before its first file and publishes only while
+// the lease is live, so a listed file whose lease was gone at the lease
+// listing belongs to a round that published before (its record is read
+// next) or never will. A file uploaded after the records were read is not
+// listed. Sightings persist next to the store.
 func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCStats, error) {
 	ss, err := m.state(stream)
 	if err != nil {
@@ -61,12 +72,16 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		}
 		objs = append(objs, o)
 	}
+	now := m.cfg.Clock.Now()
+	live, expired, err := m.liveRounds(ctx, stream, now)
+	if err != nil {
+		return FileGCStats{}, err
+	}
 	refs, err := m.referencedFiles(ctx, stream)
 	if err != nil {
 		return FileGCStats{}, err
 	}
 	st := FileGCStats{Files: len(objs)}
-	now := m.cfg.Clock.Now()
 	listed := make(map[string]bool, len(objs))
 	var errs []error
 	for _, o := range objs {
@@ -74,6 +89,11 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		if refs[o.Key] {
 			st.Referenced++
 			ss.sightings[o.Key] = sighting{Released: true}
+			continue
+		}
+		if round, ok := roundOfFile(stream, o.Key); ok && live[round] {
+			st.Leased++
+			delete(ss.sightings, o.Key)
 			continue
 		}
 		sg, ok := ss.sightings[o.Key]
@@ -96,6 +116,13 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		delete(ss.sightings, o.Key)
 		st.Deleted++
 		st.DeletedBytes += o.Size
+	}
+	for _, o := range expired {
+		if err := m.blob.Delete(ctx, o.Key); err != nil {
+			errs = append(errs, fmt.Errorf("stream %s: delete expired round lease %s: %w", stream, o.Key, err))
+			continue
+		}
+		st.LeasesDeleted++
 	}
 	for key := range ss.sightings {
 		if !listed[key] {

@@ -21,6 +21,9 @@ type ImportOptions struct {
 	// SkipApplied imports only the data: the manifest's applied SQNs are
 	// neither checked against the store's nor written.
 	SkipApplied bool
+	// Incarnation, if set, is the stream incarnation the caller restores:
+	// ImportSnapshot refuses a snapshot of any other (ErrForeignSnapshot).
+	Incarnation string
 }
 
 // Import restores a snapshot chain into this store over the manifest's

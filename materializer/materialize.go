@@ -68,6 +68,13 @@ type Config struct {
 	// least 5 s) of checking that its base still has a record, or not at
 	// all; keep it ≥ 10 s outside tests.
 	ReleasedGrace time.Duration
+	// RoundLease is the lifetime of a round's lease (default 1m, at least
+	// 1s): a round that uploads files protects them from every
+	// materializer's CollectFiles with a lease it renews every
+	// RoundLease/3, and publishes only within RoundLease·3/4 of its newest
+	// confirmed renewal (see roundLease). It bounds how long the files of
+	// a round that died stay protected beyond GCGrace.
+	RoundLease time.Duration
 	// Streams restricts the materializer to these streams (nil: all).
 	Streams []string
 	// Store configures the local Pebble stores.
@@ -111,6 +118,10 @@ func (c *Config) defaults() {
 	if c.ReleasedGrace <= 0 {
 		c.ReleasedGrace = time.Minute
 	}
+	if c.RoundLease <= 0 {
+		c.RoundLease = time.Minute
+	}
+	c.RoundLease = max(c.RoundLease, time.Second)
 	if c.Clock == nil {
 		c.Clock = clock.Real{}
 	}
@@ -505,7 +516,18 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 	res.Folded = folded
 	ss.status.ChangesFolded += folded
 
-	next, base, uploaded, files, err := m.export(ctx, ss, id, all, changed, obsolete)
+	// The round's files are protected by its lease from before the first
+	// upload until the record is published (or the round gave up).
+	nonce := make([]byte, 4)
+	_, _ = rand.Read(nonce)
+	round := roundName(id, hex.EncodeToString(nonce))
+	lease, err := m.startLease(ctx, ss.name, round)
+	if err != nil {
+		ss.known = false
+		return res, err
+	}
+	defer lease.release(ctx)
+	next, base, uploaded, files, err := m.export(ctx, ss, round, all, changed, obsolete)
 	if err != nil {
 		ss.known = false // the store is past the snapshot it was built on
 		return res, err
@@ -529,8 +551,22 @@ func (m *Materializer) materialize(ctx context.Context, ss *streamState, force b
 			return res, err
 		}
 	}
-	pctx, cancel := context.WithTimeout(ctx, max(m.cfg.ReleasedGrace/2, minPublishTimeout))
-	snap, err := m.node.PublishSnapshot(pctx, ss.name, id, raw, next.Bytes, uploaded)
+	// Publish (and its checks) only while the round's files are
+	// protected: by the lease for the new files, by ReleasedGrace for
+	// those a delta inherits.
+	within := lease.publishWithin()
+	if within <= 0 {
+		ss.known = false
+		return res, fmt.Errorf("stream %s: snapshot of checkpoint %d: %w", ss.name, id, ErrLeaseLapsed)
+	}
+	pctx, cancel := context.WithTimeout(ctx, min(within, max(m.cfg.ReleasedGrace/2, minPublishTimeout)))
+	snap, err := m.node.PublishSnapshot(pctx, ss.name, id, changelog.SnapshotContent{
+		Incarnation: cfg.Incarnation,
+		Files:       next.fileRefs(),
+		Manifest:    raw,
+		Bytes:       next.Bytes,
+		NewBytes:    uploaded,
+	})
 	cancel()
 	if errors.Is(err, changelog.ErrSnapshotConflict) {
 		// Another materializer published this checkpoint first: same
@@ -602,7 +638,37 @@ func DecodeManifest(s changelog.Snapshot) (SnapshotManifest, error) {
 	if man.Stream != s.Stream {
 		return SnapshotManifest{}, fmt.Errorf("snapshot %s: manifest of stream %q: %w", s.Key(), man.Stream, ErrCorrupt)
 	}
+	// The record's file list is what the changelog checks before relying
+	// on the record: it must be exactly the manifest's files.
+	refs := man.fileRefs()
+	if len(refs) != len(s.Files) {
+		return SnapshotManifest{}, fmt.Errorf("snapshot %s: the record lists %d files, the manifest %d: %w", s.Key(), len(s.Files), len(refs), ErrCorrupt)
+	}
+	listed := make(map[string]int64, len(s.Files))
+	for _, f := range s.Files {
+		listed[f.Key] = f.Size
+	}
+	for _, f := range refs {
+		if size, ok := listed[f.Key]; !ok || size != f.Size {
+			return SnapshotManifest{}, fmt.Errorf("snapshot %s: manifest file %s (%d bytes) is not in the record's file list: %w", s.Key(), f.Key, f.Size, ErrCorrupt)
+		}
+	}
 	return man, nil
+}
+
+// fileRefs lists the manifest's files for the snapshot record, each once.
+func (m SnapshotManifest) fileRefs() []changelog.SnapshotFileRef {
+	var out []changelog.SnapshotFileRef
+	seen := map[string]bool{}
+	for _, r := range m.Runs {
+		for _, f := range r.Files {
+			if !seen[f.Name] {
+				seen[f.Name] = true
+				out = append(out, changelog.SnapshotFileRef{Key: f.Name, Size: f.Size})
+			}
+		}
+	}
+	return out
 }
 
 // prepare makes the stream's store hold the state the plan starts from:
@@ -667,7 +733,7 @@ func (m *Materializer) prepare(ctx context.Context, ss *streamState, pl changelo
 	for _, b := range pl.Bases {
 		// Applied SQNs (the markers) only from a single base: with several,
 		// the store holds none of the snapshots exactly.
-		opts := ImportOptions{SkipApplied: !single}
+		opts := ImportOptions{SkipApplied: !single, Incarnation: ss.incarnation}
 		if err := st.ImportSnapshot(ctx, m.blob, b.Snapshot, b.Ranges, opts); err != nil {
 			return true, fmt.Errorf("stream %s: %w", ss.name, err)
 		}
@@ -795,12 +861,10 @@ func (m *Materializer) fold(ctx context.Context, ss *streamState, pl changelog.R
 	return changed, obsolete, folded, nil
 }
 
-// export writes the snapshot files of checkpoint id: a delta run on top of
-// the held snapshot when it is small enough, a full base export otherwise.
-func (m *Materializer) export(ctx context.Context, ss *streamState, id uint64, all keygroup.Range, changed *ChangedSet, obsolete int64) (next SnapshotManifest, base bool, uploaded int64, files int, err error) {
-	nonce := make([]byte, 4)
-	_, _ = rand.Read(nonce)
-	prefix := fmt.Sprintf("%s%020d-%s-", changelog.SnapshotFilePrefix(ss.name), id, hex.EncodeToString(nonce))
+// export writes the snapshot files of a round: a delta run on top of the
+// held snapshot when it is small enough, a full base export otherwise.
+func (m *Materializer) export(ctx context.Context, ss *streamState, round string, all keygroup.Range, changed *ChangedSet, obsolete int64) (next SnapshotManifest, base bool, uploaded int64, files int, err error) {
+	prefix := changelog.SnapshotFilePrefix(ss.name) + round + "-"
 	spool := filepath.Join(m.dir, "spool")
 	var mu sync.Mutex
 	create := func(name string) (io.WriteCloser, error) {

@@ -17,8 +17,14 @@ import (
 // ImportSnapshot imports the state of key-group ranges of a published
 // snapshot into the store (eager restore), reading its files from blob
 // (ranged reads; size and CRC32C verified). Adjacent ranges are imported
-// together. Each range must be empty here (see ImportRange).
+// together. Each range must be empty here (see ImportRange). A record of
+// no stream incarnation, or of another than opts.Incarnation (if set), is
+// refused with an error wrapping changelog.ErrForeignSnapshot: its state is
+// a deleted stream's.
 func (s *Store) ImportSnapshot(ctx context.Context, blob upload.BlobStore, snap changelog.Snapshot, ranges []keygroup.Range, opts ImportOptions) error {
+	if snap.Incarnation == "" || (opts.Incarnation != "" && snap.Incarnation != opts.Incarnation) {
+		return fmt.Errorf("snapshot %s of incarnation %q, restoring incarnation %q: %w", snap.Key(), snap.Incarnation, opts.Incarnation, changelog.ErrForeignSnapshot)
+	}
 	man, err := DecodeManifest(snap)
 	if err != nil {
 		return err

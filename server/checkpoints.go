@@ -1,11 +1,14 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
+	"strings"
 
 	"connectrpc.com/connect"
 
@@ -16,13 +19,20 @@ import (
 
 type checkpointService struct{ s *Server }
 
-// checkpointProto describes complete checkpoint cp with its parts.
-func (s *Server) checkpointProto(ctx context.Context, stream string, cp changelog.CheckpointComplete, retained []uint64) (*dstlv1.Checkpoint, error) {
+// checkpointProto describes complete checkpoint cp, with its parts if
+// withParts (reading them from the blob store).
+func (s *Server) checkpointProto(ctx context.Context, stream string, cp changelog.CheckpointComplete, retained []uint64, withParts bool) (*dstlv1.Checkpoint, error) {
+	out := &dstlv1.Checkpoint{
+		Stream: stream, Id: cp.ID, CompletedAtMs: cp.CompletedAtMs, Retained: slices.Contains(retained, cp.ID),
+		PartCount: uint32(len(cp.Parts)),
+	}
+	if !withParts {
+		return out, nil
+	}
 	parts, err := s.node.CheckpointParts(ctx, stream, cp.ID)
 	if err != nil {
 		return nil, err
 	}
-	out := &dstlv1.Checkpoint{Stream: stream, Id: cp.ID, CompletedAtMs: cp.CompletedAtMs, Retained: slices.Contains(retained, cp.ID)}
 	for _, p := range parts {
 		out.Parts = append(out.Parts, &dstlv1.CheckpointPart{
 			Epoch: p.Epoch, KeyGroups: rangeProto(p.KeyGroups), LogId: p.LogID, UpToSqn: p.UpToSQN,
@@ -45,7 +55,7 @@ func (s *Server) checkpoint(ctx context.Context, stream string, id uint64) (*dst
 	if err != nil {
 		return nil, err
 	}
-	return s.checkpointProto(ctx, stream, cps[i], retained)
+	return s.checkpointProto(ctx, stream, cps[i], retained, true)
 }
 
 // CreateCheckpoint checkpoints every open writer of the stream on this node
@@ -76,7 +86,7 @@ func (x *checkpointService) CreateCheckpoint(ctx context.Context, req *connect.R
 	}
 	s.mu.Unlock()
 	if len(writers) == 0 {
-		return nil, toConnect(fmt.Errorf("stream %s has no open writer on this node to checkpoint: %w", stream, errNoWriters))
+		return s.nothingToCheckpoint(ctx, stream)
 	}
 	complete := false
 	for _, w := range writers {
@@ -96,29 +106,114 @@ func (x *checkpointService) CreateCheckpoint(ctx context.Context, req *connect.R
 	return connect.NewResponse(out), nil
 }
 
-// errNoWriters: a checkpoint was asked of a stream without open writers here.
+// errNoWriters: a checkpoint was asked of a stream with changes no complete
+// checkpoint covers, and no open writer here that could checkpoint them.
 var errNoWriters = errors.New("no open writers")
 
-func (x *checkpointService) ListCheckpoints(ctx context.Context, req *connect.Request[dstlv1.ListCheckpointsRequest]) (*connect.Response[dstlv1.ListCheckpointsResponse], error) {
-	s := x.s
-	cps, err := s.node.Checkpoints(ctx, req.Msg.GetStream())
+// nothingToCheckpoint answers CreateCheckpoint on a node without open
+// writers of the stream: fine (up_to_date) if the newest complete checkpoint
+// already holds every change (e.g. right after `dstl put`, whose writer
+// checkpointed and closed), FAILED_PRECONDITION naming the epochs otherwise.
+func (s *Server) nothingToCheckpoint(ctx context.Context, stream string) (*connect.Response[dstlv1.CreateCheckpointResponse], error) {
+	newest, epochs, err := s.node.Coverage(ctx, stream)
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	retained, err := s.node.RetainedCheckpoints(ctx, req.Msg.GetStream())
+	var open, closed []string
+	for _, ep := range epochs {
+		switch {
+		case ep.Covered:
+		case ep.Closed:
+			closed = append(closed, fmt.Sprintf("%d (key groups %s)", ep.Epoch, ep.KeyGroups))
+		case ep.Node == s.node.ID():
+			open = append(open, fmt.Sprintf("%d (key groups %s, recovered on this node: resume it with OpenWriter resume_epoch)", ep.Epoch, ep.KeyGroups))
+		default:
+			open = append(open, fmt.Sprintf("%d (key groups %s, on node %s)", ep.Epoch, ep.KeyGroups, ep.Node))
+		}
+	}
+	switch {
+	case len(open) > 0:
+		return nil, toConnect(fmt.Errorf("stream %s: no open writer on this node; live epochs %s may hold changes after checkpoint %d, and only their writers can checkpoint them: %w",
+			stream, strings.Join(open, ", "), newest, errNoWriters))
+	case len(closed) > 0:
+		return nil, toConnect(fmt.Errorf("stream %s: closed epochs %s hold changes after checkpoint %d; the next checkpoint a writer of the stream records includes them (open a writer and checkpoint): %w",
+			stream, strings.Join(closed, ", "), newest, errNoWriters))
+	}
+	out := &dstlv1.CreateCheckpointResponse{UpToDate: true}
+	if newest != 0 {
+		if out.Checkpoint, err = s.checkpoint(ctx, stream, newest); err != nil {
+			return nil, toConnect(err)
+		}
+		out.Complete = true
+	}
+	return connect.NewResponse(out), nil
+}
+
+// Bounds of a ListCheckpoints page.
+const (
+	defaultCheckpointPage = 100
+	maxCheckpointPage     = 1000
+	// maxPartsPerPage ends a page with include_parts early (after at least
+	// one checkpoint), so a stream of many writers still gets bounded pages.
+	maxPartsPerPage = 10000
+)
+
+func (x *checkpointService) ListCheckpoints(ctx context.Context, req *connect.Request[dstlv1.ListCheckpointsRequest]) (*connect.Response[dstlv1.ListCheckpointsResponse], error) {
+	s, stream, newestFirst := x.s, req.Msg.GetStream(), req.Msg.GetNewestFirst()
+	size, err := pageSize(req.Msg.GetPageSize(), defaultCheckpointPage, maxCheckpointPage)
 	if err != nil {
 		return nil, toConnect(err)
+	}
+	// The token is the id of the previous page's last checkpoint: ids only
+	// grow, so a page never repeats or skips one that existed before it.
+	var after uint64
+	if tok := req.Msg.GetPageToken(); tok != "" {
+		if after, err = strconv.ParseUint(tok, 10, 64); err != nil || after == 0 {
+			return nil, toConnect(fmt.Errorf("page_token %q is not one this server returned: %w", tok, errInvalid))
+		}
+	}
+	cps, err := s.node.Checkpoints(ctx, stream)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	retained, err := s.node.RetainedCheckpoints(ctx, stream)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	// cps is in ascending id order.
+	var page []changelog.CheckpointComplete
+	if newestFirst {
+		end := len(cps)
+		if after != 0 {
+			end, _ = slices.BinarySearchFunc(cps, after, cmpID)
+		}
+		page = slices.Clone(cps[:end])
+		slices.Reverse(page)
+	} else {
+		start := 0
+		if after != 0 {
+			start, _ = slices.BinarySearchFunc(cps, after+1, cmpID)
+		}
+		page = cps[start:]
 	}
 	out := &dstlv1.ListCheckpointsResponse{}
-	for _, cp := range cps {
-		p, err := s.checkpointProto(ctx, req.Msg.GetStream(), cp, retained)
+	parts := 0
+	for i, cp := range page {
+		if i == size || (req.Msg.GetIncludeParts() && i > 0 && parts+len(cp.Parts) > maxPartsPerPage) {
+			out.NextPageToken = strconv.FormatUint(page[i-1].ID, 10)
+			break
+		}
+		p, err := s.checkpointProto(ctx, stream, cp, retained, req.Msg.GetIncludeParts())
 		if err != nil {
 			return nil, toConnect(err)
 		}
+		parts += len(cp.Parts)
 		out.Checkpoints = append(out.Checkpoints, p)
 	}
 	return connect.NewResponse(out), nil
 }
+
+func cmpID(c changelog.CheckpointComplete, id uint64) int { return cmp.Compare(c.ID, id) }
 
 func (x *checkpointService) GetCheckpoint(ctx context.Context, req *connect.Request[dstlv1.GetCheckpointRequest]) (*connect.Response[dstlv1.GetCheckpointResponse], error) {
 	cp, err := x.s.checkpoint(ctx, req.Msg.GetStream(), req.Msg.GetId())

@@ -55,6 +55,7 @@ func codeOf(err error) connect.Code {
 		errors.Is(err, changelog.ErrOrphanedKeyGroups),
 		errors.Is(err, changelog.ErrStreamBusy),
 		errors.Is(err, changelog.ErrLogTruncated),
+		errors.Is(err, changelog.ErrCheckpointNotRestorable),
 		errors.Is(err, changelog.ErrClosed),
 		errors.Is(err, changelog.ErrClosing),
 		errors.Is(err, errNoWriters):

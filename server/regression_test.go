@@ -4,9 +4,11 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
@@ -62,5 +64,14 @@ func TestRegressionFailedAppendWedgesReadView(t *testing.T) {
 	t.Logf("Get k = %q found=%v err=%v", val, found, err)
 	if string(val) != "v2" {
 		t.Errorf("read view wedged: acknowledged put k=v2 (SQN %d) is not visible; Get = %q, %v", first, val, found)
+	}
+}
+
+// A checkpoint GC already collected is refused as a failed precondition on
+// the wire (issue 9 R2), not as an internal error.
+func TestCodeOfCheckpointNotRestorable(t *testing.T) {
+	err := fmt.Errorf("stream s: open from checkpoint 1: %w", changelog.ErrCheckpointNotRestorable)
+	if got := codeOf(err); got != connect.CodeFailedPrecondition {
+		t.Fatalf("codeOf(%v) = %v, want failed_precondition", err, got)
 	}
 }

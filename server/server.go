@@ -30,6 +30,16 @@ type Options struct {
 	BackpressureWait time.Duration
 	// MaxMessageBytes bounds a request message (default 64 MiB).
 	MaxMessageBytes int
+	// MaxBatchChanges bounds the changes of one Append (or one message of
+	// AppendStream); more is INVALID_ARGUMENT, refused before decoding
+	// (default DefaultMaxBatchChanges, 1<<18).
+	MaxBatchChanges int
+	// MaxRequestMemory bounds the memory of requests being received,
+	// decoded and applied, reserved before it is allocated (admission.go;
+	// default DefaultMaxRequestMemory, 768 MiB). Requests beyond it wait
+	// for room up to BackpressureWait, then fail with RESOURCE_EXHAUSTED.
+	// It must leave room for one maximum request (New refuses otherwise).
+	MaxRequestMemory int64
 	// State serves reads. Default: a PebbleState in StateDir if set (the
 	// server opens and closes it), else the in-memory LiveState. If State
 	// also implements the write hooks of LiveState and PebbleState, the
@@ -53,6 +63,8 @@ type Server struct {
 	metrics *metrics
 	log     *slog.Logger
 
+	admit *admission
+
 	mu      sync.Mutex
 	writers map[string]*changelog.Writer
 }
@@ -65,10 +77,25 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 	if opts.MaxMessageBytes <= 0 {
 		opts.MaxMessageBytes = 64 << 20
 	}
+	if opts.MaxBatchChanges <= 0 {
+		opts.MaxBatchChanges = DefaultMaxBatchChanges
+	}
+	if opts.MaxRequestMemory <= 0 {
+		opts.MaxRequestMemory = DefaultMaxRequestMemory
+	}
+	if need := maxRequestCost(opts.MaxMessageBytes, opts.MaxBatchChanges); workBudget(opts.MaxRequestMemory) < need {
+		// Otherwise one maximum request would be admitted alone beyond the
+		// bound, and the node's memory would not be bounded by it.
+		return nil, fmt.Errorf("server: request memory %d B leaves %d B to decode requests, below what one Append of %d changes in %d bytes may cost (%d B): raise it to %d B or lower the batch or message limit",
+			opts.MaxRequestMemory, workBudget(opts.MaxRequestMemory), opts.MaxBatchChanges, opts.MaxMessageBytes, need, need/3*4+4)
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State}
+	s := &Server{
+		node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State,
+		admit: newAdmission(opts.MaxRequestMemory, opts.MaxMessageBytes, opts.MaxBatchChanges, opts.BackpressureWait),
+	}
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
 		for _, c := range s.metrics.collectors() {
@@ -147,7 +174,7 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
 	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))
-	return mux
+	return s.admit.handler(mux)
 }
 
 // errWriterUnknown: a writer id this server does not hold.

@@ -29,6 +29,13 @@ type testClients struct {
 // startServer runs a real node behind the API on an h2c loopback server.
 func startServer(t *testing.T, opts ...connect.ClientOption) *testClients {
 	t.Helper()
+	c, _ := startServerWith(t, Options{}, opts...)
+	return c
+}
+
+// startServerWith is startServer with server options.
+func startServerWith(t *testing.T, srvOpts Options, opts ...connect.ClientOption) (*testClients, *Server) {
+	t.Helper()
 	ctx := context.Background()
 	store, err := file.Open(t.TempDir())
 	if err != nil {
@@ -40,7 +47,7 @@ func startServer(t *testing.T, opts ...connect.ClientOption) *testClients {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := New(node, Options{})
+	srv, err := New(node, srvOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +75,7 @@ func startServer(t *testing.T, opts ...connect.ClientOption) *testClients {
 		writers:    dstlv1connect.NewWriterServiceClient(hc, url, opts...),
 		state:      dstlv1connect.NewStateServiceClient(hc, url, opts...),
 		checkpoint: dstlv1connect.NewCheckpointServiceClient(hc, url, opts...),
-	}
+	}, srv
 }
 
 func wantCode(t *testing.T, what string, err error, code connect.Code, msgPart string) {

@@ -112,6 +112,11 @@ func (s *Server) append(ctx context.Context, msg *dstlv1.AppendRequest) (first, 
 	if err != nil {
 		return 0, 0, err
 	}
+	if n := len(msg.GetChanges()); n > s.opts.MaxBatchChanges {
+		// Counted before decoding already, unless the request was
+		// compressed or JSON.
+		return 0, 0, fmt.Errorf("append of %d changes: at most %d changes per batch: %w", n, s.opts.MaxBatchChanges, errInvalid)
+	}
 	batch := make([]changelog.Change, len(msg.GetChanges()))
 	now := time.Now().UnixMilli()
 	var bytes int

@@ -74,8 +74,13 @@ the next id (newest complete + 1). The checkpoint is complete once every live
 writer of the stream, on any node, has recorded its part; writers on other
 nodes record theirs when their own application checkpoints.
 
-Fails with failed_precondition when the node has no open writer of the
-stream ("dstl put" checkpoints by itself and needs no writer).`,
+Without an open writer of the stream on the node, there is usually nothing
+to checkpoint: "dstl put" and "dstl del" checkpoint by themselves and close
+their writer. When every change of the stream is already in the newest
+complete checkpoint, the command says so and exits 0 (--json: up_to_date is
+true). It fails with failed_precondition only when the stream has changes
+that no complete checkpoint covers and no writer on this node could record
+them (a live writer on another node, or a recovered epoch not yet resumed).`,
 		Example: "  dstl checkpoint create orders",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -87,6 +92,15 @@ stream ("dstl put" checkpoints by itself and needs no writer).`,
 			}
 			if cli.json {
 				return printProto(cmd.OutOrStdout(), res)
+			}
+			if res.GetUpToDate() {
+				if res.GetCheckpoint() == nil {
+					_, err := fmt.Fprintf(cmd.OutOrStdout(), "stream %s has no changes; nothing to checkpoint\n", args[0])
+					return err
+				}
+				_, err := fmt.Fprintf(cmd.OutOrStdout(), "stream %s: every change is already in complete checkpoint %d; nothing to checkpoint\n",
+					args[0], res.GetCheckpoint().GetId())
+				return err
 			}
 			if !res.GetComplete() {
 				_, err := fmt.Fprintf(cmd.OutOrStdout(), "checkpoint %d of stream %s recorded by this node's writers; not complete yet (other live writers of the stream have not recorded their parts)\n",
@@ -102,33 +116,74 @@ stream ("dstl put" checkpoints by itself and needs no writer).`,
 }
 
 func newCheckpointListCommand(cli *cliOptions) *cobra.Command {
+	var (
+		newestFirst, parts bool
+		limit              int
+	)
 	cmd := &cobra.Command{
 		Use:     "list STREAM",
 		Aliases: []string{"ls"},
 		Short:   "List a stream's complete checkpoints, oldest first",
-		Args:    cobra.ExactArgs(1),
+		Long: `List the complete checkpoints of STREAM, oldest first (--newest-first for
+the other way), fetching them a page at a time. --parts also reads each
+checkpoint's parts to show its segment count (one blob read per part);
+--limit stops after that many checkpoints. --json prints one
+ListCheckpointsResponse holding every checkpoint listed.`,
+		Example: `  dstl checkpoint list orders
+  dstl checkpoint list orders --newest-first --limit 5 --parts`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			res, err := call(cmd, cli, func(ctx context.Context, c *clients) (*connect.Response[dstlv1.ListCheckpointsResponse], error) {
-				return c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(&dstlv1.ListCheckpointsRequest{Stream: args[0]}))
-			})
+			if limit < 0 {
+				return fmt.Errorf("--limit %d is negative", limit)
+			}
+			c, err := cli.dial(cmd)
 			if err != nil {
 				return err
 			}
+			ctx, cancel := commandContext(cmd)
+			defer cancel()
+			all := &dstlv1.ListCheckpointsResponse{}
+			req := &dstlv1.ListCheckpointsRequest{Stream: args[0], NewestFirst: newestFirst, IncludeParts: parts}
+			for {
+				if limit > 0 {
+					req.PageSize = int32(min(limit-len(all.Checkpoints), 1000))
+				}
+				res, err := c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(req))
+				if err != nil {
+					return c.explain(err)
+				}
+				all.Checkpoints = append(all.Checkpoints, res.Msg.GetCheckpoints()...)
+				req.PageToken = res.Msg.GetNextPageToken()
+				if req.PageToken == "" || (limit > 0 && len(all.Checkpoints) >= limit) {
+					break
+				}
+			}
 			if cli.json {
-				return printProto(cmd.OutOrStdout(), res)
+				return printProto(cmd.OutOrStdout(), all)
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "ID\tCOMPLETED\tRETAINED\tPARTS\tSEGMENTS")
-			for _, cp := range res.GetCheckpoints() {
-				segs := uint64(0)
-				for _, p := range cp.GetParts() {
-					segs += uint64(p.GetSegments())
+			if parts {
+				fmt.Fprintln(tw, "ID\tCOMPLETED\tRETAINED\tPARTS\tSEGMENTS")
+			} else {
+				fmt.Fprintln(tw, "ID\tCOMPLETED\tRETAINED\tPARTS")
+			}
+			for _, cp := range all.GetCheckpoints() {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%d", cp.GetId(), formatTime(cp.GetCompletedAtMs()), yesNo(cp.GetRetained()), cp.GetPartCount())
+				if parts {
+					segs := uint64(0)
+					for _, p := range cp.GetParts() {
+						segs += uint64(p.GetSegments())
+					}
+					fmt.Fprintf(tw, "\t%d", segs)
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\n", cp.GetId(), formatTime(cp.GetCompletedAtMs()), yesNo(cp.GetRetained()), len(cp.GetParts()), segs)
+				fmt.Fprintln(tw)
 			}
 			return tw.Flush()
 		},
 	}
+	cmd.Flags().BoolVar(&newestFirst, "newest-first", false, "list the newest checkpoint first")
+	cmd.Flags().BoolVar(&parts, "parts", false, "read each checkpoint's parts (segment counts; --json: the parts)")
+	cmd.Flags().IntVar(&limit, "limit", 0, "list at most this many checkpoints (0: all)")
 	addTimeoutFlag(cmd, defaultTimeout)
 	return cmd
 }

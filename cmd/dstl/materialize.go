@@ -31,6 +31,8 @@ type materializeFlags struct {
 	gcGrace  time.Duration
 	// releasedGrace: see materializer.Config.ReleasedGrace.
 	releasedGrace time.Duration
+	// roundLease: see materializer.Config.RoundLease.
+	roundLease time.Duration
 }
 
 func (m *materializeFlags) add(f *pflag.FlagSet) {
@@ -39,6 +41,7 @@ func (m *materializeFlags) add(f *pflag.FlagSet) {
 	f.Float64Var(&m.jitter, "materialize-jitter", 0.2, "spread of the interval, as a fraction of it (0 for none)")
 	f.DurationVar(&m.gcGrace, "snapshot-gc-grace", 10*time.Minute, "snapshot files no snapshot ever referenced (uploads in flight, failed rounds) are deleted after this long, seen unreferenced twice this far apart")
 	f.DurationVar(&m.releasedGrace, "snapshot-released-grace", time.Minute, "snapshot files released by a deleted snapshot are deleted once seen unreferenced twice this far apart")
+	f.DurationVar(&m.roundLease, "snapshot-round-lease", time.Minute, "lifetime of the lease (renewed every third of it) that protects a materializer round's files from every node's collection while it uploads; a round publishes only within three quarters of it after its last renewal (at least 1s)")
 }
 
 func (m *materializeFlags) config(log *slog.Logger) materializer.Config {
@@ -46,7 +49,7 @@ func (m *materializeFlags) config(log *slog.Logger) materializer.Config {
 	if jitter == 0 {
 		jitter = -1 // Config: 0 means the default
 	}
-	return materializer.Config{Interval: m.interval, Bytes: m.bytes, Jitter: jitter, GCGrace: m.gcGrace, ReleasedGrace: m.releasedGrace, Logger: log}
+	return materializer.Config{Interval: m.interval, Bytes: m.bytes, Jitter: jitter, GCGrace: m.gcGrace, ReleasedGrace: m.releasedGrace, RoundLease: m.roundLease, Logger: log}
 }
 
 type materializeOptions struct {

@@ -89,17 +89,17 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 	// One writer over the whole stream is the only live writer once it is
 	// open, so its checkpoint completes alone. Refuse before fencing anyone
 	// if that checkpoint could not carry the client metadata over.
-	before, err := c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(&dstlv1.ListCheckpointsRequest{Stream: stream}))
+	before, err := newestCheckpoint(ctx, c, stream, true)
 	if err != nil {
 		return c.explain(err)
 	}
-	if cps := before.Msg.GetCheckpoints(); len(cps) > 0 {
+	if before != nil {
 		var mds [][]byte
-		for _, p := range cps[len(cps)-1].GetParts() {
+		for _, p := range before.GetParts() {
 			mds = append(mds, p.GetMetadata())
 		}
 		if _, err := oneMetadata(mds); err != nil {
-			return fmt.Errorf("stream %s: checkpoint %d: %w", stream, cps[len(cps)-1].GetId(), err)
+			return fmt.Errorf("stream %s: checkpoint %d: %w", stream, before.GetId(), err)
 		}
 	}
 
@@ -132,14 +132,11 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 		return c.explain(err)
 	}
 
-	cps, err := c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(&dstlv1.ListCheckpointsRequest{Stream: stream}))
+	latest, err := newestCheckpoint(ctx, c, stream, false)
 	if err != nil {
 		return c.explain(err)
 	}
-	newest := ow.Msg.GetFromCheckpoint()
-	if list := cps.Msg.GetCheckpoints(); len(list) > 0 {
-		newest = max(newest, list[len(list)-1].GetId())
-	}
+	newest := max(ow.Msg.GetFromCheckpoint(), latest.GetId())
 	id := newest + 1
 	cp, err := c.writers.Checkpoint(ctx, connect.NewRequest(&dstlv1.CheckpointRequest{WriterId: wid, CheckpointId: id, Metadata: metadata}))
 	if err != nil {
@@ -164,6 +161,21 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 	_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s %s/%s key %s (key group %d): committed in checkpoint %d\n",
 		res.Op, stream, o.state, display(key), kg, id)
 	return err
+}
+
+// newestCheckpoint returns the newest complete checkpoint of stream (nil if
+// none), with its parts if parts: one page of one checkpoint, newest first.
+func newestCheckpoint(ctx context.Context, c *clients, stream string, parts bool) (*dstlv1.Checkpoint, error) {
+	res, err := c.checkpoints.ListCheckpoints(ctx, connect.NewRequest(&dstlv1.ListCheckpointsRequest{
+		Stream: stream, PageSize: 1, NewestFirst: true, IncludeParts: parts,
+	}))
+	if err != nil {
+		return nil, err
+	}
+	if cps := res.Msg.GetCheckpoints(); len(cps) > 0 {
+		return cps[0], nil
+	}
+	return nil, nil
 }
 
 // oneMetadata returns the one distinct non-empty client metadata of a

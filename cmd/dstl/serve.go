@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +36,9 @@ type serveOptions struct {
 	batchDelay        time.Duration
 	flushBytes        int64
 	maxInFlightBytes  int64
+	maxRequestMemory  int64
+	maxBatchChanges   int
+	memoryLimit       int64
 	maxKeySize        int
 	maxValueSize      int
 	retainCheckpoints int
@@ -80,6 +84,9 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.DurationVar(&o.batchDelay, "batch-delay", upload.DefaultBatchDelay, "how long a persist waits so that concurrent persists share one segment")
 	f.Int64Var(&o.flushBytes, "flush-bytes", upload.DefaultFlushBytes, "upload as soon as this many bytes are pending")
 	f.Int64Var(&o.maxInFlightBytes, "max-inflight-bytes", upload.DefaultMaxInFlightBytes, "bound on bytes appended but not uploaded; appends wait (then fail with RESOURCE_EXHAUSTED) beyond it")
+	f.Int64Var(&o.maxRequestMemory, "max-request-memory", server.DefaultMaxRequestMemory, "bound on the memory of requests being received, decoded and applied, reserved before it is allocated; requests wait for room beyond it")
+	f.IntVar(&o.maxBatchChanges, "max-batch-changes", server.DefaultMaxBatchChanges, "most changes one Append (or one AppendStream message) may carry; more is INVALID_ARGUMENT")
+	f.Int64Var(&o.memoryLimit, "memory-limit", 0, "Go soft memory limit in bytes (0: --max-inflight-bytes + --max-request-memory + 256 MiB, unless GOMEMLIMIT is set; negative: none)")
 	f.IntVar(&o.maxKeySize, "max-key-size", changelog.DefaultLimits.MaxKeySize, "largest key in bytes")
 	f.IntVar(&o.maxValueSize, "max-value-size", changelog.DefaultLimits.MaxValueSize, "largest value in bytes")
 	f.IntVar(&o.retainCheckpoints, "retain-checkpoints", 3, "how many of the newest checkpoints of each stream garbage collection keeps")
@@ -161,7 +168,11 @@ func serve(ctx context.Context, o serveOptions) error {
 		return fmt.Errorf("open node: %w", err)
 	}
 	registerLocalLogMetrics(reg, node)
-	api, err := server.New(node, server.Options{DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state")})
+	setMemoryLimit(o, log)
+	api, err := server.New(node, server.Options{
+		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
+		MaxRequestMemory: o.maxRequestMemory, MaxBatchChanges: o.maxBatchChanges,
+	})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
 		return err
@@ -259,6 +270,28 @@ func serve(ctx context.Context, o serveOptions) error {
 		log.Info("stopped: everything acknowledged is uploaded")
 	}
 	return serveErr
+}
+
+// memoryLimitBase is the node's memory besides in-flight changes and
+// requests (Pebble caches and memtables, upload buffers, the runtime):
+// the constant of the bound in docs/operations.md.
+const memoryLimitBase = 256 << 20
+
+// setMemoryLimit makes the garbage collector keep the heap near what the
+// node's bounds allow instead of letting it grow to twice the live heap
+// (GOGC), which is what keeps resident memory under the documented bound.
+func setMemoryLimit(o serveOptions, log *slog.Logger) {
+	limit := o.memoryLimit
+	switch {
+	case limit < 0:
+		return
+	case limit == 0 && os.Getenv("GOMEMLIMIT") != "":
+		return // the operator's choice
+	case limit == 0:
+		limit = o.maxInFlightBytes + o.maxRequestMemory + memoryLimitBase
+	}
+	debug.SetMemoryLimit(limit)
+	log.Info("memory limit", "bytes", limit)
 }
 
 // registerLocalLogMetrics exports the local log's counters.

@@ -195,6 +195,9 @@ func retryable(err error, idempotent bool) bool {
 
 // call runs fn with the client's per-attempt timeout and retry policy.
 func call[Req, Res any](ctx context.Context, c *Client, op string, idempotent bool, fn func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error), req *Req) (*Res, error) {
+	if err := validRequest(op, req); err != nil {
+		return nil, err
+	}
 	for attempt := 0; ; attempt++ {
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		if c.opts.timeout > 0 {
@@ -260,6 +263,9 @@ func (c *Client) CreateStream(ctx context.Context, name string, keyGroups int) (
 	if keyGroups < 0 {
 		return Stream{}, invalid("CreateStream", "negative key-group count %d", keyGroups)
 	}
+	if err := validStream("CreateStream", name); err != nil {
+		return Stream{}, err
+	}
 	res, err := call(ctx, c, "CreateStream", false, c.streams.CreateStream, &dstlv1.CreateStreamRequest{Name: name, KeyGroups: uint32(keyGroups)})
 	if err != nil {
 		return Stream{}, err
@@ -284,6 +290,9 @@ func (c *Client) EnsureStream(ctx context.Context, name string, keyGroups int) (
 
 // Stream describes the stream name. ErrNotFound if it does not exist.
 func (c *Client) Stream(ctx context.Context, name string) (Stream, error) {
+	if err := validStream("GetStream", name); err != nil {
+		return Stream{}, err
+	}
 	res, err := call(ctx, c, "GetStream", true, c.streams.GetStream, &dstlv1.GetStreamRequest{Name: name})
 	if err != nil {
 		return Stream{}, err
@@ -317,6 +326,9 @@ func (c *Client) ListStreams(ctx context.Context) iter.Seq2[Stream, error] {
 // DeleteStream deletes a stream's definition. ErrFenced while the node has
 // open writers of it.
 func (c *Client) DeleteStream(ctx context.Context, name string) error {
+	if err := validStream("DeleteStream", name); err != nil {
+		return err
+	}
 	_, err := call(ctx, c, "DeleteStream", false, c.streams.DeleteStream, &dstlv1.DeleteStreamRequest{Name: name})
 	return err
 }
@@ -337,7 +349,11 @@ type Checkpoint struct {
 	CompletedAt time.Time
 	// Retained checkpoints are kept by garbage collection.
 	Retained bool
-	Parts    []CheckpointPart
+	// PartCount is the number of parts, also when Parts is not filled in.
+	PartCount int
+	// Parts are filled in by Checkpoint, RetainCheckpoint, and by
+	// Checkpoints with CheckpointListOptions.Parts.
+	Parts []CheckpointPart
 }
 
 // CheckpointPart is one writer's part of a checkpoint.
@@ -351,7 +367,10 @@ type CheckpointPart struct {
 }
 
 func checkpointOf(p *dstlv1.Checkpoint) Checkpoint {
-	cp := Checkpoint{Stream: p.GetStream(), ID: p.GetId(), CompletedAt: time.UnixMilli(p.GetCompletedAtMs()), Retained: p.GetRetained()}
+	cp := Checkpoint{
+		Stream: p.GetStream(), ID: p.GetId(), CompletedAt: time.UnixMilli(p.GetCompletedAtMs()), Retained: p.GetRetained(),
+		PartCount: int(p.GetPartCount()),
+	}
 	for _, part := range p.GetParts() {
 		cp.Parts = append(cp.Parts, CheckpointPart{
 			Epoch: part.GetEpoch(), KeyGroups: rangeOf(part.GetKeyGroups()), LogID: part.GetLogId(),
@@ -361,23 +380,79 @@ func checkpointOf(p *dstlv1.Checkpoint) Checkpoint {
 	return cp
 }
 
-// Checkpoints lists the complete checkpoints of a stream, oldest first.
-func (c *Client) Checkpoints(ctx context.Context, stream string) ([]Checkpoint, error) {
-	res, err := call(ctx, c, "ListCheckpoints", true, c.checkpoints.ListCheckpoints, &dstlv1.ListCheckpointsRequest{Stream: stream})
+// CheckpointListOptions select how Checkpoints lists.
+type CheckpointListOptions struct {
+	// NewestFirst lists the highest id first (default: oldest first).
+	NewestFirst bool
+	// Parts fills in each Checkpoint's Parts (one blob read per part on the
+	// node); without it only PartCount is set.
+	Parts bool
+	// PageSize is the number of checkpoints fetched per call (0: the
+	// server's default, 100; at most 1000).
+	PageSize int
+}
+
+// Checkpoints iterates over the complete checkpoints of a stream, oldest
+// first (see CheckpointListOptions), fetching a page at a time. It stops at
+// the first error, which it yields.
+func (c *Client) Checkpoints(ctx context.Context, stream string, o CheckpointListOptions) iter.Seq2[Checkpoint, error] {
+	return func(yield func(Checkpoint, error) bool) {
+		if err := validStream("ListCheckpoints", stream); err != nil {
+			yield(Checkpoint{}, err)
+			return
+		}
+		if o.PageSize < 0 {
+			yield(Checkpoint{}, invalid("ListCheckpoints", "negative page size %d", o.PageSize))
+			return
+		}
+		req := &dstlv1.ListCheckpointsRequest{Stream: stream, NewestFirst: o.NewestFirst, IncludeParts: o.Parts, PageSize: int32(min(o.PageSize, 1<<20))}
+		for {
+			res, err := call(ctx, c, "ListCheckpoints", true, c.checkpoints.ListCheckpoints, req)
+			if err != nil {
+				yield(Checkpoint{}, err)
+				return
+			}
+			for _, cp := range res.GetCheckpoints() {
+				if !yield(checkpointOf(cp), nil) {
+					return
+				}
+			}
+			if req.PageToken = res.GetNextPageToken(); req.PageToken == "" {
+				return
+			}
+		}
+	}
+}
+
+// Checkpoint returns complete checkpoint id of stream with its parts.
+// ErrNotFound if there is no such complete checkpoint.
+func (c *Client) Checkpoint(ctx context.Context, stream string, id uint64) (Checkpoint, error) {
+	if err := validStream("GetCheckpoint", stream); err != nil {
+		return Checkpoint{}, err
+	}
+	res, err := call(ctx, c, "GetCheckpoint", true, c.checkpoints.GetCheckpoint, &dstlv1.GetCheckpointRequest{Stream: stream, Id: id})
 	if err != nil {
-		return nil, err
+		return Checkpoint{}, err
 	}
-	out := make([]Checkpoint, 0, len(res.GetCheckpoints()))
-	for _, cp := range res.GetCheckpoints() {
-		out = append(out, checkpointOf(cp))
+	return checkpointOf(res.GetCheckpoint()), nil
+}
+
+// LatestCheckpoint returns the newest complete checkpoint of stream with
+// its parts; ok is false if the stream has none.
+func (c *Client) LatestCheckpoint(ctx context.Context, stream string) (cp Checkpoint, ok bool, err error) {
+	for cp, err := range c.Checkpoints(ctx, stream, CheckpointListOptions{NewestFirst: true, Parts: true, PageSize: 1}) {
+		return cp, err == nil, err
 	}
-	return out, nil
+	return Checkpoint{}, false, nil
 }
 
 // RetainCheckpoint marks checkpoint id of stream retained (retained=false
 // releases it): garbage collection keeps everything a retained checkpoint
 // needs.
 func (c *Client) RetainCheckpoint(ctx context.Context, stream string, id uint64, retained bool) (Checkpoint, error) {
+	if err := validStream("RetainCheckpoint", stream); err != nil {
+		return Checkpoint{}, err
+	}
 	res, err := call(ctx, c, "RetainCheckpoint", true, c.checkpoints.RetainCheckpoint, &dstlv1.RetainCheckpointRequest{Stream: stream, Id: id, Retained: retained})
 	if err != nil {
 		return Checkpoint{}, err
@@ -403,6 +478,12 @@ func (c *Client) Get(ctx context.Context, stream, state string, key []byte) ([]b
 }
 
 func (c *Client) get(ctx context.Context, stream, state string, key []byte, kg *uint32) ([]byte, bool, error) {
+	if err := validStream("Get", stream); err != nil {
+		return nil, false, err
+	}
+	if err := validName("Get", "state", state); err != nil {
+		return nil, false, err
+	}
 	res, err := call(ctx, c, "Get", true, c.state.Get, &dstlv1.GetRequest{Stream: stream, State: state, Key: key, KeyGroup: kg})
 	if err != nil {
 		return nil, false, err
@@ -427,6 +508,14 @@ type ScanOptions struct {
 // stops at the first error, which it yields.
 func (c *Client) Scan(ctx context.Context, stream string, o ScanOptions) iter.Seq2[KeyValue, error] {
 	return func(yield func(KeyValue, error) bool) {
+		if err := validStream("Scan", stream); err != nil {
+			yield(KeyValue{}, err)
+			return
+		}
+		if err := validName("Scan", "state", o.State); err != nil {
+			yield(KeyValue{}, err)
+			return
+		}
 		req := &dstlv1.ScanRequest{Stream: stream, State: o.State, Prefix: o.Prefix, PageSize: int32(o.PageSize)}
 		if o.KeyGroups != nil {
 			req.KeyGroups = &dstlv1.KeyGroupRange{Lo: uint32(o.KeyGroups.Lo), Hi: uint32(o.KeyGroups.Hi)}

@@ -309,7 +309,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	}
 
 	c = open(t, embedded.Options{Dir: dir}).Client()
-	cps, err := c.Checkpoints(ctx, "s")
+	cps, err := collect(c.Checkpoints(ctx, "s", dstl.CheckpointListOptions{Parts: true}))
 	if err != nil || len(cps) != 1 || cps[0].ID != 1 || string(cps[0].Parts[0].Metadata) != "meta" {
 		t.Fatalf("checkpoints after restart: %+v %v", cps, err)
 	}
@@ -636,13 +636,24 @@ func unavailableTwice(calls *sync.Map) func(http.Handler) http.Handler {
 // `dstl serve` does, with handler wrapped by wrap.
 func serveTCP(t *testing.T, wrap func(http.Handler) http.Handler) string {
 	t.Helper()
+	return serveTCPWith(t, wrap, nil)
+}
+
+// serveTCPWith is serveTCP with the node's options tweaked by nodeOpts
+// (nil: none), as embedded.Options.Node does.
+func serveTCPWith(t *testing.T, wrap func(http.Handler) http.Handler, nodeOpts func(*changelog.Options)) string {
+	t.Helper()
 	ctx := t.Context()
 	dir := t.TempDir()
 	store, err := blobstore.Open(ctx, filepath.Join(dir, "blobs"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	node, err := changelog.Open(ctx, changelog.Options{Store: store, DataDir: dir})
+	opts := changelog.Options{Store: store, DataDir: dir}
+	if nodeOpts != nil {
+		nodeOpts(&opts)
+	}
+	node, err := changelog.Open(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

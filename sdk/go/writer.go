@@ -126,6 +126,12 @@ type Writer struct {
 	err          error // sticky: the writer is broken
 	closing      bool
 	progress     chan struct{} // closed and replaced when sent, err or closing change
+
+	// closeMu serialises Close calls; closed: the server confirmed the
+	// close (a failed CloseWriter leaves it false, so Close can be retried:
+	// the server's writer accepts no changes until a close succeeds).
+	closeMu sync.Mutex
+	closed  bool
 }
 
 // OpenWriter opens a writer of stream: a new epoch that fences every older
@@ -246,6 +252,9 @@ func (w *Writer) Apply(ctx context.Context, c Change) error {
 	}
 	if c.Op < OpPut || c.Op > OpClear {
 		return invalid("Append", "writer %s: unknown op %d", w.id, c.Op)
+	}
+	if err := validName("Append", "state", c.State); err != nil {
+		return err
 	}
 	if n := len(c.Key) + len(c.Value) + len(c.State); n > MaxChangeBytes {
 		return invalid("Append", "writer %s: change of %d bytes is above the %d-byte limit", w.id, n, MaxChangeBytes)
@@ -486,23 +495,35 @@ func isFenced(err error) bool {
 // final state and closes its epoch on the server. The background sender has
 // stopped when Close returns, whatever the outcome; if ctx ends first the
 // changes not yet sent are dropped. A broken writer returns its error.
+//
+// A Close that failed on the server (an error other than the writer's own)
+// may be called again: it retries the server's close, whose outcome may be
+// unknown (the final state may already be recorded), until one succeeds.
+// Once a Close succeeded, Close returns ErrClosed.
 func (w *Writer) Close(ctx context.Context) error {
+	w.closeMu.Lock()
+	defer w.closeMu.Unlock()
 	w.mu.Lock()
-	if w.closing {
+	if w.closed {
 		w.mu.Unlock()
-		<-w.done
 		return fmt.Errorf("writer %s: %w", w.id, ErrClosed)
 	}
+	first := !w.closing
 	w.closing = true
-	w.broadcastLocked()
-	w.mu.Unlock()
-	w.wake()
-	select {
-	case <-w.done:
-	case <-ctx.Done():
-		w.cancel()
-		<-w.done
+	if first {
+		w.broadcastLocked()
 	}
+	w.mu.Unlock()
+	if first {
+		w.wake()
+		select {
+		case <-w.done:
+		case <-ctx.Done():
+			w.cancel()
+			<-w.done
+		}
+	}
+	<-w.done
 	w.cancel()
 	w.mu.Lock()
 	err := w.err
@@ -510,8 +531,13 @@ func (w *Writer) Close(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = call(ctx, w.c, "CloseWriter", false, w.c.writers.CloseWriter, &dstlv1.CloseWriterRequest{WriterId: w.id})
-	return err
+	if _, err := call(ctx, w.c, "CloseWriter", false, w.c.writers.CloseWriter, &dstlv1.CloseWriterRequest{WriterId: w.id}); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	return nil
 }
 
 // Abort stops the writer at once, as a crash would: buffered changes are

@@ -141,9 +141,17 @@ func TestCLI(t *testing.T) {
 		if len(ids) != 3 || ids[2] != "3" {
 			t.Errorf("dstl checkpoint list after 3 puts: ids %v, want [1 2 3]", ids)
 		}
+		// Right after `dstl put` (its writer checkpointed and closed) every
+		// change is in checkpoint 3: nothing to do, and that is no error.
 		r := dstlCLI(t, srv, "checkpoint", "create", stream)
-		if r.code == 0 || !strings.Contains(r.stderr, "failed_precondition") {
-			t.Errorf("dstl checkpoint create without an open writer: exit %d, stderr %q; want failed_precondition", r.code, r.stderr)
+		if r.code != 0 || !strings.Contains(r.stdout, "already in complete checkpoint 3") {
+			t.Errorf("dstl checkpoint create right after dstl put: exit %d, stdout %q, stderr %q; want exit 0, already in complete checkpoint 3", r.code, r.stdout, r.stderr)
+		}
+		var upToDate struct {
+			UpToDate bool `json:"up_to_date"`
+		}
+		if out := cliOK(t, srv, "--json", "checkpoint", "create", stream); json.Unmarshal([]byte(out), &upToDate) != nil || !upToDate.UpToDate {
+			t.Errorf("dstl --json checkpoint create right after dstl put: %s; want up_to_date", out)
 		}
 		// An application's writer on the node; the operator checkpoints it.
 		c := n.clients("connect")
@@ -182,6 +190,13 @@ func TestCLI(t *testing.T) {
 			if out := cliOK(t, srv2, "get", stream, key); out != want {
 				t.Errorf("after SIGKILL and restart: dstl get %s %s = %q, want %q", stream, key, out, want)
 			}
+		}
+		// The application's writer was live when the node was killed: its
+		// epoch may hold changes no checkpoint covers, and only its (resumed)
+		// writer can checkpoint them, so that is an error naming it.
+		r := dstlCLI(t, srv2, "checkpoint", "create", stream)
+		if r.code == 0 || !strings.Contains(r.stderr, "failed_precondition") || !strings.Contains(r.stderr, "resume") {
+			t.Errorf("dstl checkpoint create with a recovered live epoch: exit %d, stderr %q; want failed_precondition naming the epoch to resume", r.code, r.stderr)
 		}
 	})
 	t.Run("segment-ls", func(t *testing.T) {

@@ -184,7 +184,7 @@ func TestMaterializerRemoteS3(t *testing.T) {
 
 	// The daemon.
 	matArgs := []string{"--blob", blob, "--data-dir", matDir, "--materialize-interval", "1s", "--materialize-jitter", "0",
-		"--gc-interval", "1s", "--snapshot-gc-grace", "1s"}
+		"--gc-interval", "1s", "--snapshot-gc-grace", "1s", "--snapshot-round-lease", "1s"}
 	mat := startMaterializer(t, "materializer", env, matArgs)
 	for _, s := range streams {
 		writers[s].appendRandom(300, "r3", false)

@@ -153,7 +153,13 @@ func TestSDK(t *testing.T) {
 	if count != 20 {
 		t.Errorf("Scan of profile from checkpoint 1: %d keys, want 20", count)
 	}
-	cps, err := c2.Checkpoints(ctx, stream)
+	var cps []dstl.Checkpoint
+	for cp, err2 := range c2.Checkpoints(ctx, stream, dstl.CheckpointListOptions{Parts: true}) {
+		if err = err2; err != nil {
+			break
+		}
+		cps = append(cps, cp)
+	}
 	if err != nil || len(cps) < 1 || cps[0].ID != 1 || string(cps[0].Parts[0].Metadata) != "offset=20" {
 		t.Errorf("Checkpoints = %+v, %v", cps, err)
 	}

@@ -46,7 +46,8 @@ type Options struct {
 	// interceptors); WithHTTPClient is overridden.
 	ClientOptions []dstl.Option
 	// Node tweaks the changelog node's options before it opens (upload
-	// interval, limits, ...); Store and DataDir are already set.
+	// interval, limits, ...); Store and DataDir are already set. It may
+	// wrap Store (fault injection in tests); DataDir stays Dir.
 	Node func(*changelog.Options)
 	// Handler wraps the node's HTTP handler (e.g. for fault injection in
 	// tests).
@@ -102,7 +103,11 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	nodeOpts := changelog.Options{Store: store, DataDir: dir, Logger: logger}
 	if opts.Node != nil {
 		opts.Node(&nodeOpts)
-		nodeOpts.Store, nodeOpts.DataDir = store, dir
+		nodeOpts.DataDir = dir
+		if nodeOpts.Store == nil {
+			store.Close()
+			return nil, errors.New("embedded: Options.Node cleared the blob store")
+		}
 	}
 	node, err := changelog.Open(ctx, nodeOpts)
 	if err != nil {

@@ -890,10 +890,12 @@ func (x *OpenWriterResponse) GetRestoredMetadata() [][]byte {
 }
 
 type AppendRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	WriterId      string                 `protobuf:"bytes,1,opt,name=writer_id,json=writerId,proto3" json:"writer_id,omitempty"`
-	Changes       []*Change              `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
-	Durability    Durability             `protobuf:"varint,3,opt,name=durability,proto3,enum=dstl.v1.Durability" json:"durability,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	WriterId string                 `protobuf:"bytes,1,opt,name=writer_id,json=writerId,proto3" json:"writer_id,omitempty"`
+	// At most the server's per-batch limit (default 262144 changes,
+	// `dstl serve --max-batch-changes`); more is INVALID_ARGUMENT.
+	Changes       []*Change  `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
+	Durability    Durability `protobuf:"varint,3,opt,name=durability,proto3,enum=dstl.v1.Durability" json:"durability,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1936,11 +1938,15 @@ type Checkpoint struct {
 	Id            uint64                 `protobuf:"varint,2,opt,name=id,proto3" json:"id,omitempty"`
 	CompletedAtMs int64                  `protobuf:"varint,3,opt,name=completed_at_ms,json=completedAtMs,proto3" json:"completed_at_ms,omitempty"`
 	Retained      bool                   `protobuf:"varint,4,opt,name=retained,proto3" json:"retained,omitempty"`
-	Parts         []*CheckpointPart      `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
+	// The parts (filled in by GetCheckpoint, CreateCheckpoint,
+	// RetainCheckpoint, and by ListCheckpoints only with include_parts).
+	Parts []*CheckpointPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
 	// How the checkpoint is materialized (filled in by GetCheckpoint only).
 	Materialization *Materialization `protobuf:"bytes,6,opt,name=materialization,proto3" json:"materialization,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Number of parts (always filled in, also when parts is not).
+	PartCount     uint32 `protobuf:"varint,7,opt,name=part_count,json=partCount,proto3" json:"part_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Checkpoint) Reset() {
@@ -2013,6 +2019,13 @@ func (x *Checkpoint) GetMaterialization() *Materialization {
 		return x.Materialization
 	}
 	return nil
+}
+
+func (x *Checkpoint) GetPartCount() uint32 {
+	if x != nil {
+		return x.PartCount
+	}
+	return 0
 }
 
 // Materialization says what a restore of a checkpoint reads, and how far
@@ -2203,9 +2216,13 @@ func (x *CreateCheckpointRequest) GetMetadata() []byte {
 }
 
 type CreateCheckpointResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Checkpoint    *Checkpoint            `protobuf:"bytes,1,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
-	Complete      bool                   `protobuf:"varint,2,opt,name=complete,proto3" json:"complete,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Checkpoint *Checkpoint            `protobuf:"bytes,1,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	Complete   bool                   `protobuf:"varint,2,opt,name=complete,proto3" json:"complete,omitempty"`
+	// Nothing to checkpoint: every change of the stream is already in
+	// checkpoint (the newest complete one; absent if the stream never had a
+	// change). No new checkpoint was recorded.
+	UpToDate      bool `protobuf:"varint,3,opt,name=up_to_date,json=upToDate,proto3" json:"up_to_date,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2254,9 +2271,26 @@ func (x *CreateCheckpointResponse) GetComplete() bool {
 	return false
 }
 
+func (x *CreateCheckpointResponse) GetUpToDate() bool {
+	if x != nil {
+		return x.UpToDate
+	}
+	return false
+}
+
 type ListCheckpointsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	// At most this many checkpoints; 0 means 100, the maximum is 1000. With
+	// include_parts a page also ends once it holds 10000 parts (it always
+	// holds at least one checkpoint).
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page, or empty for the first.
+	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Newest (highest id) first instead of oldest first.
+	NewestFirst bool `protobuf:"varint,4,opt,name=newest_first,json=newestFirst,proto3" json:"newest_first,omitempty"`
+	// Fill in each checkpoint's parts (otherwise only part_count).
+	IncludeParts  bool `protobuf:"varint,5,opt,name=include_parts,json=includeParts,proto3" json:"include_parts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2298,9 +2332,40 @@ func (x *ListCheckpointsRequest) GetStream() string {
 	return ""
 }
 
+func (x *ListCheckpointsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListCheckpointsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListCheckpointsRequest) GetNewestFirst() bool {
+	if x != nil {
+		return x.NewestFirst
+	}
+	return false
+}
+
+func (x *ListCheckpointsRequest) GetIncludeParts() bool {
+	if x != nil {
+		return x.IncludeParts
+	}
+	return false
+}
+
 type ListCheckpointsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Checkpoints   []*Checkpoint          `protobuf:"bytes,1,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Checkpoints []*Checkpoint          `protobuf:"bytes,1,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	// Empty when there are no more checkpoints. Opaque; valid with the same
+	// newest_first.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2340,6 +2405,13 @@ func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
 		return x.Checkpoints
 	}
 	return nil
+}
+
+func (x *ListCheckpointsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type GetCheckpointRequest struct {
@@ -2673,7 +2745,7 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x0ffrom_checkpoint\x18\x05 \x01(\x04R\x0efromCheckpoint\x12)\n" +
 	"\x10truncated_before\x18\x06 \x01(\x04R\x0ftruncatedBefore\x12\x1a\n" +
 	"\bsegments\x18\a \x01(\rR\bsegments\x12\x1a\n" +
-	"\bmetadata\x18\b \x01(\fR\bmetadata\"\xeb\x01\n" +
+	"\bmetadata\x18\b \x01(\fR\bmetadata\"\x8a\x02\n" +
 	"\n" +
 	"Checkpoint\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x0e\n" +
@@ -2681,7 +2753,9 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x0fcompleted_at_ms\x18\x03 \x01(\x03R\rcompletedAtMs\x12\x1a\n" +
 	"\bretained\x18\x04 \x01(\bR\bretained\x12-\n" +
 	"\x05parts\x18\x05 \x03(\v2\x17.dstl.v1.CheckpointPartR\x05parts\x12B\n" +
-	"\x0fmaterialization\x18\x06 \x01(\v2\x18.dstl.v1.MaterializationR\x0fmaterialization\"\xea\x03\n" +
+	"\x0fmaterialization\x18\x06 \x01(\v2\x18.dstl.v1.MaterializationR\x0fmaterialization\x12\x1d\n" +
+	"\n" +
+	"part_count\x18\a \x01(\rR\tpartCount\"\xea\x03\n" +
 	"\x0fMaterialization\x12/\n" +
 	"\x13snapshot_checkpoint\x18\x01 \x01(\x04R\x12snapshotCheckpoint\x123\n" +
 	"\x16snapshot_created_at_ms\x18\x02 \x01(\x03R\x13snapshotCreatedAtMs\x12%\n" +
@@ -2699,16 +2773,24 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\tsnapshots\x18\v \x01(\rR\tsnapshots\"M\n" +
 	"\x17CreateCheckpointRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x1a\n" +
-	"\bmetadata\x18\x02 \x01(\fR\bmetadata\"k\n" +
+	"\bmetadata\x18\x02 \x01(\fR\bmetadata\"\x89\x01\n" +
 	"\x18CreateCheckpointResponse\x123\n" +
 	"\n" +
 	"checkpoint\x18\x01 \x01(\v2\x13.dstl.v1.CheckpointR\n" +
 	"checkpoint\x12\x1a\n" +
-	"\bcomplete\x18\x02 \x01(\bR\bcomplete\"0\n" +
+	"\bcomplete\x18\x02 \x01(\bR\bcomplete\x12\x1c\n" +
+	"\n" +
+	"up_to_date\x18\x03 \x01(\bR\bupToDate\"\xb4\x01\n" +
 	"\x16ListCheckpointsRequest\x12\x16\n" +
-	"\x06stream\x18\x01 \x01(\tR\x06stream\"P\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12!\n" +
+	"\fnewest_first\x18\x04 \x01(\bR\vnewestFirst\x12#\n" +
+	"\rinclude_parts\x18\x05 \x01(\bR\fincludeParts\"x\n" +
 	"\x17ListCheckpointsResponse\x125\n" +
-	"\vcheckpoints\x18\x01 \x03(\v2\x13.dstl.v1.CheckpointR\vcheckpoints\">\n" +
+	"\vcheckpoints\x18\x01 \x03(\v2\x13.dstl.v1.CheckpointR\vcheckpoints\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
 	"\x14GetCheckpointRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\"L\n" +

@@ -579,9 +579,15 @@ func (UnimplementedStateServiceHandler) Scan(context.Context, *connect.Request[d
 // CheckpointServiceClient is a client for the dstl.v1.CheckpointService service.
 type CheckpointServiceClient interface {
 	// Checkpoints every open writer of the stream on this node under the next
-	// id (newest complete + 1), for operators and the CLI.
+	// id (newest complete + 1), for operators and the CLI. When the node has
+	// no open writer of the stream and every change of the stream is in the
+	// newest complete checkpoint (every live epoch is closed and its final
+	// part is covered), nothing is recorded and up_to_date is set.
+	// FAILED_PRECONDITION only when changes exist that no complete checkpoint
+	// covers and this node holds no writer that could checkpoint them.
 	CreateCheckpoint(context.Context, *connect.Request[dstlv1.CreateCheckpointRequest]) (*connect.Response[dstlv1.CreateCheckpointResponse], error)
-	// Lists the complete checkpoints of a stream, oldest first.
+	// Lists the complete checkpoints of a stream, a page at a time, oldest
+	// first (newest first with newest_first).
 	ListCheckpoints(context.Context, *connect.Request[dstlv1.ListCheckpointsRequest]) (*connect.Response[dstlv1.ListCheckpointsResponse], error)
 	GetCheckpoint(context.Context, *connect.Request[dstlv1.GetCheckpointRequest]) (*connect.Response[dstlv1.GetCheckpointResponse], error)
 	// Marks a checkpoint retained: garbage collection keeps everything it
@@ -658,9 +664,15 @@ func (c *checkpointServiceClient) RetainCheckpoint(ctx context.Context, req *con
 // CheckpointServiceHandler is an implementation of the dstl.v1.CheckpointService service.
 type CheckpointServiceHandler interface {
 	// Checkpoints every open writer of the stream on this node under the next
-	// id (newest complete + 1), for operators and the CLI.
+	// id (newest complete + 1), for operators and the CLI. When the node has
+	// no open writer of the stream and every change of the stream is in the
+	// newest complete checkpoint (every live epoch is closed and its final
+	// part is covered), nothing is recorded and up_to_date is set.
+	// FAILED_PRECONDITION only when changes exist that no complete checkpoint
+	// covers and this node holds no writer that could checkpoint them.
 	CreateCheckpoint(context.Context, *connect.Request[dstlv1.CreateCheckpointRequest]) (*connect.Response[dstlv1.CreateCheckpointResponse], error)
-	// Lists the complete checkpoints of a stream, oldest first.
+	// Lists the complete checkpoints of a stream, a page at a time, oldest
+	// first (newest first with newest_first).
 	ListCheckpoints(context.Context, *connect.Request[dstlv1.ListCheckpointsRequest]) (*connect.Response[dstlv1.ListCheckpointsResponse], error)
 	GetCheckpoint(context.Context, *connect.Request[dstlv1.GetCheckpointRequest]) (*connect.Response[dstlv1.GetCheckpointResponse], error)
 	// Marks a checkpoint retained: garbage collection keeps everything it
