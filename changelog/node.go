@@ -242,6 +242,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		_ = wal.Close()
 		return nil, err
 	}
+	n.clearOwnRoundMarkers(ctx)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	n.runCancel, n.runDone, n.gcDone = cancel, make(chan error, 1), make(chan struct{})
 	go func() { n.runDone <- sched.Run(runCtx) }()

@@ -93,6 +93,25 @@ func (n *Node) collectStaleRoundMarkers(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// clearOwnRoundMarkers deletes the GC round markers an earlier process of
+// this node left behind (killed mid-round): that process is dead (the data
+// dir's lock is held by this one) and deletes nothing any more, and every
+// retain and open-from would otherwise wait for the marker to go stale
+// (GCMaxRound plus the skew margin, minutes). Best effort: a marker left
+// here only costs that wait.
+func (n *Node) clearOwnRoundMarkers(ctx context.Context) {
+	prefix := gcRoundPrefix() + n.id + "/"
+	for o, err := range upload.Walk(ctx, n.store, prefix, "") {
+		if err != nil {
+			n.log.Warn("gc: list this node's round markers", "err", err)
+			return
+		}
+		if err := n.store.Delete(ctx, o.Key); err != nil {
+			n.log.Warn("gc: remove a round marker of an earlier process", "key", o.Key, "err", err)
+		}
+	}
+}
+
 // waitGCRounds waits until every GC round in progress when it is called is
 // over (its marker gone, or too old to delete anything).
 func (n *Node) waitGCRounds(ctx context.Context) error {

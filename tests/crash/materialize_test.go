@@ -134,6 +134,9 @@ func releasedGraceFlag(ctx context.Context, bin string) string {
 
 var releasedGraceRE = regexp.MustCompile(`--[a-z-]*released[a-z-]*grace[a-z-]*`)
 
+// matRoundLease is the materializer's --snapshot-round-lease (its minimum).
+const matRoundLease = time.Second
+
 // Kill targets: what the parent waits for before it kills a run.
 type matTarget int
 
@@ -272,6 +275,9 @@ func newMatRig(t *testing.T, cfg matConfig, seed uint64) *matRig {
 	if flag := releasedGraceFlag(ctx, r.bin); flag != "" {
 		r.gcFlags = append(r.gcFlags, flag, cfg.fileGrace.String())
 	}
+	// A killed round's files stay protected until its lease expires: the
+	// shortest lease keeps the test's collection within seconds.
+	r.gcFlags = append(r.gcFlags, "--snapshot-round-lease", matRoundLease.String())
 	t.Logf("materializer runs: dstl materialize --once %s", strings.Join(r.gcFlags, " "))
 
 	blob, err := file.Open(r.blobRoot)
@@ -1010,6 +1016,9 @@ func (r *matRig) finish(round int) {
 	if err := r.writerStep(false); err != nil {
 		t.Fatalf("final writer step: %v", err)
 	}
+	// The leases of killed rounds protect their files until they expire;
+	// after that, the files get their full grace like any others.
+	time.Sleep(matRoundLease + 100*time.Millisecond)
 	// Until two runs in a row delete no snapshot record: the files of the
 	// last records deleted are then seen unreferenced twice, a grace
 	// period apart.
