@@ -1,13 +1,16 @@
 // Package faulty wraps a BlobStore with injected faults for crash and fault
 // tests: transient errors, lost acknowledgements, latency, torn writes and
 // lost writes, each with a per-operation probability drawn from a seeded
-// source, so a run is reproducible from its seed.
+// source, so a run is reproducible from its seed. A late write models a
+// PUT that outlives its deadline: the caller gets a deadline error, and the
+// object appears some operations later.
 //
 // Every injected error wraps ErrInjected and upload.ErrTransient (the
 // faults model failures a client would retry).
 package faulty
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -62,10 +65,21 @@ const (
 	// LostWrite: a put reports success but stores nothing. Only for testing
 	// that the system detects it.
 	LostWrite
+	// LateWrite: a put fails with a deadline error (wrapping
+	// context.DeadlineExceeded) before anything is stored, and its data is
+	// stored later: at the start of the Nth following operation on the
+	// Store (N drawn from 1..MaxLateOps), or at Settle or Close. It models
+	// a request a client timed out on that the server still carries out.
+	// Like any create-only put, the late one does nothing if the key exists
+	// by then.
+	LateWrite
 	numFaults
 )
 
-var faultNames = [numFaults]string{"transient", "lost ack", "latency", "torn write", "lost write"}
+// NumFaults is the number of fault kinds (for iterating over them).
+const NumFaults = int(numFaults)
+
+var faultNames = [numFaults]string{"transient", "lost ack", "latency", "torn write", "lost write", "late write"}
 
 func (f Fault) String() string {
 	if f < 0 || f >= numFaults {
@@ -83,9 +97,13 @@ type Faults struct {
 	// MaxDelay bounds an injected latency, drawn uniformly from
 	// (0, MaxDelay]; 0 means 10ms.
 	MaxDelay time.Duration
-	// TornWrite and LostWrite apply to puts only.
+	// TornWrite, LostWrite and LateWrite apply to puts only.
 	TornWrite float64
 	LostWrite float64
+	LateWrite float64
+	// MaxLateOps bounds how many later operations a late write waits for
+	// before it lands; 0 means 4.
+	MaxLateOps int
 }
 
 // Options configure a Store.
@@ -110,6 +128,23 @@ type Store struct {
 	all    Faults
 	perOp  map[Op]Faults
 	counts [numOps][numFaults]int64
+	// late holds the late writes not landed yet, in the order they failed.
+	late []*lateWrite
+	// landing counts late writes being stored by some call right now, so
+	// that Settle also waits for them (lateCond signals a change).
+	landing  int
+	lateCond *sync.Cond
+	// lateLanded and lateLost count late writes stored, and those that found
+	// their key taken (or failed) when they landed.
+	lateLanded, lateLost int64
+}
+
+// lateWrite is a put whose caller saw a deadline error; it lands when
+// opsLeft reaches 0.
+type lateWrite struct {
+	key     string
+	data    []byte
+	opsLeft int
 }
 
 var _ upload.BlobStore = (*Store)(nil)
@@ -123,6 +158,7 @@ func Wrap(inner upload.BlobStore, opts Options) *Store {
 		all:   opts.All,
 		perOp: make(map[Op]Faults),
 	}
+	s.lateCond = sync.NewCond(&s.mu)
 	for op, f := range opts.PerOp {
 		s.perOp[op] = f
 	}
@@ -176,14 +212,83 @@ func (s *Store) Total(f Fault) int64 {
 	return n
 }
 
+// LateWrites returns how many late writes landed (stored their object) and
+// how many were lost when they landed (the key was taken, or the store
+// failed), and how many are still pending.
+func (s *Store) LateWrites() (landed, lost int64, pending int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lateLanded, s.lateLost, len(s.late) + s.landing
+}
+
+// Settle lands every pending late write now and waits for those other
+// calls are landing, so that afterwards the blob store holds everything an
+// injected late write will ever store (tests call it before checking for
+// leaked objects).
+func (s *Store) Settle(ctx context.Context) {
+	s.mu.Lock()
+	due := s.late
+	s.late = nil
+	s.landing += len(due)
+	s.mu.Unlock()
+	s.land(ctx, due)
+	s.mu.Lock()
+	for s.landing > 0 {
+		s.lateCond.Wait()
+	}
+	s.mu.Unlock()
+}
+
+// tick counts one operation against the pending late writes and returns
+// the ones due now; the caller holds s.mu and must land them.
+func (s *Store) tickLocked() []*lateWrite {
+	var due []*lateWrite
+	kept := s.late[:0]
+	for _, w := range s.late {
+		if w.opsLeft--; w.opsLeft <= 0 {
+			due = append(due, w)
+			continue
+		}
+		kept = append(kept, w)
+	}
+	clear(s.late[len(kept):])
+	s.late = kept
+	s.landing += len(due)
+	return due
+}
+
+// land stores late writes in order. They belong to the Store, not to the
+// call that lands them, so the caller's cancellation does not stop them.
+func (s *Store) land(ctx context.Context, due []*lateWrite) {
+	if len(due) == 0 {
+		return
+	}
+	ctx = context.WithoutCancel(ctx)
+	for _, w := range due {
+		err := s.inner.PutIfAbsent(ctx, w.key, bytes.NewReader(w.data), int64(len(w.data)))
+		s.mu.Lock()
+		if err == nil {
+			s.lateLanded++
+		} else {
+			s.lateLost++
+		}
+		s.landing--
+		s.lateCond.Broadcast()
+		s.mu.Unlock()
+	}
+}
+
 // Inner returns the wrapped store.
 func (s *Store) Inner() upload.BlobStore { return s.inner }
 
 // plan is the faults decided for one call.
 type plan struct {
-	delay                                    time.Duration
-	transient, lostAck, tornWrite, lostWrite bool
-	tornFraction                             float64
+	delay                                               time.Duration
+	transient, lostAck, tornWrite, lostWrite, lateWrite bool
+	tornFraction                                        float64
+	lateOps                                             int
+	// due are earlier late writes that land before this call runs.
+	due []*lateWrite
 }
 
 // decide draws the same number of values for every call, whatever the
@@ -195,7 +300,7 @@ func (s *Store) decide(op Op) plan {
 	if !ok {
 		f = s.all
 	}
-	var r [7]float64
+	var r [9]float64
 	for i := range r {
 		r[i] = s.rng.Float64()
 	}
@@ -219,10 +324,19 @@ func (s *Store) decide(op Op) plan {
 	case put && r[4] < f.LostWrite:
 		p.lostWrite = true
 		s.counts[op][LostWrite]++
+	case put && r[7] < f.LateWrite:
+		maxOps := f.MaxLateOps
+		if maxOps <= 0 {
+			maxOps = 4
+		}
+		p.lateWrite, p.lateOps = true, 1+int(r[8]*float64(maxOps)) // r[8] < 1: 1..maxOps
+		s.counts[op][LateWrite]++
 	case r[5] < f.LostAck:
 		p.lostAck = true
 		s.counts[op][LostAck]++
 	}
+	// This call is one more operation for the late writes pending before it.
+	p.due = s.tickLocked()
 	return p
 }
 
@@ -230,9 +344,11 @@ func injected(f Fault, op Op, key string) error {
 	return fmt.Errorf("faulty: %s %s: %w (%s): %w", op, key, ErrInjected, f, upload.ErrTransient)
 }
 
-// before applies latency and transient faults; a non-nil error ends the call.
+// before lands the late writes due, then applies latency and transient
+// faults; a non-nil error ends the call.
 func (s *Store) before(ctx context.Context, op Op, key string) (plan, error) {
 	p := s.decide(op)
+	s.land(ctx, p.due)
 	if p.delay > 0 {
 		if err := s.sleep(ctx, p.delay); err != nil {
 			return p, fmt.Errorf("faulty: %s %s: injected latency: %w", op, key, err)
@@ -263,6 +379,16 @@ func (s *Store) PutIfAbsent(ctx context.Context, key string, r io.Reader, size i
 			return fmt.Errorf("faulty: put %s: read: %w", key, err)
 		}
 		return nil
+	case p.lateWrite:
+		// The request went out whole; the caller stopped waiting for it.
+		data, err := io.ReadAll(io.LimitReader(r, size))
+		if err != nil {
+			return fmt.Errorf("faulty: put %s: read: %w", key, err)
+		}
+		s.mu.Lock()
+		s.late = append(s.late, &lateWrite{key: key, data: data, opsLeft: p.lateOps})
+		s.mu.Unlock()
+		return fmt.Errorf("faulty: put %s: %w (%s): %w: %w", key, ErrInjected, LateWrite, context.DeadlineExceeded, upload.ErrTransient)
 	}
 	if err := s.inner.PutIfAbsent(ctx, key, r, size); err != nil {
 		return err
@@ -347,5 +473,8 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
-// Close closes the wrapped store.
-func (s *Store) Close() error { return s.inner.Close() }
+// Close lands the pending late writes, then closes the wrapped store.
+func (s *Store) Close() error {
+	s.Settle(context.Background())
+	return s.inner.Close()
+}

@@ -156,9 +156,9 @@ func TestLatencyUsesSleepAndHonoursContext(t *testing.T) {
 }
 
 // outcome runs a fixed sequence of calls and records which failed.
-func outcome(t *testing.T, seed uint64) (string, [5]int64) {
+func outcome(t *testing.T, seed uint64) (string, [faulty.NumFaults]int64) {
 	s := faulty.Wrap(newFile(t), faulty.Options{Seed: seed, All: faulty.Faults{
-		Transient: 0.2, LostAck: 0.2, TornWrite: 0.1, LostWrite: 0.1, Latency: 0.3,
+		Transient: 0.2, LostAck: 0.2, TornWrite: 0.1, LostWrite: 0.1, LateWrite: 0.1, Latency: 0.3,
 	}, Sleep: func(context.Context, time.Duration) error { return nil }})
 	var b strings.Builder
 	ctx := context.Background()
@@ -185,7 +185,7 @@ func outcome(t *testing.T, seed uint64) (string, [5]int64) {
 			b.WriteByte('e')
 		}
 	}
-	var counts [5]int64
+	var counts [faulty.NumFaults]int64
 	for f := range counts {
 		counts[f] = s.Total(faulty.Fault(f))
 	}
@@ -207,4 +207,123 @@ func TestDeterministicForASeed(t *testing.T) {
 			t.Errorf("no %v faults injected in 200 calls", faulty.Fault(f))
 		}
 	}
+}
+
+func TestLateWriteLandsAfterTheCallFailed(t *testing.T) {
+	inner := newFile(t)
+	s := faulty.Wrap(inner, faulty.Options{Seed: 11, PerOp: map[faulty.Op]faulty.Faults{faulty.OpPut: {LateWrite: 1, MaxLateOps: 3}}})
+	ctx := context.Background()
+	err := s.PutIfAbsent(ctx, "k", strings.NewReader("late"), 4)
+	if !errors.Is(err, faulty.ErrInjected) || !upload.IsTransient(err) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("PutIfAbsent = %v, want an injected transient deadline error", err)
+	}
+	if err := stat(t, inner, "k"); !errors.Is(err, upload.ErrNotFound) {
+		t.Fatalf("late write stored before the call returned: %v", err)
+	}
+	if _, _, pending := s.LateWrites(); pending != 1 {
+		t.Fatalf("pending late writes = %d, want 1", pending)
+	}
+	// It lands at the start of one of the next 3 operations, whatever they
+	// are (here: stats of another key, which do not count as late writes).
+	landedAt := 0
+	for i := 1; i <= 3 && landedAt == 0; i++ {
+		if _, err := s.Stat(ctx, "other"); !errors.Is(err, upload.ErrNotFound) {
+			t.Fatalf("Stat = %v", err)
+		}
+		if stat(t, inner, "k") == nil {
+			landedAt = i
+		}
+	}
+	if landedAt == 0 {
+		t.Fatal("late write did not land within MaxLateOps operations")
+	}
+	rc, err := inner.Get(ctx, "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := io.ReadAll(rc)
+	rc.Close()
+	if string(data) != "late" {
+		t.Fatalf("landed %q, want %q", data, "late")
+	}
+	if landed, lost, pending := s.LateWrites(); landed != 1 || lost != 0 || pending != 0 {
+		t.Fatalf("LateWrites = %d landed, %d lost, %d pending", landed, lost, pending)
+	}
+	if got := s.Count(faulty.OpPut, faulty.LateWrite); got != 1 {
+		t.Errorf("Count(put, LateWrite) = %d, want 1", got)
+	}
+}
+
+func TestLateWriteRacesTheRetry(t *testing.T) {
+	ctx := context.Background()
+	// Landing before the retry: the retry finds the key taken.
+	s := faulty.Wrap(newFile(t), faulty.Options{Seed: 1, PerOp: map[faulty.Op]faulty.Faults{faulty.OpPut: {LateWrite: 1, MaxLateOps: 1}}})
+	if err := s.PutIfAbsent(ctx, "k", strings.NewReader("first"), 5); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("PutIfAbsent = %v", err)
+	}
+	s.SetFaults(faulty.OpPut, faulty.Faults{})
+	if err := s.PutIfAbsent(ctx, "k", strings.NewReader("retry"), 5); !errors.Is(err, upload.ErrAlreadyExists) {
+		t.Fatalf("retry = %v, want ErrAlreadyExists (the late write landed first)", err)
+	}
+
+	// Landing after the retry: create-only, so the late write is lost and
+	// the retry's content stays.
+	inner := newFile(t)
+	s = faulty.Wrap(inner, faulty.Options{Seed: 1, PerOp: map[faulty.Op]faulty.Faults{faulty.OpPut: {LateWrite: 1, MaxLateOps: 1}}})
+	if err := s.PutIfAbsent(ctx, "k", strings.NewReader("first"), 5); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("PutIfAbsent = %v", err)
+	}
+	if err := inner.PutIfAbsent(ctx, "k", strings.NewReader("other"), 5); err != nil {
+		t.Fatal(err)
+	}
+	// A cancelled caller still carries the late write it lands.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	_, _ = s.Stat(cctx, "k") // fails: cancelled; the landing does not
+
+	if landed, lost, pending := s.LateWrites(); landed != 0 || lost != 1 || pending != 0 {
+		t.Fatalf("LateWrites = %d landed, %d lost, %d pending; want 0, 1, 0", landed, lost, pending)
+	}
+}
+
+func TestSettleAndCloseLandPendingLateWrites(t *testing.T) {
+	ctx := context.Background()
+	inner := newFile(t)
+	s := faulty.Wrap(inner, faulty.Options{Seed: 2, PerOp: map[faulty.Op]faulty.Faults{faulty.OpPut: {LateWrite: 1, MaxLateOps: 1000}}})
+	for i := range 3 {
+		if err := s.PutIfAbsent(ctx, fmt.Sprint("k", i), strings.NewReader("v"), 1); !errors.Is(err, faulty.ErrInjected) {
+			t.Fatalf("PutIfAbsent = %v", err)
+		}
+	}
+	s.Settle(ctx)
+	for i := range 3 {
+		if err := stat(t, inner, fmt.Sprint("k", i)); err != nil {
+			t.Fatalf("k%d after Settle: %v", i, err)
+		}
+	}
+	dir := t.TempDir()
+	inner2, err := file.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = faulty.Wrap(inner2, faulty.Options{Seed: 2, PerOp: map[faulty.Op]faulty.Faults{faulty.OpPut: {LateWrite: 1, MaxLateOps: 1000}}})
+	if err := s.PutIfAbsent(ctx, "c", strings.NewReader("v"), 1); !errors.Is(err, faulty.ErrInjected) {
+		t.Fatalf("PutIfAbsent = %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	reopened := newFileAt(t, dir)
+	if err := stat(t, reopened, "c"); err != nil {
+		t.Fatalf("late write not landed by Close: %v", err)
+	}
+}
+
+func newFileAt(t *testing.T, dir string) upload.BlobStore {
+	s, err := file.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
