@@ -125,6 +125,10 @@ type streamHandle struct {
 	// completeRetry: completeWaiting failed; the background refresh
 	// tries again.
 	completeRetry atomic.Bool
+	// loaded: a first refresh of the journal succeeded. Until then a
+	// caller that finds the handle cached refreshes it itself rather than
+	// read a journal another caller is still reading for the first time.
+	loaded atomic.Bool
 }
 
 // Open starts a node: it recovers the local log (changes acknowledged
@@ -464,8 +468,11 @@ func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, er
 		ok = false
 	}
 	n.mu.Unlock()
-	if ok {
+	if ok && h.loaded.Load() {
 		return h, nil
+	}
+	if ok {
+		return h, h.load(ctx)
 	}
 	cfg, err := getStream(ctx, n.store, name)
 	if err != nil {
@@ -480,10 +487,19 @@ func (n *Node) streamHandle(ctx context.Context, name string) (*streamHandle, er
 	n.mu.Unlock()
 	// The handle is kept even if this read fails: the entries read so far
 	// stay folded, and the next refresh continues after them.
-	if err := h.journal.refresh(ctx); err != nil {
+	if err := h.load(ctx); err != nil {
 		return nil, err
 	}
 	return h, nil
+}
+
+// load reads the handle's journal up to its end and marks it loaded.
+func (h *streamHandle) load(ctx context.Context) error {
+	if err := h.journal.refresh(ctx); err != nil {
+		return err
+	}
+	h.loaded.Store(true)
+	return nil
 }
 
 // Checkpoints returns the complete checkpoints of a stream, oldest first.
