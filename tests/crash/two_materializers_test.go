@@ -417,8 +417,13 @@ func (x *twoMatRig) round(round int, p roundPlan) error {
 					}
 					continue
 				}
+				began := time.Now()
 				if err := x.writerStep(true); err != nil {
 					return err
+				}
+				if d := time.Since(began); d > 5*time.Second {
+					markers, _ := listKeys(x.ctx, x.blob, "gc/")
+					x.t.Logf("round %d: a writer step took %v (GC round markers now: %v)", round, d.Round(time.Millisecond), slices.Sorted(maps.Keys(markers)))
 				}
 				// A few checkpoints a second, not a tight loop.
 				time.Sleep(time.Duration(50+wrng.IntN(150)) * time.Millisecond)
