@@ -836,7 +836,22 @@ func (r *matRig) retainedIDs() []uint64 {
 		t.Fatalf("checkpoints: %v", err)
 	}
 	if n := len(cps); n == 0 || cps[n-1].ID != r.lastID {
-		t.Fatalf("the journal's newest complete checkpoint is not %d: %d complete", r.lastID, n)
+		var ids []uint64
+		for _, cp := range cps {
+			ids = append(ids, cp.ID)
+		}
+		// What a node with an empty cache reads.
+		fresh := "?"
+		if n, err := changelog.Open(ctx, changelog.Options{Store: r.blob, DataDir: t.TempDir(), GCInterval: -1}); err == nil {
+			fcps, err := n.Checkpoints(ctx, matStream)
+			var fids []uint64
+			for _, cp := range fcps {
+				fids = append(fids, cp.ID)
+			}
+			fresh = fmt.Sprintf("%v (%v)", fids, err)
+			_ = n.Close(ctx)
+		}
+		t.Fatalf("the journal's newest complete checkpoint is not %d: %d complete %v; a fresh node reads %s", r.lastID, n, ids, fresh)
 	}
 	ids := map[uint64]bool{}
 	for _, cp := range cps[max(0, len(cps)-r.cfg.retain):] {
