@@ -28,7 +28,7 @@ type CheckpointResult struct {
 // fenced writer gets ErrFenced and its part never becomes visible.
 func (w *Writer) Checkpoint(ctx context.Context, id uint64, metadata []byte) (CheckpointResult, error) {
 	res, err := w.checkpoint(ctx, id, metadata)
-	err = w.streamGone(err)
+	err = w.streamGone(ctx, err)
 	if errors.Is(err, ErrFenced) {
 		// Other writers of this node may have stored their parts and waited
 		// for this one's, which will never come: complete for them.
@@ -377,7 +377,7 @@ func (w *Writer) Close(ctx context.Context) error {
 		}
 		return err
 	}
-	err = w.streamGone(w.close(ctx))
+	err = w.streamGone(ctx, w.close(ctx))
 	w.mu.Lock()
 	w.closeErr = err
 	w.mu.Unlock()

@@ -21,11 +21,8 @@ type EpochCoverage struct {
 // parts to compare; it changes nothing. A stream whose live epochs are all
 // covered has nothing a new checkpoint could add.
 func (n *Node) Coverage(ctx context.Context, stream string) (newest uint64, epochs []EpochCoverage, err error) {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
-		return 0, nil, err
-	}
-	if err := h.journal.refresh(ctx); err != nil {
 		return 0, nil, err
 	}
 	st := h.journal.snapshot()

@@ -502,13 +502,27 @@ func (h *streamHandle) load(ctx context.Context) error {
 	return nil
 }
 
+// freshHandle returns the stream's handle with its journal read to the end.
+// A cached handle whose stream was deleted and created again elsewhere
+// learns it on this read; the reader then gets the new stream's handle
+// instead of ErrStreamNotFound for a stream that exists.
+func (n *Node) freshHandle(ctx context.Context, name string) (*streamHandle, error) {
+	for attempt := 0; ; attempt++ {
+		h, err := n.streamHandle(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		err = h.journal.refresh(ctx)
+		if err == nil || attempt > 0 || !h.journal.isGone() || !errors.Is(err, ErrStreamNotFound) {
+			return h, err
+		}
+	}
+}
+
 // Checkpoints returns the complete checkpoints of a stream, oldest first.
 func (n *Node) Checkpoints(ctx context.Context, stream string) ([]CheckpointComplete, error) {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
-		return nil, err
-	}
-	if err := h.journal.refresh(ctx); err != nil {
 		return nil, err
 	}
 	st := h.journal.snapshot()

@@ -293,7 +293,7 @@ func (n *Node) PublishSnapshot(ctx context.Context, stream string, checkpoint ui
 // (checked once per record, then cached). A failed check is an error, not
 // a verdict: nothing is decided on an unknown outcome.
 func (n *Node) Snapshots(ctx context.Context, stream string) ([]Snapshot, error) {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
 		return nil, err
 	}

@@ -325,9 +325,16 @@ func (n *Node) liveWriters(h *streamHandle) []*Writer {
 
 // streamGone kills w if err says its stream incarnation is gone (deleted,
 // maybe created again): every later call fails with ErrStreamNotFound and
-// the node no longer counts it (liveWriters, DeleteStream). err is
-// returned unchanged.
-func (w *Writer) streamGone(err error) error {
+// the node no longer counts it (liveWriters, DeleteStream). An object of
+// the stream that was not found (a part the deletion removed) is resolved
+// by reading the stream's definition: ErrStreamNotFound if the stream is
+// gone, else err unchanged.
+func (w *Writer) streamGone(ctx context.Context, err error) error {
+	if errors.Is(err, upload.ErrNotFound) && !errors.Is(err, ErrStreamNotFound) {
+		if cerr := w.stream.journal.checkCatalog(ctx); errors.Is(cerr, ErrStreamNotFound) {
+			err = errors.Join(cerr, err)
+		}
+	}
 	if errors.Is(err, ErrStreamNotFound) && w.stream.journal.isGone() {
 		w.kill(fmt.Errorf("writer %s: stream %s was deleted: %w", w.logID, w.cfg.Stream, ErrStreamNotFound))
 	}

@@ -2,7 +2,6 @@ package crash
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"maps"
@@ -27,16 +26,6 @@ import (
 // reproduces a run's decisions (kill moments, recreations, workload); the
 // exact interleaving also depends on timing.
 const envTwoMatRounds = "DSTL_MAT2_ROUNDS"
-
-// envTwoMatStrict=1 turns off two workarounds of known bugs, which keep
-// the default run exploring the rest until they are fixed: by default a new
-// incarnation's checkpoint ids continue from the old one's (a reused id and
-// epoch gives its parts the keys of the old parts, which other nodes serve
-// from their part caches: TestRecreatedStreamStaleParts), and the verifier
-// node is opened afresh after a recreation (a node keeps listing the old
-// incarnation's checkpoints while the new journal is shorter than what it
-// read: TestRecreatedStreamStaleJournal).
-const envTwoMatStrict = "DSTL_MAT2_STRICT"
 
 // TestMaterializeTwoMaterializers: two real `dstl materialize` processes,
 // each with its own data directory, on one blob store: A long-running
@@ -85,11 +74,10 @@ func TestMaterializeTwoMaterializers(t *testing.T) {
 			t.Logf("FAILED with seed %d: reproduce with %s=%d go test -run '^%s$' -v ./tests/crash", seed, envCrashSeed, seed, t.Name())
 		}
 	})
-	x := &twoMatRig{matRig: newMatRig(t, cfg, seed), lease: time.Second, failures: map[string]int{}, outcomes: map[string]int{},
+	x := &twoMatRig{matRig: newMatRig(t, cfg, seed), lease: matRoundLease, failures: map[string]int{}, outcomes: map[string]int{},
 		master: rand.New(rand.NewPCG(seed, 0x2a7))}
-	x.matRig.gcFlags = append(x.matRig.gcFlags, "--snapshot-round-lease", x.lease.String())
+	// newMatRig passes --snapshot-round-lease matRoundLease already.
 	x.dirA, x.dirB = x.matRig.matDir, t.TempDir()
-	x.strict = os.Getenv(envTwoMatStrict) == "1"
 	t.Logf("materializers: A: dstl materialize %s; B: dstl materialize --once %s",
 		strings.Join(x.argsA(), " "), strings.Join(x.matRig.gcFlags, " "))
 	x.run()
@@ -101,7 +89,6 @@ type twoMatRig struct {
 	*matRig
 	dirA, dirB string
 	lease      time.Duration
-	strict     bool
 	// master draws each round's plan; the writer's steps (matRig.rng)
 	// are reseeded from it every round, so a seed reproduces every
 	// round's decisions however many steps the previous ones took.
@@ -320,9 +307,6 @@ func (x *twoMatRig) run() {
 				round, p.dur.Round(time.Millisecond), t1.Sub(t0).Round(time.Millisecond), p.killA.Round(time.Millisecond), map[bool]string{true: "SIGKILL", false: "SIGTERM"}[p.endA],
 				p.recreate, x.recreations+1, x.lastID, x.model.sqn)
 		}
-		if x.recreated && !x.strict {
-			x.reopenVerifier()
-		}
 		x.recreated = false
 		x.warmVerifier()
 		x.check(round, false)
@@ -345,17 +329,6 @@ func (x *twoMatRig) run() {
 		}
 		t.Logf("materializer failures and warnings during the rounds (tolerated: runs race each other, kills and recreations):\n%s", strings.Join(lines, "\n"))
 	}
-}
-
-// reopenVerifier replaces the verifier by a node with an empty data
-// directory (the old one is closed by its cleanup).
-func (x *twoMatRig) reopenVerifier() {
-	v, err := changelog.Open(x.ctx, changelog.Options{Store: x.blob, DataDir: x.t.TempDir(), GCInterval: -1})
-	if err != nil {
-		x.t.Fatal(err)
-	}
-	x.t.Cleanup(func() { _ = v.Close(context.Background()) })
-	x.verifier = v
 }
 
 // warmVerifier: after a recreation the verifier's cached view of the
@@ -534,9 +507,7 @@ func (x *twoMatRig) recreate() error {
 	x.models, x.sqnOf, x.marked = map[uint64]*matModel{}, map[uint64]uint64{}, map[uint64]bool{}
 	x.verified, x.verifiedSnaps = map[string]bool{}, map[string]bool{}
 	x.published = 0
-	if x.strict {
-		x.lastID = 0
-	}
+	x.lastID = 0 // the new incarnation numbers its checkpoints from 1 again
 	if err := x.appendOps(matLoadOps(x.work)); err != nil {
 		return err
 	}
