@@ -7,58 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
-	"github.com/dstl-dev/dstl/upload"
 )
-
-// closeHookStore injects precise faults: a put that lands and then reports a
-// transient error (lost acknowledgement), followed by one failing listing.
-type closeHookStore struct {
-	upload.BlobStore
-	mu          sync.Mutex
-	lostAckPut  func(key string) bool // put lands, then a transient error
-	failLists   int                   // the next n listings of failListOf fail
-	failListOf  string
-	deletedKeys []string
-}
-
-func (h *closeHookStore) PutIfAbsent(ctx context.Context, key string, r io.Reader, size int64) error {
-	h.mu.Lock()
-	f := h.lostAckPut
-	h.mu.Unlock()
-	err := h.BlobStore.PutIfAbsent(ctx, key, r, size)
-	if err == nil && f != nil && f(key) {
-		h.mu.Lock()
-		h.failLists, h.failListOf = 1, "/journal/" // the re-read that would find the nonce fails
-		h.lostAckPut = nil
-		h.mu.Unlock()
-		return fmt.Errorf("put %s: connection reset after the request was sent: %w", key, upload.ErrTransient)
-	}
-	return err
-}
-
-func (h *closeHookStore) List(ctx context.Context, prefix, startAfter string, limit int) (upload.ListPage, error) {
-	h.mu.Lock()
-	if h.failLists > 0 && strings.Contains(prefix, h.failListOf) {
-		h.failLists--
-		h.mu.Unlock()
-		return upload.ListPage{}, fmt.Errorf("list %s: 503 slow down: %w", prefix, upload.ErrTransient)
-	}
-	h.mu.Unlock()
-	return h.BlobStore.List(ctx, prefix, startAfter, limit)
-}
-
-func (h *closeHookStore) Delete(ctx context.Context, key string) error {
-	h.mu.Lock()
-	h.deletedKeys = append(h.deletedKeys, key)
-	h.mu.Unlock()
-	return h.BlobStore.Delete(ctx, key)
-}
 
 // R1: Close whose epoch-close entry landed but whose append reported an
 // error (lost ack + one failing journal listing) leaves a writer that keeps
@@ -67,7 +20,7 @@ func (h *closeHookStore) Delete(ctx context.Context, key string) error {
 // failed Close.
 func TestReviewCloseLostAckDropsLaterChanges(t *testing.T) {
 	ctx := context.Background()
-	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	hs := &hookStore{BlobStore: newFileStore(t)}
 	n := openTestNode(t, hs, t.TempDir())
 	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
 		t.Fatal(err)
@@ -134,7 +87,7 @@ func TestReviewCloseLostAckDropsLaterChanges(t *testing.T) {
 // append every later Close fails forever with ErrCheckpointConflict.
 func TestReviewCloseRetryAfterAppendConflicts(t *testing.T) {
 	ctx := context.Background()
-	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	hs := &hookStore{BlobStore: newFileStore(t)}
 	n := openTestNode(t, hs, t.TempDir())
 	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
 		t.Fatal(err)
@@ -263,7 +216,7 @@ func checkClosed(t *testing.T, n *Node, w *Writer) {
 // part, and nothing it was asked after the failed Close is acknowledged.
 func TestCloseLostAckWithOtherWriter(t *testing.T) {
 	ctx := context.Background()
-	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	hs := &hookStore{BlobStore: newFileStore(t)}
 	n := openTestNode(t, hs, t.TempDir())
 	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
 		t.Fatal(err)
@@ -316,7 +269,7 @@ func TestCloseLostAckWithOtherWriter(t *testing.T) {
 // background refresh; the writers that waited for its part complete.
 func TestCloseFailedFinishedInBackground(t *testing.T) {
 	ctx := context.Background()
-	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	hs := &hookStore{BlobStore: newFileStore(t)}
 	opts := testNodeOptions(hs, t.TempDir())
 	opts.JournalRefresh = 1 << 40 // the test drives the refresh
 	n, err := Open(ctx, opts)
@@ -401,7 +354,7 @@ func TestStaleFenceHealedByBackgroundRefresh(t *testing.T) {
 // closing: it acknowledges nothing until a Close succeeds.
 func TestCloseUnfinishedBeforeRestart(t *testing.T) {
 	ctx := context.Background()
-	hs := &closeHookStore{BlobStore: newFileStore(t)}
+	hs := &hookStore{BlobStore: newFileStore(t)}
 	dir := t.TempDir()
 	opts := testNodeOptions(hs, dir)
 	opts.JournalRefresh = 1 << 40 // no background retry before the crash
