@@ -198,14 +198,11 @@ func (n *Node) segmentReferences(ctx context.Context, st *GCStats, deadline time
 }
 
 func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, owners map[string]bool, st *GCStats, deadline time.Time) error {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if errors.Is(err, ErrStreamNotFound) {
 		return nil // deleted meanwhile
 	}
 	if err != nil {
-		return err
-	}
-	if err := h.journal.refresh(ctx); err != nil {
 		return err
 	}
 	js := h.journal.snapshot()

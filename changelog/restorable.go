@@ -166,7 +166,7 @@ func (n *Node) waitGCRounds(ctx context.Context) error {
 // r limits the check to those key groups (an open needs only its own);
 // nil means every key group.
 func (n *Node) checkRestorable(ctx context.Context, stream string, id uint64, r *keygroup.Range) error {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
 		return err
 	}

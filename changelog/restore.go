@@ -37,7 +37,7 @@ func (n *Node) completeCheckpoint(ctx context.Context, stream string, id uint64)
 	st := h.journal.snapshot()
 	cp, ok := st.checkpoint(id)
 	if !ok {
-		if err := h.journal.refresh(ctx); err != nil {
+		if h, err = n.freshHandle(ctx, stream); err != nil {
 			return CheckpointComplete{}, err
 		}
 		st = h.journal.snapshot()

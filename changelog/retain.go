@@ -27,7 +27,7 @@ func retainedKey(ns streamNS, id uint64) string {
 // protocol in restorable.go), so a retain that returns nil protects data
 // that exists.
 func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, retain bool) error {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
 		return err
 	}
@@ -58,7 +58,7 @@ func (n *Node) RetainCheckpoint(ctx context.Context, stream string, id uint64, r
 
 // RetainedCheckpoints returns the ids of the checkpoints marked retained.
 func (n *Node) RetainedCheckpoints(ctx context.Context, stream string) ([]uint64, error) {
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
 		return nil, err
 	}

@@ -232,7 +232,7 @@ func (n *Node) PublishSnapshot(ctx context.Context, stream string, checkpoint ui
 	if err := validateSnapshotFiles(streamNS{name: stream, incarnation: c.Incarnation}, c.Files); err != nil {
 		return Snapshot{}, fmt.Errorf("stream %s: publish snapshot of checkpoint %d: %v: %w", stream, checkpoint, err, ErrInvalidChange)
 	}
-	h, err := n.streamHandle(ctx, stream)
+	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("publish snapshot: %w", err)
 	}

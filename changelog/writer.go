@@ -166,7 +166,7 @@ func (n *Node) openWriter(ctx context.Context, cfg WriterConfig) (*Writer, error
 	if err := n.checkOpen(); err != nil {
 		return nil, err
 	}
-	h, err := n.streamHandle(ctx, cfg.Stream)
+	h, err := n.freshHandle(ctx, cfg.Stream)
 	if err != nil {
 		return nil, err
 	}
