@@ -68,12 +68,25 @@ func deletePrefix(ctx context.Context, store upload.BlobStore, prefix string) er
 		if err != nil {
 			return err
 		}
-		if err := store.Delete(ctx, o.Key); err != nil {
-			return err
+		// A delete is idempotent: a transient failure (which may have
+		// landed) is simply tried again, a few times, before the caller is
+		// told to retry the whole deletion.
+		for attempt := 1; ; attempt++ {
+			err := store.Delete(ctx, o.Key)
+			if err == nil {
+				break
+			}
+			if !upload.IsTransient(err) || attempt == maxDeleteAttempts || ctx.Err() != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
+
+// maxDeleteAttempts bounds the attempts at deleting one object of a
+// deleted stream on transient errors (the S3 SDK retries underneath too).
+const maxDeleteAttempts = 4
 
 // checkNoLeftovers refuses to create a stream whose name still has objects
 // of a deleted incarnation (a deletion that did not finish).

@@ -331,7 +331,9 @@ func (n *Node) liveWriters(h *streamHandle) []*Writer {
 // gone, else err unchanged.
 func (w *Writer) streamGone(ctx context.Context, err error) error {
 	if errors.Is(err, upload.ErrNotFound) && !errors.Is(err, ErrStreamNotFound) {
-		if cerr := w.stream.journal.checkCatalog(ctx); errors.Is(cerr, ErrStreamNotFound) {
+		// A definition that cannot be read leaves the outcome unknown:
+		// its (transient) error goes with the not-found.
+		if cerr := w.stream.journal.checkCatalog(ctx); cerr != nil {
 			err = errors.Join(cerr, err)
 		}
 	}
