@@ -124,6 +124,11 @@ func (w *Writer) alreadyComplete(ctx context.Context, id uint64) (CheckpointResu
 			return CheckpointResult{}, true, err
 		}
 		if p.UpToSQN == w.LastSQN() {
+			// A retry answered from the cached journal: first make sure
+			// the stream was not deleted since (its checkpoints are gone).
+			if err := w.stream.journal.checkCatalog(ctx); err != nil {
+				return CheckpointResult{}, true, err
+			}
 			return CheckpointResult{ID: id, Part: ref, Complete: true}, true, nil
 		}
 	}
