@@ -3,6 +3,7 @@ package changelog
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"iter"
 	"slices"
@@ -41,9 +42,25 @@ func (n *Node) completeCheckpoint(ctx context.Context, stream string, id uint64)
 			return CheckpointComplete{}, err
 		}
 		st = h.journal.snapshot()
-		if cp, ok = st.checkpoint(id); !ok {
-			return CheckpointComplete{}, fmt.Errorf("stream %s: checkpoint %d: %w", stream, id, ErrCheckpointNotFound)
+		if cp, ok = st.checkpoint(id); ok {
+			return cp, nil
 		}
+		// Not found in a view that may predate a delete + recreate the
+		// journal listing alone cannot tell: ask the stream's definition
+		// (one read, on this rare path only) and retry on the new stream.
+		if err := h.journal.checkCatalog(ctx); err != nil {
+			if !errors.Is(err, ErrStreamNotFound) || !h.journal.isGone() {
+				return CheckpointComplete{}, err
+			}
+			if h, err = n.freshHandle(ctx, stream); err != nil {
+				return CheckpointComplete{}, err
+			}
+			fresh := h.journal.snapshot()
+			if cp, ok = fresh.checkpoint(id); ok {
+				return cp, nil
+			}
+		}
+		return CheckpointComplete{}, fmt.Errorf("stream %s: checkpoint %d: %w", stream, id, ErrCheckpointNotFound)
 	}
 	return cp, nil
 }
