@@ -26,7 +26,7 @@ import (
 // left alone.
 func TestIncarnationGCCollectsLateWrites(t *testing.T) {
 	ctx := context.Background()
-	store := reproStore(t)
+	store := newFileStore(t)
 	dir := t.TempDir()
 	opts := testNodeOptions(store, dir)
 	opts.GCGrace = time.Hour

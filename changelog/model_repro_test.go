@@ -11,7 +11,6 @@ import (
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/upload"
-	"github.com/dstl-dev/dstl/upload/file"
 )
 
 // Minimal reproductions of the bugs TestModelRandomized found that issue 9
@@ -20,16 +19,6 @@ import (
 // numbers its epochs from 1 again, and log ids ("<stream>/<epoch>"), part
 // keys (checkpoints/<id>/<epoch>, final/<epoch>) and a node's view of its
 // writers do not tell the incarnations apart.
-
-func reproStore(t *testing.T) upload.BlobStore {
-	t.Helper()
-	s, err := file.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
 
 func mustOpenWriter(t *testing.T, n *Node, stream string, r keygroup.Range) *Writer {
 	t.Helper()
@@ -57,7 +46,7 @@ func mustAppend(t *testing.T, w *Writer, d Durability, cs ...Change) {
 // and checkpoints (invariants 1 and 4).
 func TestModelReproRecoveryAdoptsDeletedIncarnationsSegments(t *testing.T) {
 	ctx := context.Background()
-	store := reproStore(t)
+	store := newFileStore(t)
 	dir := t.TempDir()
 	n, err := Open(ctx, testNodeOptions(store, dir))
 	if err != nil {
@@ -120,7 +109,7 @@ func TestModelReproRecoveryAdoptsDeletedIncarnationsSegments(t *testing.T) {
 // deleted stream's data.
 func TestModelReproStalePartLandsInNewIncarnation(t *testing.T) {
 	ctx := context.Background()
-	store := reproStore(t)
+	store := newFileStore(t)
 	a := openTestNode(t, store, t.TempDir())
 	b := openTestNode(t, store, t.TempDir())
 	observer := openTestNode(t, store, t.TempDir())
@@ -166,7 +155,7 @@ func TestModelReproStalePartLandsInNewIncarnation(t *testing.T) {
 // stream stays incomplete while every writer reports success.
 func TestModelReproDeletedIncarnationsWriterBlocksCheckpoints(t *testing.T) {
 	ctx := context.Background()
-	store := reproStore(t)
+	store := newFileStore(t)
 	a := openTestNode(t, store, t.TempDir())
 	b := openTestNode(t, store, t.TempDir())
 	full := keygroup.Full(4)
@@ -217,7 +206,7 @@ func TestModelReproDeletedIncarnationsWriterBlocksCheckpoints(t *testing.T) {
 // ErrStreamNotFound takes the same stale handle and fails again, forever.
 func TestModelReproStaleJournalBlocksOpen(t *testing.T) {
 	ctx := context.Background()
-	store := reproStore(t)
+	store := newFileStore(t)
 	a := openTestNode(t, store, t.TempDir())
 	b := openTestNode(t, store, t.TempDir())
 	full := keygroup.Full(4)
@@ -288,7 +277,7 @@ func (s *lateCatalogStore) PutIfAbsent(ctx context.Context, key string, r io.Rea
 // stored definition, as the existence check does).
 func TestModelReproCreateStreamLateWrite(t *testing.T) {
 	ctx := context.Background()
-	store := &lateCatalogStore{BlobStore: reproStore(t)}
+	store := &lateCatalogStore{BlobStore: newFileStore(t)}
 	n := openTestNode(t, store, t.TempDir())
 	if _, err := n.CreateStream(ctx, "s", 4); err != nil {
 		t.Fatalf("CreateStream whose first put landed late: %v, want success", err)
