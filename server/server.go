@@ -158,6 +158,7 @@ func (s *Server) Handler() http.Handler {
 	opts := []connect.HandlerOption{
 		connect.WithInterceptors(s.metrics.interceptor()),
 		connect.WithReadMaxBytes(s.opts.MaxMessageBytes),
+		connect.WithCompressMinBytes(compressMinBytes),
 	}
 	mux := http.NewServeMux()
 	mux.Handle(dstlv1connect.NewStreamServiceHandler(&streamService{s}, opts...))
@@ -236,3 +237,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	wg.Wait()
 	return errors.Join(errs...)
 }
+
+// compressMinBytes: responses smaller than this are sent uncompressed even
+// to a client that accepts gzip. Resetting a flate compressor costs ~20 µs
+// per response (measured with BenchmarkCounter's remote Gets), more than a
+// small message saves on any network.
+const compressMinBytes = 4 << 10

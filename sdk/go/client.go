@@ -123,10 +123,11 @@ type Client struct {
 	opts        options
 	baseURL     string
 	transport   *http.Transport // nil if the caller brought its own client
-	streams     dstlv1connect.StreamServiceClient
-	writers     dstlv1connect.WriterServiceClient
-	state       dstlv1connect.StateServiceClient
-	checkpoints dstlv1connect.CheckpointServiceClient
+	gate        *callGate       // an in-process client's calls; nil over the network
+	streams     streamCalls
+	writers     writerCalls
+	state       stateCalls
+	checkpoints checkpointCalls
 }
 
 // Dial returns a client of the node at rawURL: http://host:port speaks
@@ -166,8 +167,13 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
-// Close releases the client's idle connections. Close writers first.
+// Close releases the client's idle connections. Close writers first. An
+// in-process client refuses calls from then on and waits for the calls in
+// flight.
 func (c *Client) Close() error {
+	if c.gate != nil {
+		c.gate.close()
+	}
 	if c.transport != nil {
 		c.transport.CloseIdleConnections()
 	}
@@ -178,15 +184,16 @@ func (c *Client) Close() error {
 // calls retry UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED; the
 // others retry UNAVAILABLE and RESOURCE_EXHAUSTED only when the server
 // itself answered with them (the request was then refused as a whole, so it
-// is safe to send again), not when the connection broke mid-call.
-func retryable(err error, idempotent bool) bool {
+// is safe to send again), not when the connection broke mid-call. An
+// in-process client's errors are always the node's answer (answered).
+func retryable(err error, idempotent, answered bool) bool {
 	var ce *connect.Error
 	if !errors.As(err, &ce) {
 		return false
 	}
 	switch ce.Code() {
 	case connect.CodeUnavailable, connect.CodeResourceExhausted:
-		return idempotent || connect.IsWireError(ce)
+		return idempotent || answered || connect.IsWireError(ce)
 	case connect.CodeDeadlineExceeded:
 		return idempotent
 	}
@@ -198,6 +205,12 @@ func call[Req, Res any](ctx context.Context, c *Client, op string, idempotent bo
 	if err := validRequest(op, req); err != nil {
 		return nil, err
 	}
+	if c.gate != nil {
+		if err := c.gate.enter(); err != nil {
+			return nil, wrapErr(op, err)
+		}
+		defer c.gate.exit()
+	}
 	for attempt := 0; ; attempt++ {
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		if c.opts.timeout > 0 {
@@ -208,7 +221,7 @@ func call[Req, Res any](ctx context.Context, c *Client, op string, idempotent bo
 		if err == nil {
 			return res.Msg, nil
 		}
-		if attempt >= c.opts.retries || ctx.Err() != nil || !retryable(err, idempotent) {
+		if attempt >= c.opts.retries || ctx.Err() != nil || !retryable(err, idempotent, c.inProcess()) {
 			return nil, wrapErr(op, err)
 		}
 		if err := sleep(ctx, backoff(c.opts.backoff, c.opts.maxBackoff, attempt)); err != nil {

@@ -331,7 +331,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 func TestBatching(t *testing.T) {
 	ctx := t.Context()
 	var counter appendCounter
-	c := open(t, embedded.Options{ClientOptions: []dstl.Option{
+	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
 		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
 	}}).Client()
 	mustCreate(t, c, "batch", 16)
@@ -399,7 +399,7 @@ func TestBatching(t *testing.T) {
 func TestLinger(t *testing.T) {
 	ctx := t.Context()
 	var counter appendCounter
-	c := open(t, embedded.Options{ClientOptions: []dstl.Option{
+	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
 		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
 	}}).Client()
 	mustCreate(t, c, "linger", 4)
@@ -422,7 +422,7 @@ func TestLinger(t *testing.T) {
 func TestBackpressure(t *testing.T) {
 	ctx := t.Context()
 	var counter appendCounter
-	c := open(t, embedded.Options{ClientOptions: []dstl.Option{
+	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
 		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
 	}}).Client()
 	mustCreate(t, c, "bp", 4)
@@ -634,14 +634,14 @@ func unavailableTwice(calls *sync.Map) func(http.Handler) http.Handler {
 
 // serveTCP runs a node behind a real h2c listener on loopback, as
 // `dstl serve` does, with handler wrapped by wrap.
-func serveTCP(t *testing.T, wrap func(http.Handler) http.Handler) string {
+func serveTCP(t testing.TB, wrap func(http.Handler) http.Handler) string {
 	t.Helper()
 	return serveTCPWith(t, wrap, nil)
 }
 
 // serveTCPWith is serveTCP with the node's options tweaked by nodeOpts
 // (nil: none), as embedded.Options.Node does.
-func serveTCPWith(t *testing.T, wrap func(http.Handler) http.Handler, nodeOpts func(*changelog.Options)) string {
+func serveTCPWith(t testing.TB, wrap func(http.Handler) http.Handler, nodeOpts func(*changelog.Options)) string {
 	t.Helper()
 	ctx := t.Context()
 	dir := t.TempDir()
@@ -657,7 +657,7 @@ func serveTCPWith(t *testing.T, wrap func(http.Handler) http.Handler, nodeOpts f
 	if err != nil {
 		t.Fatal(err)
 	}
-	api, err := server.New(node, server.Options{})
+	api, err := server.New(node, server.Options{StateDir: filepath.Join(dir, "state")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -674,6 +674,7 @@ func serveTCPWith(t *testing.T, wrap func(http.Handler) http.Handler, nodeOpts f
 		_ = hs.Shutdown(ctx)
 		_ = api.Shutdown(ctx)
 		_ = node.Close(ctx)
+		_ = api.Close()
 		_ = store.Close()
 	})
 	return "http://" + ln.Addr().String()

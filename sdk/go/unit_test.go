@@ -166,20 +166,23 @@ func TestRetryable(t *testing.T) {
 	for _, tc := range []struct {
 		err        error
 		idempotent bool
+		answered   bool // in-process: the node's own answer
 		want       bool
 	}{
-		{wire(connect.CodeUnavailable), false, true},
-		{wire(connect.CodeResourceExhausted), false, true},
-		{local(connect.CodeUnavailable), false, false}, // broken connection: maybe applied
-		{local(connect.CodeUnavailable), true, true},
-		{wire(connect.CodeDeadlineExceeded), false, false},
-		{wire(connect.CodeDeadlineExceeded), true, true},
-		{wire(connect.CodeFailedPrecondition), true, false},
-		{wire(connect.CodeInternal), true, false},
-		{errors.New("plain"), true, false},
+		{wire(connect.CodeUnavailable), false, false, true},
+		{wire(connect.CodeResourceExhausted), false, false, true},
+		{local(connect.CodeUnavailable), false, false, false}, // broken connection: maybe applied
+		{local(connect.CodeUnavailable), true, false, true},
+		{local(connect.CodeResourceExhausted), false, true, true}, // in-process: refused as a whole
+		{local(connect.CodeDeadlineExceeded), false, true, false},
+		{wire(connect.CodeDeadlineExceeded), false, false, false},
+		{wire(connect.CodeDeadlineExceeded), true, false, true},
+		{wire(connect.CodeFailedPrecondition), true, false, false},
+		{wire(connect.CodeInternal), true, false, false},
+		{errors.New("plain"), true, false, false},
 	} {
-		if got := retryable(tc.err, tc.idempotent); got != tc.want {
-			t.Errorf("retryable(%v, idempotent=%v) = %v", tc.err, tc.idempotent, got)
+		if got := retryable(tc.err, tc.idempotent, tc.answered); got != tc.want {
+			t.Errorf("retryable(%v, idempotent=%v, answered=%v) = %v", tc.err, tc.idempotent, tc.answered, got)
 		}
 	}
 }

@@ -2,32 +2,11 @@ package dstl_test
 
 import (
 	"errors"
-	"net/http"
 	"testing"
 
-	"github.com/dstl-dev/dstl/changelog"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/sdk/go/embedded"
 )
-
-// bothModes runs f against an embedded node and against a remote node
-// behind a real h2c listener (dstl.Dial).
-func bothModes(t *testing.T, f func(t *testing.T, c *dstl.Client)) {
-	bothModesWith(t, nil, f)
-}
-
-// bothModesWith is bothModes with the node's options tweaked by nodeOpts.
-func bothModesWith(t *testing.T, nodeOpts func(*changelog.Options), f func(t *testing.T, c *dstl.Client)) {
-	t.Run("embedded", func(t *testing.T) { f(t, open(t, embedded.Options{Node: nodeOpts}).Client()) })
-	t.Run("remote", func(t *testing.T) {
-		c, err := dstl.Dial(t.Context(), serveTCPWith(t, func(h http.Handler) http.Handler { return h }, nodeOpts), dstl.WithRetries(0))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		f(t, c)
-	})
-}
 
 // A name that is not UTF-8 is a bad name like any other: ErrInvalidArgument
 // (it used to be INTERNAL, "marshal message: string field contains invalid

@@ -1,6 +1,7 @@
 package dstl
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"iter"
@@ -17,6 +18,8 @@ const (
 	DefaultBatchBytes    = 1 << 20
 	DefaultLinger        = 5 * time.Millisecond
 	DefaultBufferChanges = 10000
+	// DefaultCacheBytes bounds a writer's read cache.
+	DefaultCacheBytes = 32 << 20
 	// MaxChangeBytes bounds one change's key, value and state name: a
 	// request above the server's message limit (64 MiB by default) would
 	// be refused as a whole.
@@ -51,6 +54,11 @@ type WriterOptions struct {
 	// while it is reached (default max(10000, BatchChanges); a smaller
 	// value also caps BatchChanges).
 	BufferChanges int
+	// CacheBytes bounds the writer's read cache: the values of keys of its
+	// key groups it wrote or read, which reads answer without asking the
+	// node (default DefaultCacheBytes, 32 MiB; negative: no cache, every
+	// read asks the node).
+	CacheBytes int
 }
 
 // Op is what a change does to its key.
@@ -91,6 +99,13 @@ type Change struct {
 // one are dropped, and the error is returned by the next call. Reopen the
 // writer from the last checkpoint then.
 //
+// Reads through a Writer (Get and the typed states) see every change added
+// before them (read-your-writes). A key of the writer's own key groups that
+// the writer wrote or read before is answered from its read cache, in the
+// client, with no call to the node: only the writer changes its key groups
+// while it is live. Other reads ask the node, after flushing the buffered
+// changes the cache cannot vouch for (see readcache.go).
+//
 // A Writer is safe for concurrent use; changes keep the order of the calls
 // that added them.
 type Writer struct {
@@ -125,7 +140,11 @@ type Writer struct {
 	lastSQN      uint64
 	err          error // sticky: the writer is broken
 	closing      bool
-	progress     chan struct{} // closed and replaced when sent, err or closing change
+	cache        *readCache // nil: disabled
+	// unsureUpTo: a read that misses the cache flushes changes up to this
+	// index (added) first; see readCache.
+	unsureUpTo uint64
+	progress   chan struct{} // closed and replaced when sent, err or closing change
 
 	// closeMu serialises Close calls; closed: the server confirmed the
 	// close (a failed CloseWriter leaves it false, so Close can be retried:
@@ -180,6 +199,12 @@ func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions)
 		w.bufferMax = max(DefaultBufferChanges, w.batchChanges)
 	}
 	w.batchChanges = min(w.batchChanges, w.bufferMax)
+	switch {
+	case o.CacheBytes == 0:
+		w.cache = newReadCache(DefaultCacheBytes)
+	case o.CacheBytes > 0:
+		w.cache = newReadCache(o.CacheBytes)
+	}
 	// The sender is owned by the writer: Close and Abort stop it.
 	w.ctx, w.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	go w.run()
@@ -298,6 +323,7 @@ func (w *Writer) Apply(ctx context.Context, c Change) error {
 	w.pending = append(w.pending, pc)
 	w.pendingBytes += size
 	w.added++
+	w.cacheChangeLocked(pc)
 	wake := len(w.pending) == 1 || len(w.pending) >= w.batchChanges || w.pendingBytes >= w.batchBytes
 	w.mu.Unlock()
 	if wake {
@@ -399,10 +425,47 @@ func (w *Writer) run() {
 	}
 }
 
+// cacheChangeLocked applies change number w.added to the read cache; the
+// caller holds w.mu.
+func (w *Writer) cacheChangeLocked(pc *dstlv1.Change) {
+	if w.cache == nil {
+		w.unsureUpTo = w.added
+		return
+	}
+	kg := int(pc.KeyGroup)
+	switch Op(pc.Op) {
+	case OpPut:
+		w.unsureLocked(w.cache.set(kg, pc.State, pc.Key, pc.Value, true, w.added))
+	case OpDelete:
+		w.unsureLocked(w.cache.set(kg, pc.State, pc.Key, nil, false, w.added))
+	case OpMerge:
+		e := w.cache.get(kg, pc.State, pc.Key)
+		if e == nil {
+			w.unsureUpTo = w.added
+			return
+		}
+		v := make([]byte, 0, len(e.value)+len(pc.Value))
+		v = append(append(v, e.value...), pc.Value...)
+		w.unsureLocked(w.cache.set(kg, pc.State, pc.Key, v, true, w.added))
+	case OpClear:
+		w.cache.clear(kg, pc.State)
+		w.unsureUpTo = w.added
+	}
+}
+
+// unsureLocked records that the changes up to index i may not be reflected
+// by the cache any more (an evicted entry); the caller holds w.mu.
+func (w *Writer) unsureLocked(i uint64) {
+	w.unsureUpTo = max(w.unsureUpTo, i)
+}
+
 // failLocked breaks the writer; the caller holds w.mu.
 func (w *Writer) failLocked(err error) {
 	w.err = err
 	w.pending, w.pendingBytes = nil, 0
+	if w.cache != nil {
+		w.cache.reset()
+	}
 	w.broadcastLocked()
 }
 
@@ -554,19 +617,53 @@ func (w *Writer) Abort() {
 	<-w.done
 }
 
-// Get reads key of state with read-your-writes: it flushes the writer's
-// buffered changes first, then asks the node, which serves this writer's
-// view.
+// Get reads key of state with read-your-writes: from the writer's read
+// cache if it holds the key, else from the node (which serves this
+// writer's view) after flushing the buffered changes the cache cannot
+// vouch for. The returned slice is the caller's.
 func (w *Writer) Get(ctx context.Context, state string, key []byte) ([]byte, bool, error) {
 	return w.getKG(ctx, state, key, w.KeyGroupOf(key))
 }
 
 func (w *Writer) getKG(ctx context.Context, state string, key []byte, kg int) ([]byte, bool, error) {
-	if err := w.flushed(ctx); err != nil {
+	// Only the writer's own key groups are cached: another view (another
+	// writer's, a checkpoint's) changes without this writer. After Close,
+	// a newer writer may change them too.
+	cached := w.cache != nil && w.Owns(kg)
+	w.mu.Lock()
+	if w.err != nil {
+		err := w.err
+		w.mu.Unlock()
 		return nil, false, err
 	}
+	cached = cached && !w.closing
+	if cached {
+		if e := w.cache.get(kg, state, key); e != nil {
+			v, found := bytes.Clone(e.value), e.found
+			w.mu.Unlock()
+			return v, found, nil
+		}
+	}
+	needFlush, unsure := w.sent < w.unsureUpTo, w.unsureUpTo
+	w.mu.Unlock()
+	if needFlush {
+		if _, err := w.Flush(ctx); err != nil {
+			return nil, false, err
+		}
+	}
 	k := uint32(kg)
-	return w.c.get(ctx, w.stream, state, key, &k)
+	v, found, err := w.c.get(ctx, w.stream, state, key, &k)
+	if err != nil || !cached {
+		return v, found, err
+	}
+	w.mu.Lock()
+	// Cache the node's answer unless a change may have touched the key
+	// since the read began (it would then be cached, or unsureUpTo moved).
+	if w.err == nil && !w.closing && w.unsureUpTo == unsure && w.cache.get(kg, state, key) == nil {
+		w.unsureLocked(w.cache.set(kg, state, key, bytes.Clone(v), found, 0))
+	}
+	w.mu.Unlock()
+	return v, found, nil
 }
 
 // Scan iterates over the keys of state starting with prefix in the

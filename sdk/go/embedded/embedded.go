@@ -1,7 +1,10 @@
 // Package embedded runs a dstl node inside the process, behind the same
-// client API as a remote node and without any network: the node's API
-// handler is served by an HTTP/2 (h2c) server over an in-memory listener,
-// and the client's transport dials that listener. It is the default for
+// client API as a remote node and without any network. By default the
+// client calls the node's service handlers directly (Transport InProcess):
+// no HTTP/2, no protobuf encoding, the same dstl.Client / dstl.Writer /
+// typed-state API and the same errors. Transport HTTP serves the node's
+// HTTP handler over in-memory pipes instead (the wire path, for tests that
+// wrap the handler or use connect interceptors). It is the default for
 // tests and small services:
 //
 //	node, err := embedded.Open(ctx, embedded.Options{Dir: "state"})
@@ -32,6 +35,28 @@ import (
 	"github.com/dstl-dev/dstl/upload/blobstore"
 )
 
+// Transport is how the client reaches the embedded node.
+type Transport int
+
+const (
+	// InProcess calls the node's service handlers directly (the default).
+	InProcess Transport = iota
+	// HTTP serves the node's HTTP handler (Connect, gRPC, gRPC-Web) over
+	// in-memory pipes: everything a remote client goes through, admission
+	// and connect interceptors included, without a socket.
+	HTTP
+)
+
+func (t Transport) String() string {
+	switch t {
+	case InProcess:
+		return "in-process"
+	case HTTP:
+		return "http"
+	}
+	return fmt.Sprintf("transport(%d)", int(t))
+}
+
 // Options configure an embedded node.
 type Options struct {
 	// Dir is the node's data directory (required).
@@ -42,15 +67,18 @@ type Options struct {
 	// Durability is the node's default durability of appends (default
 	// buffered).
 	Durability dstl.Durability
-	// ClientOptions configure the client (timeouts, retries,
-	// interceptors); WithHTTPClient is overridden.
+	// Transport is how the client reaches the node (default InProcess).
+	Transport Transport
+	// ClientOptions configure the client (timeouts, retries; with
+	// Transport HTTP also connect options such as interceptors);
+	// WithHTTPClient is overridden.
 	ClientOptions []dstl.Option
 	// Node tweaks the changelog node's options before it opens (upload
 	// interval, limits, ...); Store and DataDir are already set. It may
 	// wrap Store (fault injection in tests); DataDir stays Dir.
 	Node func(*changelog.Options)
 	// Handler wraps the node's HTTP handler (e.g. for fault injection in
-	// tests).
+	// tests). It needs Transport HTTP: Open refuses it otherwise.
 	Handler func(http.Handler) http.Handler
 	Logger  *slog.Logger
 }
@@ -60,10 +88,11 @@ type Node struct {
 	client *dstl.Client
 	node   *changelog.Node
 	api    *server.Server
+	store  upload.BlobStore
+	// The HTTP transport only (nil in-process).
 	hs     *http.Server
 	ln     *pipeListener
 	tr     *http.Transport
-	store  upload.BlobStore
 	served chan error
 
 	closeOnce sync.Once
@@ -74,6 +103,12 @@ type Node struct {
 func Open(ctx context.Context, opts Options) (*Node, error) {
 	if opts.Dir == "" {
 		return nil, errors.New("embedded: Options.Dir is required")
+	}
+	switch {
+	case opts.Transport != InProcess && opts.Transport != HTTP:
+		return nil, fmt.Errorf("embedded: unknown %v", opts.Transport)
+	case opts.Handler != nil && opts.Transport != HTTP:
+		return nil, errors.New("embedded: Options.Handler wraps the HTTP handler: it needs Transport HTTP")
 	}
 	dir, err := filepath.Abs(opts.Dir)
 	if err != nil {
@@ -120,11 +155,28 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		store.Close()
 		return nil, fmt.Errorf("embedded: %w", err)
 	}
-	var h http.Handler = api.Handler()
+	n := &Node{node: node, api: api, store: store}
+	if opts.Transport == InProcess {
+		h := api.InProcess()
+		n.client, err = dstl.NewInProcessClient(dstl.Handlers{Streams: h.Streams, Writers: h.Writers, State: h.State, Checkpoints: h.Checkpoints}, opts.ClientOptions...)
+	} else {
+		n.client, err = n.serveHTTP(ctx, opts)
+	}
+	if err != nil {
+		_ = n.Close(ctx)
+		return nil, err
+	}
+	return n, nil
+}
+
+// serveHTTP serves the node's HTTP handler over in-memory pipes and dials
+// it.
+func (n *Node) serveHTTP(ctx context.Context, opts Options) (*dstl.Client, error) {
+	var h http.Handler = n.api.Handler()
 	if opts.Handler != nil {
 		h = opts.Handler(h)
 	}
-	n := &Node{node: node, api: api, store: store, ln: newPipeListener(), served: make(chan error, 1)}
+	n.ln, n.served = newPipeListener(), make(chan error, 1)
 	n.hs = &http.Server{Handler: h, Protocols: new(http.Protocols), ReadHeaderTimeout: 10 * time.Second}
 	n.hs.Protocols.SetUnencryptedHTTP2(true)
 	go func() { n.served <- n.hs.Serve(n.ln) }()
@@ -133,12 +185,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	p.SetUnencryptedHTTP2(true)
 	n.tr = &http.Transport{Protocols: p, DialContext: n.ln.DialContext}
 	copts := append(append([]dstl.Option(nil), opts.ClientOptions...), dstl.WithHTTPClient(&http.Client{Transport: n.tr}))
-	n.client, err = dstl.Dial(ctx, "http://embedded.dstl", copts...)
-	if err != nil {
-		_ = n.Close(ctx)
-		return nil, err
-	}
-	return n, nil
+	return dstl.Dial(ctx, "http://embedded.dstl", copts...)
 }
 
 // Client returns the node's client.
@@ -159,15 +206,21 @@ func (n *Node) Close(ctx context.Context) error {
 
 func (n *Node) close(ctx context.Context) error {
 	var errs []error
-	n.tr.CloseIdleConnections()
-	if err := n.hs.Shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("embedded: stop serving: %w", err))
-		_ = n.hs.Close()
+	if n.client != nil {
+		// In-process: refuse new calls and wait for those in flight.
+		_ = n.client.Close()
 	}
-	if err := <-n.served; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		errs = append(errs, fmt.Errorf("embedded: serve: %w", err))
+	if n.hs != nil {
+		n.tr.CloseIdleConnections()
+		if err := n.hs.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("embedded: stop serving: %w", err))
+			_ = n.hs.Close()
+		}
+		if err := <-n.served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errs = append(errs, fmt.Errorf("embedded: serve: %w", err))
+		}
+		n.tr.CloseIdleConnections()
 	}
-	n.tr.CloseIdleConnections()
 	if err := n.api.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("embedded: persist writers: %w", err))
 	}

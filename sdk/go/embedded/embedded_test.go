@@ -28,6 +28,7 @@ func TestEmbedded(t *testing.T) {
 	n, err := embedded.Open(ctx, embedded.Options{
 		Dir:        t.TempDir(),
 		Durability: dstl.Local,
+		Transport:  embedded.HTTP,
 		Handler: func(h http.Handler) http.Handler {
 			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				requests.Add(1)
