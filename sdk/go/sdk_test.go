@@ -91,197 +91,200 @@ func (a *appendCounter) interceptor() connect.UnaryInterceptorFunc {
 }
 
 func TestStreams(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	st, err := c.CreateStream(ctx, "orders", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.Name != "orders" || st.KeyGroups != keygroup.Default || st.CreatedAt.IsZero() {
-		t.Fatalf("created %+v", st)
-	}
-	if _, err := c.CreateStream(ctx, "orders", 4); !errors.Is(err, dstl.ErrAlreadyExists) {
-		t.Fatalf("second create: %v, want ErrAlreadyExists", err)
-	}
-	if st, err := c.EnsureStream(ctx, "orders", 4); err != nil || st.KeyGroups != keygroup.Default {
-		t.Fatalf("EnsureStream of an existing stream: %+v %v", st, err)
-	}
-	if st, err := c.EnsureStream(ctx, "users", 4); err != nil || st.KeyGroups != 4 {
-		t.Fatalf("EnsureStream of a new stream: %+v %v", st, err)
-	}
-	if _, err := c.CreateStream(ctx, "-bad name", 0); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("bad name: %v, want ErrInvalidArgument", err)
-	}
-	var names []string
-	for s, err := range c.ListStreams(ctx) {
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		st, err := c.CreateStream(ctx, "orders", 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		names = append(names, s.Name)
-	}
-	if !slices.Equal(names, []string{"orders", "users"}) {
-		t.Fatalf("ListStreams = %v", names)
-	}
-	if err := c.DeleteStream(ctx, "users"); err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Stream(ctx, "users")
-	if !errors.Is(err, dstl.ErrNotFound) {
-		t.Fatalf("deleted stream: %v, want ErrNotFound", err)
-	}
+		if st.Name != "orders" || st.KeyGroups != keygroup.Default || st.CreatedAt.IsZero() {
+			t.Fatalf("created %+v", st)
+		}
+		if _, err := c.CreateStream(ctx, "orders", 4); !errors.Is(err, dstl.ErrAlreadyExists) {
+			t.Fatalf("second create: %v, want ErrAlreadyExists", err)
+		}
+		if st, err := c.EnsureStream(ctx, "orders", 4); err != nil || st.KeyGroups != keygroup.Default {
+			t.Fatalf("EnsureStream of an existing stream: %+v %v", st, err)
+		}
+		if st, err := c.EnsureStream(ctx, "users", 4); err != nil || st.KeyGroups != 4 {
+			t.Fatalf("EnsureStream of a new stream: %+v %v", st, err)
+		}
+		if _, err := c.CreateStream(ctx, "-bad name", 0); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("bad name: %v, want ErrInvalidArgument", err)
+		}
+		var names []string
+		for s, err := range c.ListStreams(ctx) {
+			if err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, s.Name)
+		}
+		if !slices.Equal(names, []string{"orders", "users"}) {
+			t.Fatalf("ListStreams = %v", names)
+		}
+		if err := c.DeleteStream(ctx, "users"); err != nil {
+			t.Fatal(err)
+		}
+		_, err = c.Stream(ctx, "users")
+		if !errors.Is(err, dstl.ErrNotFound) {
+			t.Fatalf("deleted stream: %v, want ErrNotFound", err)
+		}
+	})
 }
 
 func TestErrNotFoundKeepsMessage(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	_, err := c.OpenWriter(ctx, "no-such-stream", dstl.WriterOptions{})
-	if !errors.Is(err, dstl.ErrNotFound) {
-		t.Fatalf("OpenWriter of an unknown stream: %v, want ErrNotFound", err)
-	}
-	if !strings.Contains(err.Error(), "no-such-stream") {
-		t.Fatalf("message lost: %v", err)
-	}
-	var e *dstl.Error
-	if !errors.As(err, &e) || e.Code != connect.CodeNotFound {
-		t.Fatalf("not an *dstl.Error with NOT_FOUND: %#v", err)
-	}
-	if _, _, err := c.Get(ctx, "no-such-stream", "s", []byte("k")); !errors.Is(err, dstl.ErrNotFound) {
-		t.Fatalf("Get of an unknown stream: %v", err)
-	}
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		_, err := c.OpenWriter(ctx, "no-such-stream", dstl.WriterOptions{})
+		if !errors.Is(err, dstl.ErrNotFound) {
+			t.Fatalf("OpenWriter of an unknown stream: %v, want ErrNotFound", err)
+		}
+		if !strings.Contains(err.Error(), "no-such-stream") {
+			t.Fatalf("message lost: %v", err)
+		}
+		var e *dstl.Error
+		if !errors.As(err, &e) || e.Code != connect.CodeNotFound {
+			t.Fatalf("not an *dstl.Error with NOT_FOUND: %#v", err)
+		}
+		if _, _, err := c.Get(ctx, "no-such-stream", "s", []byte("k")); !errors.Is(err, dstl.ErrNotFound) {
+			t.Fatalf("Get of an unknown stream: %v", err)
+		}
+	})
 }
 
 func TestTypedState(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "typed", 8)
-	w := openWriter(t, c, "typed", dstl.WriterOptions{})
-	defer w.Close(ctx)
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "typed", 8)
+		w := openWriter(t, c, "typed", dstl.WriterOptions{})
+		defer w.Close(ctx)
 
-	type profile struct {
-		Name string
-		Age  int
-	}
-	profiles := dstl.NewValueState(w, "profile", dstl.JSON[profile]())
-	if _, ok, err := profiles.Get(ctx, "u1"); ok || err != nil {
-		t.Fatalf("unset value: %v %v", ok, err)
-	}
-	if err := profiles.Set(ctx, "u1", profile{"Ada", 36}); err != nil {
-		t.Fatal(err)
-	}
-	if p, ok, err := profiles.Get(ctx, "u1"); err != nil || !ok || p != (profile{"Ada", 36}) {
-		t.Fatalf("Get after Set (read-your-writes): %+v %v %v", p, ok, err)
-	}
-	if err := profiles.Delete(ctx, "u1"); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok, err := profiles.Get(ctx, "u1"); ok || err != nil {
-		t.Fatalf("Get after Delete: %v %v", ok, err)
-	}
+		type profile struct {
+			Name string
+			Age  int
+		}
+		profiles := dstl.NewValueState(w, "profile", dstl.JSON[profile]())
+		if _, ok, err := profiles.Get(ctx, "u1"); ok || err != nil {
+			t.Fatalf("unset value: %v %v", ok, err)
+		}
+		if err := profiles.Set(ctx, "u1", profile{"Ada", 36}); err != nil {
+			t.Fatal(err)
+		}
+		if p, ok, err := profiles.Get(ctx, "u1"); err != nil || !ok || p != (profile{"Ada", 36}) {
+			t.Fatalf("Get after Set (read-your-writes): %+v %v %v", p, ok, err)
+		}
+		if err := profiles.Delete(ctx, "u1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok, err := profiles.Get(ctx, "u1"); ok || err != nil {
+			t.Fatalf("Get after Delete: %v %v", ok, err)
+		}
 
-	names := dstl.NewValueState(w, "name", dstl.String())
-	if err := names.Set(ctx, "u2", "Grace"); err != nil {
-		t.Fatal(err)
-	}
-	raw, ok, err := w.Get(ctx, "name", []byte("u2"))
-	if err != nil || !ok || string(raw) != "Grace" {
-		t.Fatalf("raw String codec value: %q %v %v", raw, ok, err)
-	}
-	protos := dstl.NewValueState(w, "proto", dstl.Proto[*dstlv1.Stream]())
-	if err := protos.Set(ctx, "u2", &dstlv1.Stream{Name: "x", KeyGroups: 3}); err != nil {
-		t.Fatal(err)
-	}
-	if m, ok, err := protos.Get(ctx, "u2"); err != nil || !ok || m.GetName() != "x" || m.GetKeyGroups() != 3 {
-		t.Fatalf("proto value: %v %v %v", m, ok, err)
-	}
+		names := dstl.NewValueState(w, "name", dstl.String())
+		if err := names.Set(ctx, "u2", "Grace"); err != nil {
+			t.Fatal(err)
+		}
+		raw, ok, err := w.Get(ctx, "name", []byte("u2"))
+		if err != nil || !ok || string(raw) != "Grace" {
+			t.Fatalf("raw String codec value: %q %v %v", raw, ok, err)
+		}
+		protos := dstl.NewValueState(w, "proto", dstl.Proto[*dstlv1.Stream]())
+		if err := protos.Set(ctx, "u2", &dstlv1.Stream{Name: "x", KeyGroups: 3}); err != nil {
+			t.Fatal(err)
+		}
+		if m, ok, err := protos.Get(ctx, "u2"); err != nil || !ok || m.GetName() != "x" || m.GetKeyGroups() != 3 {
+			t.Fatalf("proto value: %v %v %v", m, ok, err)
+		}
 
-	// MapState: entries are keys of their own, all in the user key's group.
-	carts := dstl.NewMapState[string, int](w, "cart", nil, nil)
-	for _, user := range []string{"alice", "al", "alice2"} {
-		for i, item := range []string{"apple", "pear", "plum"} {
-			if err := carts.Put(ctx, user, item, i+1); err != nil {
+		// MapState: entries are keys of their own, all in the user key's group.
+		carts := dstl.NewMapState[string, int](w, "cart", nil, nil)
+		for _, user := range []string{"alice", "al", "alice2"} {
+			for i, item := range []string{"apple", "pear", "plum"} {
+				if err := carts.Put(ctx, user, item, i+1); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if err := carts.Delete(ctx, "alice", "pear"); err != nil {
+			t.Fatal(err)
+		}
+		if err := carts.Put(ctx, "alice", "apple", 10); err != nil {
+			t.Fatal(err)
+		}
+		got, err := carts.Entries(ctx, "alice")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(got) != "map[apple:10 plum:3]" {
+			t.Fatalf("Entries(alice) = %v", got)
+		}
+		if v, ok, err := carts.Get(ctx, "al", "pear"); err != nil || !ok || v != 2 {
+			t.Fatalf("Get(al, pear) = %v %v %v", v, ok, err)
+		}
+		if _, ok, _ := carts.Get(ctx, "alice", "pear"); ok {
+			t.Fatal("deleted entry still there")
+		}
+		wantKG := w.KeyGroupOf([]byte("alice"))
+		n := 0
+		for kv, err := range w.Scan(ctx, "cart", nil, nil) {
+			if err != nil {
+				t.Fatal(err)
+			}
+			user, _, err := dstl.SplitCompositeKey(kv.Key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kv.KeyGroup != w.KeyGroupOf([]byte(user)) {
+				t.Fatalf("entry %q of user %q in key group %d, want the user key's %d", kv.Key, user, kv.KeyGroup, w.KeyGroupOf([]byte(user)))
+			}
+			if user == "alice" && kv.KeyGroup != wantKG {
+				t.Fatal("alice's entries split across key groups")
+			}
+			n++
+		}
+		if n != 8 {
+			t.Fatalf("scanned %d entries, want 8", n)
+		}
+		if err := carts.Clear(ctx, "alice"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := carts.Entries(ctx, "alice"); err != nil || len(got) != 0 {
+			t.Fatalf("Entries after Clear: %v %v", got, err)
+		}
+		if got, err := carts.Entries(ctx, "al"); err != nil || len(got) != 3 {
+			t.Fatalf("Clear(alice) touched al: %v %v", got, err)
+		}
+
+		// ListState: appends are merges of length-prefixed elements.
+		events := dstl.NewListState(w, "events", dstl.JSON[[]int]())
+		for i := range 5 {
+			if err := events.Append(ctx, "k", []int{i, i * i}); err != nil {
 				t.Fatal(err)
 			}
 		}
-	}
-	if err := carts.Delete(ctx, "alice", "pear"); err != nil {
-		t.Fatal(err)
-	}
-	if err := carts.Put(ctx, "alice", "apple", 10); err != nil {
-		t.Fatal(err)
-	}
-	got, err := carts.Entries(ctx, "alice")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fmt.Sprint(got) != "map[apple:10 plum:3]" {
-		t.Fatalf("Entries(alice) = %v", got)
-	}
-	if v, ok, err := carts.Get(ctx, "al", "pear"); err != nil || !ok || v != 2 {
-		t.Fatalf("Get(al, pear) = %v %v %v", v, ok, err)
-	}
-	if _, ok, _ := carts.Get(ctx, "alice", "pear"); ok {
-		t.Fatal("deleted entry still there")
-	}
-	wantKG := w.KeyGroupOf([]byte("alice"))
-	n := 0
-	for kv, err := range w.Scan(ctx, "cart", nil, nil) {
+		list, err := events.Get(ctx, "k")
 		if err != nil {
 			t.Fatal(err)
 		}
-		user, _, err := dstl.SplitCompositeKey(kv.Key)
-		if err != nil {
+		if fmt.Sprint(list) != "[[0 0] [1 1] [2 4] [3 9] [4 16]]" {
+			t.Fatalf("list = %v", list)
+		}
+		if err := events.Clear(ctx, "k"); err != nil {
 			t.Fatal(err)
 		}
-		if kv.KeyGroup != w.KeyGroupOf([]byte(user)) {
-			t.Fatalf("entry %q of user %q in key group %d, want the user key's %d", kv.Key, user, kv.KeyGroup, w.KeyGroupOf([]byte(user)))
+		if list, err := events.Get(ctx, "k"); err != nil || list != nil {
+			t.Fatalf("list after Clear: %v %v", list, err)
 		}
-		if user == "alice" && kv.KeyGroup != wantKG {
-			t.Fatal("alice's entries split across key groups")
+		strs := dstl.NewListState(w, "strs", dstl.String())
+		for _, s := range []string{"", "a", "bb"} {
+			if err := strs.Append(ctx, "k", s); err != nil {
+				t.Fatal(err)
+			}
 		}
-		n++
-	}
-	if n != 8 {
-		t.Fatalf("scanned %d entries, want 8", n)
-	}
-	if err := carts.Clear(ctx, "alice"); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := carts.Entries(ctx, "alice"); err != nil || len(got) != 0 {
-		t.Fatalf("Entries after Clear: %v %v", got, err)
-	}
-	if got, err := carts.Entries(ctx, "al"); err != nil || len(got) != 3 {
-		t.Fatalf("Clear(alice) touched al: %v %v", got, err)
-	}
-
-	// ListState: appends are merges of length-prefixed elements.
-	events := dstl.NewListState(w, "events", dstl.JSON[[]int]())
-	for i := range 5 {
-		if err := events.Append(ctx, "k", []int{i, i * i}); err != nil {
-			t.Fatal(err)
+		if l, err := strs.Get(ctx, "k"); err != nil || !slices.Equal(l, []string{"", "a", "bb"}) {
+			t.Fatalf("string list = %q %v", l, err)
 		}
-	}
-	list, err := events.Get(ctx, "k")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fmt.Sprint(list) != "[[0 0] [1 1] [2 4] [3 9] [4 16]]" {
-		t.Fatalf("list = %v", list)
-	}
-	if err := events.Clear(ctx, "k"); err != nil {
-		t.Fatal(err)
-	}
-	if list, err := events.Get(ctx, "k"); err != nil || list != nil {
-		t.Fatalf("list after Clear: %v %v", list, err)
-	}
-	strs := dstl.NewListState(w, "strs", dstl.String())
-	for _, s := range []string{"", "a", "bb"} {
-		if err := strs.Append(ctx, "k", s); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if l, err := strs.Get(ctx, "k"); err != nil || !slices.Equal(l, []string{"", "a", "bb"}) {
-		t.Fatalf("string list = %q %v", l, err)
-	}
+	})
 }
 
 func TestStateSurvivesRestart(t *testing.T) {
@@ -466,32 +469,33 @@ func TestBackpressure(t *testing.T) {
 }
 
 func TestFencedOnSameNode(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "fence", 8)
-	w1 := openWriter(t, c, "fence", dstl.WriterOptions{})
-	if err := w1.Put(ctx, "s", []byte("k"), []byte("1")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w1.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	w2 := openWriter(t, c, "fence", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 0, Hi: 3}})
-	defer w2.Close(ctx)
-	if err := w1.Put(ctx, "s", []byte("k"), []byte("2")); err != nil {
-		t.Fatal(err) // buffered: the failure shows on the next call
-	}
-	_, err := w1.Flush(ctx)
-	if !errors.Is(err, dstl.ErrFenced) {
-		t.Fatalf("flush of a fenced writer: %v, want ErrFenced", err)
-	}
-	// Sticky: every later call fails the same way, without blocking.
-	if err := w1.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrFenced) {
-		t.Fatalf("put after fencing: %v", err)
-	}
-	if err := w1.Close(ctx); !errors.Is(err, dstl.ErrFenced) {
-		t.Fatalf("close after fencing: %v", err)
-	}
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "fence", 8)
+		w1 := openWriter(t, c, "fence", dstl.WriterOptions{})
+		if err := w1.Put(ctx, "s", []byte("k"), []byte("1")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w1.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		w2 := openWriter(t, c, "fence", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 0, Hi: 3}})
+		defer w2.Close(ctx)
+		if err := w1.Put(ctx, "s", []byte("k"), []byte("2")); err != nil {
+			t.Fatal(err) // buffered: the failure shows on the next call
+		}
+		_, err := w1.Flush(ctx)
+		if !errors.Is(err, dstl.ErrFenced) {
+			t.Fatalf("flush of a fenced writer: %v, want ErrFenced", err)
+		}
+		// Sticky: every later call fails the same way, without blocking.
+		if err := w1.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrFenced) {
+			t.Fatalf("put after fencing: %v", err)
+		}
+		if err := w1.Close(ctx); !errors.Is(err, dstl.ErrFenced) {
+			t.Fatalf("close after fencing: %v", err)
+		}
+	})
 }
 
 func TestFencedAcrossNodes(t *testing.T) {
@@ -528,91 +532,94 @@ func TestFencedAcrossNodes(t *testing.T) {
 }
 
 func TestWriterValidation(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "v", 8)
-	if _, err := c.OpenWriter(ctx, "v", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 2, Hi: 8}}); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("range outside the stream: %v", err)
-	}
-	w := openWriter(t, c, "v", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 0, Hi: 3}})
-	if got := w.KeyGroups(); got != (dstl.KeyGroupRange{Lo: 0, Hi: 3}) {
-		t.Fatalf("KeyGroups() = %v", got)
-	}
-	if err := w.Apply(ctx, dstl.Change{KeyGroup: 5, State: "s", Op: dstl.OpPut, Key: []byte("k")}); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("change outside the range: %v", err)
-	}
-	// A key whose group is outside the range is refused before sending.
-	for i := 0; ; i++ {
-		k := fmt.Appendf(nil, "k%d", i)
-		if !w.Owns(w.KeyGroupOf(k)) {
-			if err := w.Put(ctx, "s", k, nil); !errors.Is(err, dstl.ErrInvalidArgument) {
-				t.Fatalf("put outside the range: %v", err)
-			}
-			break
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "v", 8)
+		if _, err := c.OpenWriter(ctx, "v", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 2, Hi: 8}}); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("range outside the stream: %v", err)
 		}
-	}
-	if got, want := w.KeyGroupOf([]byte("hello")), int(keygroup.Of([]byte("hello"), 8)); got != want {
-		t.Fatalf("KeyGroupOf = %d, want keygroup.Of's %d", got, want)
-	}
-	// Above the message limit: refused before sending.
-	if err := w.Apply(ctx, dstl.Change{KeyGroup: 0, State: "s", Op: dstl.OpPut, Key: []byte("k"), Value: make([]byte, 64<<20)}); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("change above the message limit: %v, want ErrInvalidArgument", err)
-	}
-	// The server rejects an oversized key (64 KiB by default): the error
-	// of the background send surfaces on the next call, and sticks.
-	if err := w.Apply(ctx, dstl.Change{KeyGroup: 0, State: "s", Op: dstl.OpPut, Key: make([]byte, 65<<10)}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w.Flush(ctx); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("oversized key: %v, want ErrInvalidArgument", err)
-	}
-	if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrInvalidArgument) {
-		t.Fatalf("put after a failed send: %v, want the send's error", err)
-	}
-	w.Abort()
+		w := openWriter(t, c, "v", dstl.WriterOptions{KeyGroups: &dstl.KeyGroupRange{Lo: 0, Hi: 3}})
+		if got := w.KeyGroups(); got != (dstl.KeyGroupRange{Lo: 0, Hi: 3}) {
+			t.Fatalf("KeyGroups() = %v", got)
+		}
+		if err := w.Apply(ctx, dstl.Change{KeyGroup: 5, State: "s", Op: dstl.OpPut, Key: []byte("k")}); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("change outside the range: %v", err)
+		}
+		// A key whose group is outside the range is refused before sending.
+		for i := 0; ; i++ {
+			k := fmt.Appendf(nil, "k%d", i)
+			if !w.Owns(w.KeyGroupOf(k)) {
+				if err := w.Put(ctx, "s", k, nil); !errors.Is(err, dstl.ErrInvalidArgument) {
+					t.Fatalf("put outside the range: %v", err)
+				}
+				break
+			}
+		}
+		if got, want := w.KeyGroupOf([]byte("hello")), int(keygroup.Of([]byte("hello"), 8)); got != want {
+			t.Fatalf("KeyGroupOf = %d, want keygroup.Of's %d", got, want)
+		}
+		// Above the message limit: refused before sending.
+		if err := w.Apply(ctx, dstl.Change{KeyGroup: 0, State: "s", Op: dstl.OpPut, Key: []byte("k"), Value: make([]byte, 64<<20)}); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("change above the message limit: %v, want ErrInvalidArgument", err)
+		}
+		// The server rejects an oversized key (64 KiB by default): the error
+		// of the background send surfaces on the next call, and sticks.
+		if err := w.Apply(ctx, dstl.Change{KeyGroup: 0, State: "s", Op: dstl.OpPut, Key: make([]byte, 65<<10)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Flush(ctx); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("oversized key: %v, want ErrInvalidArgument", err)
+		}
+		if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrInvalidArgument) {
+			t.Fatalf("put after a failed send: %v, want the send's error", err)
+		}
+		w.Abort()
+	})
 }
 
 func TestAbort(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "abort", 4)
-	w := openWriter(t, c, "abort", dstl.WriterOptions{Linger: time.Hour})
-	if err := w.Put(ctx, "s", []byte("k"), []byte("v")); err != nil {
-		t.Fatal(err)
-	}
-	w.Abort() // the buffered put is dropped
-	if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrClosed) {
-		t.Fatalf("put after Abort: %v", err)
-	}
-	if _, ok, err := c.Get(ctx, "abort", "s", []byte("k")); err != nil || ok {
-		t.Fatalf("aborted change visible: %v %v", ok, err)
-	}
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "abort", 4)
+		w := openWriter(t, c, "abort", dstl.WriterOptions{Linger: time.Hour})
+		if err := w.Put(ctx, "s", []byte("k"), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+		w.Abort() // the buffered put is dropped
+		if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrClosed) {
+			t.Fatalf("put after Abort: %v", err)
+		}
+		if _, ok, err := c.Get(ctx, "abort", "s", []byte("k")); err != nil || ok {
+			t.Fatalf("aborted change visible: %v %v", ok, err)
+		}
+	})
 }
 
 func TestCloseStopsSender(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "close", 4)
-	w := openWriter(t, c, "close", dstl.WriterOptions{Linger: time.Hour, BatchChanges: 1000})
-	for i := range 10 {
-		if err := w.Put(ctx, "s", []byte{byte(i)}, []byte("v")); err != nil {
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "close", 4)
+		w := openWriter(t, c, "close", dstl.WriterOptions{Linger: time.Hour, BatchChanges: 1000})
+		for i := range 10 {
+			if err := w.Put(ctx, "s", []byte{byte(i)}, []byte("v")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Close sends what is buffered, even with a long linger.
+		if err := w.Close(ctx); err != nil {
 			t.Fatal(err)
 		}
-	}
-	// Close sends what is buffered, even with a long linger.
-	if err := w.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrClosed) {
-		t.Fatalf("put after Close: %v", err)
-	}
-	if err := w.Close(ctx); !errors.Is(err, dstl.ErrClosed) {
-		t.Fatalf("second Close: %v", err)
-	}
-	v, ok, err := c.Get(ctx, "close", "s", []byte{9})
-	if err != nil || !ok || string(v) != "v" {
-		t.Fatalf("closed writer's last change: %q %v %v", v, ok, err)
-	}
+		if err := w.Put(ctx, "s", []byte("k"), nil); !errors.Is(err, dstl.ErrClosed) {
+			t.Fatalf("put after Close: %v", err)
+		}
+		if err := w.Close(ctx); !errors.Is(err, dstl.ErrClosed) {
+			t.Fatalf("second Close: %v", err)
+		}
+		v, ok, err := c.Get(ctx, "close", "s", []byte{9})
+		if err != nil || !ok || string(v) != "v" {
+			t.Fatalf("closed writer's last change: %q %v %v", v, ok, err)
+		}
+	})
 }
 
 // unavailableTwice answers the first two calls of each procedure with

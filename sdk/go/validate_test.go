@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	dstl "github.com/dstl-dev/dstl/sdk/go"
-	"github.com/dstl-dev/dstl/sdk/go/embedded"
 )
 
 // A name that is not UTF-8 is a bad name like any other: ErrInvalidArgument
@@ -78,49 +77,50 @@ func collect[T any](seq func(func(T, error) bool)) ([]T, error) {
 // Checkpoints iterates over every page, in either order, with or without
 // parts.
 func TestCheckpointsPages(t *testing.T) {
-	ctx := t.Context()
-	c := open(t, embedded.Options{}).Client()
-	mustCreate(t, c, "s", 4)
-	w := openWriter(t, c, "s", dstl.WriterOptions{})
-	const n = 7
-	for id := uint64(1); id <= n; id++ {
-		if err := w.Put(ctx, "st", []byte("k"), []byte{byte(id)}); err != nil {
+	bothModes(t, func(t *testing.T, c *dstl.Client) {
+		ctx := t.Context()
+		mustCreate(t, c, "s", 4)
+		w := openWriter(t, c, "s", dstl.WriterOptions{})
+		const n = 7
+		for id := uint64(1); id <= n; id++ {
+			if err := w.Put(ctx, "st", []byte("k"), []byte{byte(id)}); err != nil {
+				t.Fatal(err)
+			}
+			if complete, err := w.Checkpoint(ctx, id, []byte("m")); err != nil || !complete {
+				t.Fatalf("checkpoint %d: %v %v", id, complete, err)
+			}
+		}
+		for _, o := range []dstl.CheckpointListOptions{{PageSize: 2}, {PageSize: 3, NewestFirst: true, Parts: true}, {}} {
+			cps, err := collect(c.Checkpoints(ctx, "s", o))
+			if err != nil || len(cps) != n {
+				t.Fatalf("%+v: %d checkpoints, %v; want %d", o, len(cps), err, n)
+			}
+			for i, cp := range cps {
+				want := uint64(i + 1)
+				if o.NewestFirst {
+					want = n - uint64(i)
+				}
+				if cp.ID != want || cp.PartCount != 1 || (len(cp.Parts) == 1) != o.Parts {
+					t.Fatalf("%+v: checkpoint %d is %+v, want id %d, 1 part (filled in: %v)", o, i, cp, want, o.Parts)
+				}
+				if o.Parts && string(cp.Parts[0].Metadata) != "m" {
+					t.Fatalf("%+v: parts of %d: %+v", o, cp.ID, cp.Parts)
+				}
+			}
+		}
+		latest, ok, err := c.LatestCheckpoint(ctx, "s")
+		if err != nil || !ok || latest.ID != n || len(latest.Parts) != 1 {
+			t.Fatalf("LatestCheckpoint = %+v %v %v", latest, ok, err)
+		}
+		cp, err := c.Checkpoint(ctx, "s", 3)
+		if err != nil || cp.ID != 3 || len(cp.Parts) != 1 {
+			t.Fatalf("Checkpoint(3) = %+v %v", cp, err)
+		}
+		if _, err := c.Checkpoint(ctx, "s", 99); !errors.Is(err, dstl.ErrNotFound) {
+			t.Fatalf("Checkpoint(99): %v, want ErrNotFound", err)
+		}
+		if err := w.Close(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if complete, err := w.Checkpoint(ctx, id, []byte("m")); err != nil || !complete {
-			t.Fatalf("checkpoint %d: %v %v", id, complete, err)
-		}
-	}
-	for _, o := range []dstl.CheckpointListOptions{{PageSize: 2}, {PageSize: 3, NewestFirst: true, Parts: true}, {}} {
-		cps, err := collect(c.Checkpoints(ctx, "s", o))
-		if err != nil || len(cps) != n {
-			t.Fatalf("%+v: %d checkpoints, %v; want %d", o, len(cps), err, n)
-		}
-		for i, cp := range cps {
-			want := uint64(i + 1)
-			if o.NewestFirst {
-				want = n - uint64(i)
-			}
-			if cp.ID != want || cp.PartCount != 1 || (len(cp.Parts) == 1) != o.Parts {
-				t.Fatalf("%+v: checkpoint %d is %+v, want id %d, 1 part (filled in: %v)", o, i, cp, want, o.Parts)
-			}
-			if o.Parts && string(cp.Parts[0].Metadata) != "m" {
-				t.Fatalf("%+v: parts of %d: %+v", o, cp.ID, cp.Parts)
-			}
-		}
-	}
-	latest, ok, err := c.LatestCheckpoint(ctx, "s")
-	if err != nil || !ok || latest.ID != n || len(latest.Parts) != 1 {
-		t.Fatalf("LatestCheckpoint = %+v %v %v", latest, ok, err)
-	}
-	cp, err := c.Checkpoint(ctx, "s", 3)
-	if err != nil || cp.ID != 3 || len(cp.Parts) != 1 {
-		t.Fatalf("Checkpoint(3) = %+v %v", cp, err)
-	}
-	if _, err := c.Checkpoint(ctx, "s", 99); !errors.Is(err, dstl.ErrNotFound) {
-		t.Fatalf("Checkpoint(99): %v, want ErrNotFound", err)
-	}
-	if err := w.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
+	})
 }
