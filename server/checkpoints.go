@@ -223,7 +223,7 @@ func (x *checkpointService) GetCheckpoint(ctx context.Context, req *connect.Requ
 	if cp.Materialization, err = x.s.materialization(ctx, req.Msg.GetStream(), req.Msg.GetId()); err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&dstlv1.GetCheckpointResponse{Checkpoint: cp}), nil
+	return connect.NewResponse(&dstlv1.GetCheckpointResponse{Checkpoint: cp, Hydration: x.s.hydration(req.Msg.GetStream())}), nil
 }
 
 // materialization reports what a restore of checkpoint id reads (its

@@ -30,7 +30,9 @@ func (x *streamService) GetStream(ctx context.Context, req *connect.Request[dstl
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&dstlv1.GetStreamResponse{Stream: streamProto(cfg)}), nil
+	st := streamProto(cfg)
+	st.Hydration = x.s.hydration(cfg.Name)
+	return connect.NewResponse(&dstlv1.GetStreamResponse{Stream: st}), nil
 }
 
 func (x *streamService) ListStreams(ctx context.Context, req *connect.Request[dstlv1.ListStreamsRequest]) (*connect.Response[dstlv1.ListStreamsResponse], error) {

@@ -207,7 +207,13 @@ func newCheckpointGetCommand(cli *cliOptions) *cobra.Command {
 			if cli.json {
 				return printProto(cmd.OutOrStdout(), res)
 			}
-			return printCheckpoint(cmd, res.GetCheckpoint())
+			if err := printCheckpoint(cmd, res.GetCheckpoint()); err != nil {
+				return err
+			}
+			if h := res.GetHydration(); h != nil {
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "hydrated on this node: %s\n", formatHydration(h))
+			}
+			return err
 		},
 	}
 	addTimeoutFlag(cmd, defaultTimeout)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -23,11 +24,37 @@ func newStreamCommand(cli *cliOptions) *cobra.Command {
 
 func printStreams(cmd *cobra.Command, streams []*dstlv1.Stream) error {
 	tw := newTable(cmd.OutOrStdout())
-	fmt.Fprintln(tw, "NAME\tKEY GROUPS\tCREATED")
+	hydration := slices.ContainsFunc(streams, func(s *dstlv1.Stream) bool { return s.GetHydration() != nil })
+	if hydration {
+		fmt.Fprintln(tw, "NAME\tKEY GROUPS\tCREATED\tHYDRATED")
+	} else {
+		fmt.Fprintln(tw, "NAME\tKEY GROUPS\tCREATED")
+	}
 	for _, s := range streams {
-		fmt.Fprintf(tw, "%s\t%d\t%s\n", s.GetName(), s.GetKeyGroups(), formatTime(s.GetCreatedAtMs()))
+		fmt.Fprintf(tw, "%s\t%d\t%s", s.GetName(), s.GetKeyGroups(), formatTime(s.GetCreatedAtMs()))
+		if hydration {
+			fmt.Fprintf(tw, "\t%s", formatHydration(s.GetHydration()))
+		}
+		fmt.Fprintln(tw)
 	}
 	return tw.Flush()
+}
+
+// formatHydration says how much of a lazily restored state is local:
+// "100%" once every file is, "-" when nothing was restored lazily.
+func formatHydration(h *dstlv1.Hydration) string {
+	if h == nil {
+		return "-"
+	}
+	pct := 100.0
+	if h.GetTotalBytes() > 0 {
+		pct = 100 * float64(h.GetLocalBytes()) / float64(h.GetTotalBytes())
+	}
+	out := fmt.Sprintf("%.1f%% (%s of %s, %d/%d files)", pct, humanBytes(int64(h.GetLocalBytes())), humanBytes(int64(h.GetTotalBytes())), h.GetLocalFiles(), h.GetTotalFiles())
+	if e := h.GetLastError(); e != "" {
+		out += "; retrying after: " + e
+	}
+	return out
 }
 
 func newStreamCreateCommand(cli *cliOptions) *cobra.Command {

@@ -264,10 +264,34 @@ type Stream struct {
 	Name      string
 	KeyGroups int
 	CreatedAt time.Time
+	// Hydration is the progress of a lazy restore of the stream on the node
+	// that answered (Client.Stream only; nil when nothing of it was
+	// restored lazily there).
+	Hydration *Hydration
 }
 
+// Hydration is how much of a lazily restored state is local on a node:
+// snapshot files imported by reference are read from the blob store on
+// demand and downloaded in the background.
+type Hydration struct {
+	TotalBytes, LocalBytes int64
+	TotalFiles, LocalFiles int
+	// LastError is the newest download failure (retried); empty if none.
+	LastError string
+}
+
+// Done reports whether every byte is local.
+func (h Hydration) Done() bool { return h.LocalFiles == h.TotalFiles }
+
 func streamOf(p *dstlv1.Stream) Stream {
-	return Stream{Name: p.GetName(), KeyGroups: int(p.GetKeyGroups()), CreatedAt: time.UnixMilli(p.GetCreatedAtMs())}
+	s := Stream{Name: p.GetName(), KeyGroups: int(p.GetKeyGroups()), CreatedAt: time.UnixMilli(p.GetCreatedAtMs())}
+	if h := p.GetHydration(); h != nil {
+		s.Hydration = &Hydration{
+			TotalBytes: int64(h.GetTotalBytes()), LocalBytes: int64(h.GetLocalBytes()),
+			TotalFiles: int(h.GetTotalFiles()), LocalFiles: int(h.GetLocalFiles()), LastError: h.GetLastError(),
+		}
+	}
+	return s
 }
 
 // CreateStream creates a stream with keyGroups key groups (0: the default,

@@ -207,10 +207,13 @@ func (x *KeyGroupRange) GetHi() uint32 {
 
 // Stream is a named state set with a fixed number of key groups.
 type Stream struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	KeyGroups     uint32                 `protobuf:"varint,2,opt,name=key_groups,json=keyGroups,proto3" json:"key_groups,omitempty"`
-	CreatedAtMs   int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	KeyGroups   uint32                 `protobuf:"varint,2,opt,name=key_groups,json=keyGroups,proto3" json:"key_groups,omitempty"`
+	CreatedAtMs int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	// How much of the stream's state restored lazily on the node that answered
+	// is local (GetStream only; absent when nothing was restored lazily there).
+	Hydration     *Hydration `protobuf:"bytes,4,opt,name=hydration,proto3" json:"hydration,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -266,6 +269,93 @@ func (x *Stream) GetCreatedAtMs() int64 {
 	return 0
 }
 
+func (x *Stream) GetHydration() *Hydration {
+	if x != nil {
+		return x.Hydration
+	}
+	return nil
+}
+
+// Hydration is the progress of a lazy restore on one node: snapshot files
+// imported by reference are read from the blob store on demand and
+// downloaded in the background until every byte is local.
+type Hydration struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	TotalBytes uint64                 `protobuf:"varint,1,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	LocalBytes uint64                 `protobuf:"varint,2,opt,name=local_bytes,json=localBytes,proto3" json:"local_bytes,omitempty"`
+	TotalFiles uint32                 `protobuf:"varint,3,opt,name=total_files,json=totalFiles,proto3" json:"total_files,omitempty"`
+	LocalFiles uint32                 `protobuf:"varint,4,opt,name=local_files,json=localFiles,proto3" json:"local_files,omitempty"`
+	// The newest failure of a download (retried with a backoff); empty if none.
+	LastError     string `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Hydration) Reset() {
+	*x = Hydration{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Hydration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Hydration) ProtoMessage() {}
+
+func (x *Hydration) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Hydration.ProtoReflect.Descriptor instead.
+func (*Hydration) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Hydration) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
+func (x *Hydration) GetLocalBytes() uint64 {
+	if x != nil {
+		return x.LocalBytes
+	}
+	return 0
+}
+
+func (x *Hydration) GetTotalFiles() uint32 {
+	if x != nil {
+		return x.TotalFiles
+	}
+	return 0
+}
+
+func (x *Hydration) GetLocalFiles() uint32 {
+	if x != nil {
+		return x.LocalFiles
+	}
+	return 0
+}
+
+func (x *Hydration) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 type CreateStreamRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 1..128 characters of [A-Za-z0-9._-], not starting with '.' or '-'.
@@ -278,7 +368,7 @@ type CreateStreamRequest struct {
 
 func (x *CreateStreamRequest) Reset() {
 	*x = CreateStreamRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[2]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -290,7 +380,7 @@ func (x *CreateStreamRequest) String() string {
 func (*CreateStreamRequest) ProtoMessage() {}
 
 func (x *CreateStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[2]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -303,7 +393,7 @@ func (x *CreateStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStreamRequest.ProtoReflect.Descriptor instead.
 func (*CreateStreamRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{2}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateStreamRequest) GetName() string {
@@ -329,7 +419,7 @@ type CreateStreamResponse struct {
 
 func (x *CreateStreamResponse) Reset() {
 	*x = CreateStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[3]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +431,7 @@ func (x *CreateStreamResponse) String() string {
 func (*CreateStreamResponse) ProtoMessage() {}
 
 func (x *CreateStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[3]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +444,7 @@ func (x *CreateStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStreamResponse.ProtoReflect.Descriptor instead.
 func (*CreateStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{3}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateStreamResponse) GetStream() *Stream {
@@ -373,7 +463,7 @@ type GetStreamRequest struct {
 
 func (x *GetStreamRequest) Reset() {
 	*x = GetStreamRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[4]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -385,7 +475,7 @@ func (x *GetStreamRequest) String() string {
 func (*GetStreamRequest) ProtoMessage() {}
 
 func (x *GetStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[4]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -398,7 +488,7 @@ func (x *GetStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStreamRequest.ProtoReflect.Descriptor instead.
 func (*GetStreamRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{4}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetStreamRequest) GetName() string {
@@ -417,7 +507,7 @@ type GetStreamResponse struct {
 
 func (x *GetStreamResponse) Reset() {
 	*x = GetStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[5]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +519,7 @@ func (x *GetStreamResponse) String() string {
 func (*GetStreamResponse) ProtoMessage() {}
 
 func (x *GetStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[5]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +532,7 @@ func (x *GetStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStreamResponse.ProtoReflect.Descriptor instead.
 func (*GetStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{5}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetStreamResponse) GetStream() *Stream {
@@ -464,7 +554,7 @@ type ListStreamsRequest struct {
 
 func (x *ListStreamsRequest) Reset() {
 	*x = ListStreamsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[6]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +566,7 @@ func (x *ListStreamsRequest) String() string {
 func (*ListStreamsRequest) ProtoMessage() {}
 
 func (x *ListStreamsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[6]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +579,7 @@ func (x *ListStreamsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListStreamsRequest.ProtoReflect.Descriptor instead.
 func (*ListStreamsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{6}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListStreamsRequest) GetPageSize() int32 {
@@ -517,7 +607,7 @@ type ListStreamsResponse struct {
 
 func (x *ListStreamsResponse) Reset() {
 	*x = ListStreamsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[7]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +619,7 @@ func (x *ListStreamsResponse) String() string {
 func (*ListStreamsResponse) ProtoMessage() {}
 
 func (x *ListStreamsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[7]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +632,7 @@ func (x *ListStreamsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListStreamsResponse.ProtoReflect.Descriptor instead.
 func (*ListStreamsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{7}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListStreamsResponse) GetStreams() []*Stream {
@@ -568,7 +658,7 @@ type DeleteStreamRequest struct {
 
 func (x *DeleteStreamRequest) Reset() {
 	*x = DeleteStreamRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[8]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +670,7 @@ func (x *DeleteStreamRequest) String() string {
 func (*DeleteStreamRequest) ProtoMessage() {}
 
 func (x *DeleteStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[8]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +683,7 @@ func (x *DeleteStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteStreamRequest.ProtoReflect.Descriptor instead.
 func (*DeleteStreamRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{8}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteStreamRequest) GetName() string {
@@ -611,7 +701,7 @@ type DeleteStreamResponse struct {
 
 func (x *DeleteStreamResponse) Reset() {
 	*x = DeleteStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[9]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -623,7 +713,7 @@ func (x *DeleteStreamResponse) String() string {
 func (*DeleteStreamResponse) ProtoMessage() {}
 
 func (x *DeleteStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[9]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -636,7 +726,7 @@ func (x *DeleteStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteStreamResponse.ProtoReflect.Descriptor instead.
 func (*DeleteStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{9}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{10}
 }
 
 // Change is one state mutation.
@@ -659,7 +749,7 @@ type Change struct {
 
 func (x *Change) Reset() {
 	*x = Change{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[10]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -671,7 +761,7 @@ func (x *Change) String() string {
 func (*Change) ProtoMessage() {}
 
 func (x *Change) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[10]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -684,7 +774,7 @@ func (x *Change) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Change.ProtoReflect.Descriptor instead.
 func (*Change) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{10}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Change) GetKeyGroup() uint32 {
@@ -745,7 +835,7 @@ type OpenWriterRequest struct {
 
 func (x *OpenWriterRequest) Reset() {
 	*x = OpenWriterRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[11]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -757,7 +847,7 @@ func (x *OpenWriterRequest) String() string {
 func (*OpenWriterRequest) ProtoMessage() {}
 
 func (x *OpenWriterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[11]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -770,7 +860,7 @@ func (x *OpenWriterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenWriterRequest.ProtoReflect.Descriptor instead.
 func (*OpenWriterRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{11}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *OpenWriterRequest) GetStream() string {
@@ -819,7 +909,7 @@ type OpenWriterResponse struct {
 
 func (x *OpenWriterResponse) Reset() {
 	*x = OpenWriterResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[12]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +921,7 @@ func (x *OpenWriterResponse) String() string {
 func (*OpenWriterResponse) ProtoMessage() {}
 
 func (x *OpenWriterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[12]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +934,7 @@ func (x *OpenWriterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenWriterResponse.ProtoReflect.Descriptor instead.
 func (*OpenWriterResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{12}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *OpenWriterResponse) GetWriterId() string {
@@ -902,7 +992,7 @@ type AppendRequest struct {
 
 func (x *AppendRequest) Reset() {
 	*x = AppendRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -914,7 +1004,7 @@ func (x *AppendRequest) String() string {
 func (*AppendRequest) ProtoMessage() {}
 
 func (x *AppendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -927,7 +1017,7 @@ func (x *AppendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendRequest.ProtoReflect.Descriptor instead.
 func (*AppendRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{13}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AppendRequest) GetWriterId() string {
@@ -961,7 +1051,7 @@ type AppendResponse struct {
 
 func (x *AppendResponse) Reset() {
 	*x = AppendResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -973,7 +1063,7 @@ func (x *AppendResponse) String() string {
 func (*AppendResponse) ProtoMessage() {}
 
 func (x *AppendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -986,7 +1076,7 @@ func (x *AppendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendResponse.ProtoReflect.Descriptor instead.
 func (*AppendResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{14}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AppendResponse) GetFirstSqn() uint64 {
@@ -1014,7 +1104,7 @@ type AppendStreamResponse struct {
 
 func (x *AppendStreamResponse) Reset() {
 	*x = AppendStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1116,7 @@ func (x *AppendStreamResponse) String() string {
 func (*AppendStreamResponse) ProtoMessage() {}
 
 func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1129,7 @@ func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendStreamResponse.ProtoReflect.Descriptor instead.
 func (*AppendStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AppendStreamResponse) GetLastSqn() uint64 {
@@ -1075,7 +1165,7 @@ type SegmentBlocks struct {
 
 func (x *SegmentBlocks) Reset() {
 	*x = SegmentBlocks{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1177,7 @@ func (x *SegmentBlocks) String() string {
 func (*SegmentBlocks) ProtoMessage() {}
 
 func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1190,7 @@ func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentBlocks.ProtoReflect.Descriptor instead.
 func (*SegmentBlocks) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SegmentBlocks) GetKey() string {
@@ -1136,7 +1226,7 @@ type BlockSpan struct {
 
 func (x *BlockSpan) Reset() {
 	*x = BlockSpan{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1148,7 +1238,7 @@ func (x *BlockSpan) String() string {
 func (*BlockSpan) ProtoMessage() {}
 
 func (x *BlockSpan) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1161,7 +1251,7 @@ func (x *BlockSpan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockSpan.ProtoReflect.Descriptor instead.
 func (*BlockSpan) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BlockSpan) GetOffset() uint64 {
@@ -1203,7 +1293,7 @@ type PersistRequest struct {
 
 func (x *PersistRequest) Reset() {
 	*x = PersistRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1215,7 +1305,7 @@ func (x *PersistRequest) String() string {
 func (*PersistRequest) ProtoMessage() {}
 
 func (x *PersistRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1228,7 +1318,7 @@ func (x *PersistRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistRequest.ProtoReflect.Descriptor instead.
 func (*PersistRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PersistRequest) GetWriterId() string {
@@ -1256,7 +1346,7 @@ type PersistResponse struct {
 
 func (x *PersistResponse) Reset() {
 	*x = PersistResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1268,7 +1358,7 @@ func (x *PersistResponse) String() string {
 func (*PersistResponse) ProtoMessage() {}
 
 func (x *PersistResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1281,7 +1371,7 @@ func (x *PersistResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistResponse.ProtoReflect.Descriptor instead.
 func (*PersistResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PersistResponse) GetUpToSqn() uint64 {
@@ -1311,7 +1401,7 @@ type CheckpointRequest struct {
 
 func (x *CheckpointRequest) Reset() {
 	*x = CheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1323,7 +1413,7 @@ func (x *CheckpointRequest) String() string {
 func (*CheckpointRequest) ProtoMessage() {}
 
 func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1336,7 +1426,7 @@ func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CheckpointRequest) GetWriterId() string {
@@ -1371,7 +1461,7 @@ type CheckpointResponse struct {
 
 func (x *CheckpointResponse) Reset() {
 	*x = CheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1473,7 @@ func (x *CheckpointResponse) String() string {
 func (*CheckpointResponse) ProtoMessage() {}
 
 func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1486,7 @@ func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CheckpointResponse) GetCheckpointId() uint64 {
@@ -1422,7 +1512,7 @@ type CloseWriterRequest struct {
 
 func (x *CloseWriterRequest) Reset() {
 	*x = CloseWriterRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1524,7 @@ func (x *CloseWriterRequest) String() string {
 func (*CloseWriterRequest) ProtoMessage() {}
 
 func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1537,7 @@ func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterRequest.ProtoReflect.Descriptor instead.
 func (*CloseWriterRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CloseWriterRequest) GetWriterId() string {
@@ -1465,7 +1555,7 @@ type CloseWriterResponse struct {
 
 func (x *CloseWriterResponse) Reset() {
 	*x = CloseWriterResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1567,7 @@ func (x *CloseWriterResponse) String() string {
 func (*CloseWriterResponse) ProtoMessage() {}
 
 func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +1580,7 @@ func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterResponse.ProtoReflect.Descriptor instead.
 func (*CloseWriterResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
 }
 
 type GetRequest struct {
@@ -1506,7 +1596,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1608,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1621,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetRequest) GetStream() string {
@@ -1573,7 +1663,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1585,7 +1675,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1598,7 +1688,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetResponse) GetFound() bool {
@@ -1640,7 +1730,7 @@ type ScanRequest struct {
 
 func (x *ScanRequest) Reset() {
 	*x = ScanRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1652,7 +1742,7 @@ func (x *ScanRequest) String() string {
 func (*ScanRequest) ProtoMessage() {}
 
 func (x *ScanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1665,7 +1755,7 @@ func (x *ScanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanRequest.ProtoReflect.Descriptor instead.
 func (*ScanRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ScanRequest) GetStream() string {
@@ -1722,7 +1812,7 @@ type KeyValue struct {
 
 func (x *KeyValue) Reset() {
 	*x = KeyValue{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1734,7 +1824,7 @@ func (x *KeyValue) String() string {
 func (*KeyValue) ProtoMessage() {}
 
 func (x *KeyValue) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1747,7 +1837,7 @@ func (x *KeyValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyValue.ProtoReflect.Descriptor instead.
 func (*KeyValue) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *KeyValue) GetKeyGroup() uint32 {
@@ -1788,7 +1878,7 @@ type ScanResponse struct {
 
 func (x *ScanResponse) Reset() {
 	*x = ScanResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1800,7 +1890,7 @@ func (x *ScanResponse) String() string {
 func (*ScanResponse) ProtoMessage() {}
 
 func (x *ScanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1813,7 +1903,7 @@ func (x *ScanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanResponse.ProtoReflect.Descriptor instead.
 func (*ScanResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ScanResponse) GetEntries() []*KeyValue {
@@ -1847,7 +1937,7 @@ type CheckpointPart struct {
 
 func (x *CheckpointPart) Reset() {
 	*x = CheckpointPart{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1859,7 +1949,7 @@ func (x *CheckpointPart) String() string {
 func (*CheckpointPart) ProtoMessage() {}
 
 func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1872,7 +1962,7 @@ func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointPart.ProtoReflect.Descriptor instead.
 func (*CheckpointPart) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CheckpointPart) GetEpoch() uint64 {
@@ -1951,7 +2041,7 @@ type Checkpoint struct {
 
 func (x *Checkpoint) Reset() {
 	*x = Checkpoint{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1963,7 +2053,7 @@ func (x *Checkpoint) String() string {
 func (*Checkpoint) ProtoMessage() {}
 
 func (x *Checkpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,7 +2066,7 @@ func (x *Checkpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Checkpoint.ProtoReflect.Descriptor instead.
 func (*Checkpoint) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Checkpoint) GetStream() string {
@@ -2058,7 +2148,7 @@ type Materialization struct {
 
 func (x *Materialization) Reset() {
 	*x = Materialization{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2070,7 +2160,7 @@ func (x *Materialization) String() string {
 func (*Materialization) ProtoMessage() {}
 
 func (x *Materialization) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2083,7 +2173,7 @@ func (x *Materialization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Materialization.ProtoReflect.Descriptor instead.
 func (*Materialization) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Materialization) GetSnapshotCheckpoint() uint64 {
@@ -2173,7 +2263,7 @@ type CreateCheckpointRequest struct {
 
 func (x *CreateCheckpointRequest) Reset() {
 	*x = CreateCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2275,7 @@ func (x *CreateCheckpointRequest) String() string {
 func (*CreateCheckpointRequest) ProtoMessage() {}
 
 func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2288,7 @@ func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateCheckpointRequest) GetStream() string {
@@ -2229,7 +2319,7 @@ type CreateCheckpointResponse struct {
 
 func (x *CreateCheckpointResponse) Reset() {
 	*x = CreateCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2241,7 +2331,7 @@ func (x *CreateCheckpointResponse) String() string {
 func (*CreateCheckpointResponse) ProtoMessage() {}
 
 func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2254,7 +2344,7 @@ func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2297,7 +2387,7 @@ type ListCheckpointsRequest struct {
 
 func (x *ListCheckpointsRequest) Reset() {
 	*x = ListCheckpointsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2309,7 +2399,7 @@ func (x *ListCheckpointsRequest) String() string {
 func (*ListCheckpointsRequest) ProtoMessage() {}
 
 func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2322,7 +2412,7 @@ func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsRequest.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListCheckpointsRequest) GetStream() string {
@@ -2372,7 +2462,7 @@ type ListCheckpointsResponse struct {
 
 func (x *ListCheckpointsResponse) Reset() {
 	*x = ListCheckpointsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2384,7 +2474,7 @@ func (x *ListCheckpointsResponse) String() string {
 func (*ListCheckpointsResponse) ProtoMessage() {}
 
 func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2397,7 +2487,7 @@ func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsResponse.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
@@ -2424,7 +2514,7 @@ type GetCheckpointRequest struct {
 
 func (x *GetCheckpointRequest) Reset() {
 	*x = GetCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2436,7 +2526,7 @@ func (x *GetCheckpointRequest) String() string {
 func (*GetCheckpointRequest) ProtoMessage() {}
 
 func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2449,7 +2539,7 @@ func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetCheckpointRequest) GetStream() string {
@@ -2467,15 +2557,17 @@ func (x *GetCheckpointRequest) GetId() uint64 {
 }
 
 type GetCheckpointResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Checkpoint    *Checkpoint            `protobuf:"bytes,1,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Checkpoint *Checkpoint            `protobuf:"bytes,1,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	// The stream's hydration on the node that answered (see Stream.hydration).
+	Hydration     *Hydration `protobuf:"bytes,2,opt,name=hydration,proto3" json:"hydration,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetCheckpointResponse) Reset() {
 	*x = GetCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2487,7 +2579,7 @@ func (x *GetCheckpointResponse) String() string {
 func (*GetCheckpointResponse) ProtoMessage() {}
 
 func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2500,12 +2592,19 @@ func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GetCheckpointResponse) GetCheckpoint() *Checkpoint {
 	if x != nil {
 		return x.Checkpoint
+	}
+	return nil
+}
+
+func (x *GetCheckpointResponse) GetHydration() *Hydration {
+	if x != nil {
+		return x.Hydration
 	}
 	return nil
 }
@@ -2522,7 +2621,7 @@ type RetainCheckpointRequest struct {
 
 func (x *RetainCheckpointRequest) Reset() {
 	*x = RetainCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +2633,7 @@ func (x *RetainCheckpointRequest) String() string {
 func (*RetainCheckpointRequest) ProtoMessage() {}
 
 func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +2646,7 @@ func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RetainCheckpointRequest) GetStream() string {
@@ -2580,7 +2679,7 @@ type RetainCheckpointResponse struct {
 
 func (x *RetainCheckpointResponse) Reset() {
 	*x = RetainCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2592,7 +2691,7 @@ func (x *RetainCheckpointResponse) String() string {
 func (*RetainCheckpointResponse) ProtoMessage() {}
 
 func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2605,7 +2704,7 @@ func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RetainCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2622,12 +2721,24 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x12dstl/v1/dstl.proto\x12\adstl.v1\"/\n" +
 	"\rKeyGroupRange\x12\x0e\n" +
 	"\x02lo\x18\x01 \x01(\rR\x02lo\x12\x0e\n" +
-	"\x02hi\x18\x02 \x01(\rR\x02hi\"_\n" +
+	"\x02hi\x18\x02 \x01(\rR\x02hi\"\x91\x01\n" +
 	"\x06Stream\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"key_groups\x18\x02 \x01(\rR\tkeyGroups\x12\"\n" +
-	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"H\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\x120\n" +
+	"\thydration\x18\x04 \x01(\v2\x12.dstl.v1.HydrationR\thydration\"\xae\x01\n" +
+	"\tHydration\x12\x1f\n" +
+	"\vtotal_bytes\x18\x01 \x01(\x04R\n" +
+	"totalBytes\x12\x1f\n" +
+	"\vlocal_bytes\x18\x02 \x01(\x04R\n" +
+	"localBytes\x12\x1f\n" +
+	"\vtotal_files\x18\x03 \x01(\rR\n" +
+	"totalFiles\x12\x1f\n" +
+	"\vlocal_files\x18\x04 \x01(\rR\n" +
+	"localFiles\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x05 \x01(\tR\tlastError\"H\n" +
 	"\x13CreateStreamRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -2793,11 +2904,12 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
 	"\x14GetCheckpointRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x0e\n" +
-	"\x02id\x18\x02 \x01(\x04R\x02id\"L\n" +
+	"\x02id\x18\x02 \x01(\x04R\x02id\"~\n" +
 	"\x15GetCheckpointResponse\x123\n" +
 	"\n" +
 	"checkpoint\x18\x01 \x01(\v2\x13.dstl.v1.CheckpointR\n" +
-	"checkpoint\"]\n" +
+	"checkpoint\x120\n" +
+	"\thydration\x18\x02 \x01(\v2\x12.dstl.v1.HydrationR\thydration\"]\n" +
 	"\x17RetainCheckpointRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x1a\n" +
@@ -2855,108 +2967,111 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 }
 
 var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_dstl_v1_dstl_proto_goTypes = []any{
 	(Op)(0),                          // 0: dstl.v1.Op
 	(Durability)(0),                  // 1: dstl.v1.Durability
 	(*KeyGroupRange)(nil),            // 2: dstl.v1.KeyGroupRange
 	(*Stream)(nil),                   // 3: dstl.v1.Stream
-	(*CreateStreamRequest)(nil),      // 4: dstl.v1.CreateStreamRequest
-	(*CreateStreamResponse)(nil),     // 5: dstl.v1.CreateStreamResponse
-	(*GetStreamRequest)(nil),         // 6: dstl.v1.GetStreamRequest
-	(*GetStreamResponse)(nil),        // 7: dstl.v1.GetStreamResponse
-	(*ListStreamsRequest)(nil),       // 8: dstl.v1.ListStreamsRequest
-	(*ListStreamsResponse)(nil),      // 9: dstl.v1.ListStreamsResponse
-	(*DeleteStreamRequest)(nil),      // 10: dstl.v1.DeleteStreamRequest
-	(*DeleteStreamResponse)(nil),     // 11: dstl.v1.DeleteStreamResponse
-	(*Change)(nil),                   // 12: dstl.v1.Change
-	(*OpenWriterRequest)(nil),        // 13: dstl.v1.OpenWriterRequest
-	(*OpenWriterResponse)(nil),       // 14: dstl.v1.OpenWriterResponse
-	(*AppendRequest)(nil),            // 15: dstl.v1.AppendRequest
-	(*AppendResponse)(nil),           // 16: dstl.v1.AppendResponse
-	(*AppendStreamResponse)(nil),     // 17: dstl.v1.AppendStreamResponse
-	(*SegmentBlocks)(nil),            // 18: dstl.v1.SegmentBlocks
-	(*BlockSpan)(nil),                // 19: dstl.v1.BlockSpan
-	(*PersistRequest)(nil),           // 20: dstl.v1.PersistRequest
-	(*PersistResponse)(nil),          // 21: dstl.v1.PersistResponse
-	(*CheckpointRequest)(nil),        // 22: dstl.v1.CheckpointRequest
-	(*CheckpointResponse)(nil),       // 23: dstl.v1.CheckpointResponse
-	(*CloseWriterRequest)(nil),       // 24: dstl.v1.CloseWriterRequest
-	(*CloseWriterResponse)(nil),      // 25: dstl.v1.CloseWriterResponse
-	(*GetRequest)(nil),               // 26: dstl.v1.GetRequest
-	(*GetResponse)(nil),              // 27: dstl.v1.GetResponse
-	(*ScanRequest)(nil),              // 28: dstl.v1.ScanRequest
-	(*KeyValue)(nil),                 // 29: dstl.v1.KeyValue
-	(*ScanResponse)(nil),             // 30: dstl.v1.ScanResponse
-	(*CheckpointPart)(nil),           // 31: dstl.v1.CheckpointPart
-	(*Checkpoint)(nil),               // 32: dstl.v1.Checkpoint
-	(*Materialization)(nil),          // 33: dstl.v1.Materialization
-	(*CreateCheckpointRequest)(nil),  // 34: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil), // 35: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),   // 36: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),  // 37: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),     // 38: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),    // 39: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),  // 40: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil), // 41: dstl.v1.RetainCheckpointResponse
+	(*Hydration)(nil),                // 4: dstl.v1.Hydration
+	(*CreateStreamRequest)(nil),      // 5: dstl.v1.CreateStreamRequest
+	(*CreateStreamResponse)(nil),     // 6: dstl.v1.CreateStreamResponse
+	(*GetStreamRequest)(nil),         // 7: dstl.v1.GetStreamRequest
+	(*GetStreamResponse)(nil),        // 8: dstl.v1.GetStreamResponse
+	(*ListStreamsRequest)(nil),       // 9: dstl.v1.ListStreamsRequest
+	(*ListStreamsResponse)(nil),      // 10: dstl.v1.ListStreamsResponse
+	(*DeleteStreamRequest)(nil),      // 11: dstl.v1.DeleteStreamRequest
+	(*DeleteStreamResponse)(nil),     // 12: dstl.v1.DeleteStreamResponse
+	(*Change)(nil),                   // 13: dstl.v1.Change
+	(*OpenWriterRequest)(nil),        // 14: dstl.v1.OpenWriterRequest
+	(*OpenWriterResponse)(nil),       // 15: dstl.v1.OpenWriterResponse
+	(*AppendRequest)(nil),            // 16: dstl.v1.AppendRequest
+	(*AppendResponse)(nil),           // 17: dstl.v1.AppendResponse
+	(*AppendStreamResponse)(nil),     // 18: dstl.v1.AppendStreamResponse
+	(*SegmentBlocks)(nil),            // 19: dstl.v1.SegmentBlocks
+	(*BlockSpan)(nil),                // 20: dstl.v1.BlockSpan
+	(*PersistRequest)(nil),           // 21: dstl.v1.PersistRequest
+	(*PersistResponse)(nil),          // 22: dstl.v1.PersistResponse
+	(*CheckpointRequest)(nil),        // 23: dstl.v1.CheckpointRequest
+	(*CheckpointResponse)(nil),       // 24: dstl.v1.CheckpointResponse
+	(*CloseWriterRequest)(nil),       // 25: dstl.v1.CloseWriterRequest
+	(*CloseWriterResponse)(nil),      // 26: dstl.v1.CloseWriterResponse
+	(*GetRequest)(nil),               // 27: dstl.v1.GetRequest
+	(*GetResponse)(nil),              // 28: dstl.v1.GetResponse
+	(*ScanRequest)(nil),              // 29: dstl.v1.ScanRequest
+	(*KeyValue)(nil),                 // 30: dstl.v1.KeyValue
+	(*ScanResponse)(nil),             // 31: dstl.v1.ScanResponse
+	(*CheckpointPart)(nil),           // 32: dstl.v1.CheckpointPart
+	(*Checkpoint)(nil),               // 33: dstl.v1.Checkpoint
+	(*Materialization)(nil),          // 34: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),  // 35: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil), // 36: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),   // 37: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),  // 38: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),     // 39: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),    // 40: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),  // 41: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil), // 42: dstl.v1.RetainCheckpointResponse
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
-	3,  // 0: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
-	3,  // 1: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
-	3,  // 2: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
-	0,  // 3: dstl.v1.Change.op:type_name -> dstl.v1.Op
-	2,  // 4: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	2,  // 5: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
-	12, // 6: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
-	1,  // 7: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
-	19, // 8: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
-	18, // 9: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
-	2,  // 10: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	29, // 11: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
-	2,  // 12: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
-	31, // 13: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	33, // 14: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
-	32, // 15: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	32, // 16: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	32, // 17: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	32, // 18: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	4,  // 19: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
-	6,  // 20: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
-	8,  // 21: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
-	10, // 22: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
-	13, // 23: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	15, // 24: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	15, // 25: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	20, // 26: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	22, // 27: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	24, // 28: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	26, // 29: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	28, // 30: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	34, // 31: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	36, // 32: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	38, // 33: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	40, // 34: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	5,  // 35: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
-	7,  // 36: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
-	9,  // 37: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
-	11, // 38: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	14, // 39: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	16, // 40: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	17, // 41: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	21, // 42: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	23, // 43: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	25, // 44: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	27, // 45: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	30, // 46: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	35, // 47: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	37, // 48: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	39, // 49: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	41, // 50: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	35, // [35:51] is the sub-list for method output_type
-	19, // [19:35] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	4,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
+	3,  // 1: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
+	3,  // 2: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
+	3,  // 3: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
+	0,  // 4: dstl.v1.Change.op:type_name -> dstl.v1.Op
+	2,  // 5: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	2,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
+	13, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
+	1,  // 8: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
+	20, // 9: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
+	19, // 10: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
+	2,  // 11: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	30, // 12: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
+	2,  // 13: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
+	32, // 14: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
+	34, // 15: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	33, // 16: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	33, // 17: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	33, // 18: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	4,  // 19: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
+	33, // 20: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	5,  // 21: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
+	7,  // 22: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
+	9,  // 23: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
+	11, // 24: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
+	14, // 25: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
+	16, // 26: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	16, // 27: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	21, // 28: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	23, // 29: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	25, // 30: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	27, // 31: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	29, // 32: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	35, // 33: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	37, // 34: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	39, // 35: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	41, // 36: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	6,  // 37: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
+	8,  // 38: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
+	10, // 39: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
+	12, // 40: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
+	15, // 41: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	17, // 42: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	18, // 43: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	22, // 44: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	24, // 45: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	26, // 46: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	28, // 47: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	31, // 48: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	36, // 49: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	38, // 50: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	40, // 51: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	42, // 52: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	37, // [37:53] is the sub-list for method output_type
+	21, // [21:37] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_dstl_v1_dstl_proto_init() }
@@ -2964,14 +3079,14 @@ func file_dstl_v1_dstl_proto_init() {
 	if File_dstl_v1_dstl_proto != nil {
 		return
 	}
-	file_dstl_v1_dstl_proto_msgTypes[24].OneofWrappers = []any{}
+	file_dstl_v1_dstl_proto_msgTypes[25].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   40,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   4,
 		},
