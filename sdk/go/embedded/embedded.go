@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/materializer"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/server"
 	"github.com/dstl-dev/dstl/upload"
@@ -77,6 +78,15 @@ type Options struct {
 	// interval, limits, ...); Store and DataDir are already set. It may
 	// wrap Store (fault injection in tests); DataDir stays Dir.
 	Node func(*changelog.Options)
+	// NoMaterializer: do not run the materializer in the node (as `dstl
+	// serve --materialize=false`): snapshots are then left to another
+	// process (`dstl materialize`) sharing the blob store, or to nobody,
+	// in which case logs are never truncated and a restore replays them
+	// whole.
+	NoMaterializer bool
+	// Materializer configures the node's materializer (zero: the
+	// defaults of `dstl serve`).
+	Materializer materializer.Config
 	// Handler wraps the node's HTTP handler (e.g. for fault injection in
 	// tests). It needs Transport HTTP: Open refuses it otherwise.
 	Handler func(http.Handler) http.Handler
@@ -89,6 +99,8 @@ type Node struct {
 	node   *changelog.Node
 	api    *server.Server
 	store  upload.BlobStore
+	// stopMat stops the materializer (nil: none runs).
+	stopMat func() error
 	// The HTTP transport only (nil in-process).
 	hs     *http.Server
 	ln     *pipeListener
@@ -156,6 +168,12 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		return nil, fmt.Errorf("embedded: %w", err)
 	}
 	n := &Node{node: node, api: api, store: store}
+	if !opts.NoMaterializer {
+		if err := n.startMaterializer(ctx, filepath.Join(dir, "materializer"), opts); err != nil {
+			_ = n.Close(ctx)
+			return nil, err
+		}
+	}
 	if opts.Transport == InProcess {
 		h := api.InProcess()
 		n.client, err = dstl.NewInProcessClient(dstl.Handlers{Streams: h.Streams, Writers: h.Writers, State: h.State, Checkpoints: h.Checkpoints}, opts.ClientOptions...)
@@ -167,6 +185,28 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// startMaterializer runs the materializer in the background, as `dstl
+// serve` does: it snapshots the streams' checkpoints so that logs are
+// truncated and restores replay only a short tail. Close stops it.
+func (n *Node) startMaterializer(ctx context.Context, dir string, opts Options) error {
+	cfg := opts.Materializer
+	if cfg.Logger == nil {
+		cfg.Logger = opts.Logger
+	}
+	mat, err := materializer.New(n.node, dir, cfg)
+	if err != nil {
+		return fmt.Errorf("embedded: materializer: %w", err)
+	}
+	mctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan error, 1)
+	go func() { done <- mat.Run(mctx) }()
+	n.stopMat = func() error {
+		cancel()
+		return errors.Join(<-done, mat.Close())
+	}
+	return nil
 }
 
 // serveHTTP serves the node's HTTP handler over in-memory pipes and dials
@@ -223,6 +263,11 @@ func (n *Node) close(ctx context.Context) error {
 	}
 	if err := n.api.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("embedded: persist writers: %w", err))
+	}
+	if n.stopMat != nil {
+		if err := n.stopMat(); err != nil {
+			errs = append(errs, fmt.Errorf("embedded: stop materializer: %w", err))
+		}
 	}
 	if err := n.node.Close(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("embedded: close node: %w", err))

@@ -3,11 +3,14 @@ package embedded_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"github.com/dstl-dev/dstl/materializer"
 	"net/http"
 	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/sdk/go/embedded"
@@ -95,4 +98,82 @@ func senders() int {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	return strings.Count(string(buf), "sdk/go.(*Writer).run(")
+}
+
+// TestEmbeddedMaterializes: an embedded node runs the materializer, as
+// `dstl serve` does (its checkpoints get snapshots, so logs can be
+// truncated), unless NoMaterializer; a node reopened on the same Dir serves
+// the state, in-process.
+func TestEmbeddedMaterializes(t *testing.T) {
+	for _, noMat := range []bool{false, true} {
+		t.Run(fmt.Sprintf("NoMaterializer=%v", noMat), func(t *testing.T) {
+			ctx := t.Context()
+			dir := t.TempDir()
+			opts := embedded.Options{Dir: dir, NoMaterializer: noMat, Materializer: materializer.Config{Interval: 50 * time.Millisecond, Poll: 10 * time.Millisecond, Jitter: -1}}
+			n, err := embedded.Open(ctx, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := n.Client()
+			if _, err := c.CreateStream(ctx, "m", 4); err != nil {
+				t.Fatal(err)
+			}
+			w, err := c.OpenWriter(ctx, "m", dstl.WriterOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range 100 {
+				if err := w.Put(ctx, "s", fmt.Appendf(nil, "k%d", i), fmt.Appendf(nil, "v%d", i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if complete, err := w.Checkpoint(ctx, 1, nil); err != nil || !complete {
+				t.Fatalf("checkpoint: %v %v", complete, err)
+			}
+			snapshotted := func() bool {
+				snaps, err := n.ChangelogNode().Snapshots(ctx, "m")
+				if err != nil {
+					t.Fatal(err)
+				}
+				return len(snaps) > 0
+			}
+			if noMat {
+				time.Sleep(200 * time.Millisecond) // four intervals
+				if snapshotted() {
+					t.Fatal("a snapshot appeared with NoMaterializer")
+				}
+			} else {
+				deadline := time.Now().Add(20 * time.Second)
+				for !snapshotted() && time.Now().Before(deadline) {
+					time.Sleep(20 * time.Millisecond)
+				}
+				if !snapshotted() {
+					t.Fatal("no snapshot of checkpoint 1 after 20 s")
+				}
+			}
+			if err := w.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := n.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+
+			n, err = embedded.Open(ctx, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer n.Close(context.Background())
+			w, err = n.Client().OpenWriter(ctx, "m", dstl.WriterOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close(ctx)
+			for _, i := range []int{0, 57, 99} {
+				v, ok, err := w.Get(ctx, "s", fmt.Appendf(nil, "k%d", i))
+				if err != nil || !ok || string(v) != fmt.Sprintf("v%d", i) {
+					t.Fatalf("k%d after reopen: %q %v %v", i, v, ok, err)
+				}
+			}
+		})
+	}
 }
