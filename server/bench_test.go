@@ -14,13 +14,15 @@ import (
 
 // BenchmarkServerAppend measures the server's append path (without the
 // network): changelog append plus the write-through into the read path,
-// for the Pebble-backed read path and the in-memory one. One op is a batch
-// of 100 puts of 100-byte values, buffered.
+// for the Pebble-backed read path, the in-memory one, and none at all (the
+// changelog-only path the others are compared with). One op is a batch of
+// 100 puts of 100-byte values, buffered.
 func BenchmarkServerAppend(b *testing.B) {
 	for _, tc := range []struct {
 		name     string
 		stateDir bool
-	}{{"state=pebble", true}, {"state=memory", false}} {
+		none     bool
+	}{{"state=pebble", true, false}, {"state=memory", false, false}, {"state=none", false, true}} {
 		b.Run(tc.name, func(b *testing.B) {
 			ctx := context.Background()
 			store, err := file.Open(b.TempDir())
@@ -34,8 +36,11 @@ func BenchmarkServerAppend(b *testing.B) {
 			}
 			defer node.Close(ctx)
 			opts := Options{}
-			if tc.stateDir {
+			switch {
+			case tc.stateDir:
 				opts.StateDir = b.TempDir()
+			case tc.none:
+				opts.State = readerOnly{NewLiveState(node)} // no write hooks
 			}
 			s, err := New(node, opts)
 			if err != nil {
@@ -49,8 +54,10 @@ func BenchmarkServerAppend(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			if err := s.hooks.WriterOpened(ctx, w); err != nil {
-				b.Fatal(err)
+			if s.hooks != nil {
+				if err := s.hooks.WriterOpened(ctx, w); err != nil {
+					b.Fatal(err)
+				}
 			}
 			s.writers[w.LogID()] = w
 			value := make([]byte, 100)
@@ -69,3 +76,6 @@ func BenchmarkServerAppend(b *testing.B) {
 		})
 	}
 }
+
+// readerOnly hides the write hooks of a StateReader.
+type readerOnly struct{ StateReader }
