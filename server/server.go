@@ -48,6 +48,17 @@ type Options struct {
 	// StateDir is the directory of the PebbleState serving reads. It is a
 	// cache rebuilt from the blob store: its store is wiped on New.
 	StateDir string
+	// ReadWait bounds how long a read of key groups of a writer of this
+	// node waits for the PebbleState's fold to reach that writer's last
+	// acknowledged append (read-your-writes); then it fails with
+	// ErrFoldBehind, UNAVAILABLE (default DefaultReadWait, 5s). StateDir
+	// only.
+	ReadWait time.Duration
+	// FoldQueueBytes bounds the memory of acknowledged batches waiting for
+	// the PebbleState's fold (default DefaultFoldQueueBytes, 64 MiB);
+	// batches beyond it are read back from the changelog when folded.
+	// StateDir only.
+	FoldQueueBytes int64
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -113,6 +124,20 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 		ps, err := OpenPebbleState(node, opts.StateDir, opts.Logger)
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
+		}
+		if opts.ReadWait > 0 {
+			ps.readWait = opts.ReadWait
+		}
+		if opts.FoldQueueBytes > 0 {
+			ps.queueBytes = opts.FoldQueueBytes
+		}
+		if opts.Registry != nil {
+			for _, c := range foldCollectors(ps) {
+				if err := opts.Registry.Register(c); err != nil {
+					_ = ps.Close()
+					return nil, fmt.Errorf("server: register metrics: %w", err)
+				}
+			}
 		}
 		s.state, s.hooks, s.owned = ps, ps, ps
 	default:
