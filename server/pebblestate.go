@@ -3,8 +3,10 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"iter"
 	"log/slog"
 	"os"
@@ -88,6 +90,7 @@ type PebbleState struct {
 	queued        atomic.Int64 // bytes of the batches queued (their cost)
 	queuedBatches atomic.Int64 // batches waiting to be folded, kept or not
 	spilled       atomic.Uint64
+	superseded    supersededFilter     // the fold goroutine's
 	waits         prometheus.Histogram // how long reads waited for the fold
 
 	// foldHook, when set (tests only), runs before each run of batches is
@@ -721,7 +724,68 @@ func (p *PebbleState) applyRun(ctx context.Context, w *pebbleWriter, run []*queu
 		}
 	}
 	w.v.addStates(changes)
-	return p.store.Apply(w.stream, w.log, changes)
+	changes = p.superseded.drop(changes)
+	return p.store.ApplyThrough(w.stream, w.log, changes, run[len(run)-1].last)
+}
+
+// supersededFilter drops, from the changes of one Apply, every change of a
+// key that a later put or delete of the same key in the same Apply
+// overrides. One Apply is one Pebble batch, committed atomically, so no
+// read can tell: the store holds the same state after it. Hot keys (a
+// counter updated by every batch) then cost the fold one write per Apply
+// instead of one per change. Only the fold goroutine uses it.
+type supersededFilter struct {
+	seed   maphash.Seed
+	last   map[uint64]int // hash of (key group, state, key) → index of its last put or delete
+	hashes []uint64       // per change, reused
+}
+
+func (f *supersededFilter) hash(c *segments.Change) uint64 {
+	var h maphash.Hash
+	h.SetSeed(f.seed)
+	var kg [2]byte
+	binary.LittleEndian.PutUint16(kg[:], c.KeyGroup)
+	h.Write(kg[:])
+	h.WriteString(c.State)
+	h.WriteByte(0) // state names hold no NUL: state and key stay apart
+	h.Write(c.Key)
+	return h.Sum64()
+}
+
+// drop filters changes in place (their order kept). A hash collision only
+// keeps a change that could have gone.
+func (f *supersededFilter) drop(changes []segments.Change) []segments.Change {
+	if len(changes) < 2 {
+		return changes
+	}
+	if f.last == nil {
+		f.seed, f.last = maphash.MakeSeed(), map[uint64]int{}
+	}
+	clear(f.last)
+	hashes := slices.Grow(f.hashes[:0], len(changes))[:len(changes)]
+	f.hashes = hashes
+	for i := range changes {
+		if op := changes[i].Op; op == segments.OpPut || op == segments.OpDelete {
+			hashes[i] = f.hash(&changes[i])
+			f.last[hashes[i]] = i
+		} else if op == segments.OpMerge {
+			hashes[i] = f.hash(&changes[i])
+		}
+	}
+	out := changes[:0]
+	for i := range changes {
+		c := &changes[i]
+		if c.Op != segments.OpClear {
+			if j, ok := f.last[hashes[i]]; ok && j > i {
+				o := &changes[j]
+				if o.KeyGroup == c.KeyGroup && o.State == c.State && bytes.Equal(o.Key, c.Key) {
+					continue
+				}
+			}
+		}
+		out = append(out, *c)
+	}
+	return out
 }
 
 // applyReplayed folds batches the queue did not keep, read back from the
