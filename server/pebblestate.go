@@ -610,7 +610,7 @@ const (
 // batches each, until Close.
 func (p *PebbleState) run(ctx context.Context) {
 	defer close(p.done)
-	for {
+	for ctx.Err() == nil {
 		p.readyMu.Lock()
 		var w *pebbleWriter
 		if len(p.ready) > 0 {
