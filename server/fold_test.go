@@ -520,3 +520,129 @@ func TestSupersededFilter(t *testing.T) {
 		}
 	}
 }
+
+// A node without writers (b) serves the newest complete checkpoint of a
+// stream another node (a) writes: random batches, checkpoints, writers
+// reopened over random splits from the newest checkpoint (same lineage:
+// b advances incrementally) or from an older one (a rollback: b drops and
+// refolds), compared with a map model of every checkpoint.
+func TestPebbleStateCheckpointAdvanceModel(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("DSTL_MODEL_SEED"); s != "" {
+		seed, _ = strconv.ParseUint(s, 10, 64)
+	}
+	t.Logf("seed %d (DSTL_MODEL_SEED replays it)", seed)
+	rng := rand.New(rand.NewPCG(seed, seed))
+	d := t.TempDir()
+	blob := d + "/blob"
+	a, _ := startPebbleNode(t, pebbleDirs{blob: blob, data: d + "/a", state: d + "/a/state"}, false)
+	b, _ := startPebbleNode(t, pebbleDirs{blob: blob, data: d + "/b", state: d + "/b/state"}, false)
+	b.ps.refreshEvery = 0
+	const keyGroups = 8
+	a.create(t, "s", keyGroups)
+	ctx := context.Background()
+	type mk struct {
+		kg         uint32
+		state, key string
+	}
+	model := map[mk]string{}
+	cps := map[uint64]map[mk]string{0: {}}
+	var cpIDs []uint64
+	type writer struct {
+		id string
+		r  keygroup.Range
+	}
+	open := func(from uint64) []writer {
+		cut := uint16(rng.IntN(keyGroups))
+		var ws []writer
+		for i, r := range []keygroup.Range{{Lo: 0, Hi: max(cut, 1) - 1}, {Lo: cut, Hi: keyGroups - 1}} {
+			if i == 0 && cut == 0 {
+				continue
+			}
+			w := a.open(t, &dstlv1.OpenWriterRequest{Stream: "s", KeyGroups: &dstlv1.KeyGroupRange{Lo: uint32(r.Lo), Hi: uint32(r.Hi)}, FromCheckpoint: from})
+			ws = append(ws, writer{w.WriterId, r})
+		}
+		return ws
+	}
+	check := func(what string) {
+		t.Helper()
+		latest := uint64(0)
+		if len(cpIDs) > 0 {
+			latest = cpIDs[len(cpIDs)-1]
+		}
+		var want []string
+		for k, v := range cps[latest] {
+			want = append(want, fmt.Sprintf("%d/%s/%s=%s", k.kg, k.state, k.key, v))
+		}
+		slices.SortFunc(want, func(x, y string) int {
+			kx, ky := splitEntry(x), splitEntry(y)
+			return compareEntries(&kx, &ky)
+		})
+		wantScan(t, fmt.Sprintf("%s: node b at checkpoint %d", what, latest), b.scan(t, &dstlv1.ScanRequest{Stream: "s", PageSize: 50}), want...)
+	}
+	writers := open(0)
+	rollbacks := 0
+	for step := range 50 {
+		switch x := rng.IntN(10); {
+		case x < 5: // a few batches
+			for range 1 + rng.IntN(3) {
+				w := writers[rng.IntN(len(writers))]
+				var changes []*dstlv1.Change
+				for range 1 + rng.IntN(10) {
+					op := []dstlv1.Op{dstlv1.Op_OP_PUT, dstlv1.Op_OP_PUT, dstlv1.Op_OP_MERGE, dstlv1.Op_OP_DELETE, dstlv1.Op_OP_CLEAR}[rng.IntN(5)]
+					if op == dstlv1.Op_OP_CLEAR && rng.IntN(3) > 0 {
+						op = dstlv1.Op_OP_MERGE
+					}
+					kg := uint32(w.r.Lo) + uint32(rng.IntN(int(w.r.Hi-w.r.Lo)+1))
+					c := change(op, kg, []string{"a", "b"}[rng.IntN(2)], []string{"k", "k1", "z"}[rng.IntN(3)], strconv.Itoa(rng.IntN(100)))
+					changes = append(changes, c)
+					k := mk{c.KeyGroup, c.State, string(c.Key)}
+					switch op {
+					case dstlv1.Op_OP_PUT:
+						model[k] = string(c.Value)
+					case dstlv1.Op_OP_DELETE:
+						delete(model, k)
+					case dstlv1.Op_OP_MERGE:
+						model[k] += string(c.Value)
+					case dstlv1.Op_OP_CLEAR:
+						for o := range model {
+							if o.kg == k.kg && o.state == k.state {
+								delete(model, o)
+							}
+						}
+					}
+				}
+				a.append(t, w.id, changes...)
+			}
+		case x < 8: // a checkpoint of every writer
+			id := uint64(len(cpIDs)) + 1
+			if n := len(cpIDs); n > 0 {
+				id = cpIDs[n-1] + 1
+			}
+			for _, w := range writers {
+				must(a.writers.Checkpoint(ctx, connect.NewRequest(&dstlv1.CheckpointRequest{WriterId: w.id, CheckpointId: id}))).get(t)
+			}
+			cpIDs = append(cpIDs, id)
+			cps[id] = maps.Clone(model)
+		default: // reopen: from the newest checkpoint, or roll back
+			for _, w := range writers {
+				must(a.writers.CloseWriter(ctx, connect.NewRequest(&dstlv1.CloseWriterRequest{WriterId: w.id}))).get(t)
+			}
+			from := uint64(0)
+			if n := len(cpIDs); n > 0 {
+				from = cpIDs[n-1]
+				if n > 1 && rng.IntN(3) == 0 {
+					from = cpIDs[n-2] // within the retained checkpoints
+					rollbacks++
+				}
+			}
+			writers = open(from)
+			model = maps.Clone(cps[from])
+		}
+		check(fmt.Sprintf("step %d", step))
+	}
+	t.Logf("node b: %d incremental advances, %d refolds, %d rollbacks", b.ps.advances.Load(), b.ps.refolds.Load(), rollbacks)
+	if len(cpIDs) > 1 && b.ps.advances.Load() == 0 {
+		t.Fatal("no checkpoint change was folded incrementally")
+	}
+}

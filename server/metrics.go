@@ -51,6 +51,10 @@ func foldCollectors(p *PebbleState) []prometheus.Collector {
 			func() float64 { return float64(p.queued.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_fold_spilled_batches_total", Help: "Batches over the fold queue's bound, read back from the changelog when folded."},
 			func() float64 { return float64(p.spilled.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_read_store_checkpoint_advances_total", Help: "Key-group runs without a local writer moved to a newer checkpoint by folding only the changes between the two."},
+			func() float64 { return float64(p.advances.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_read_store_refolds_total", Help: "Key-group runs without a local writer dropped and refolded from a snapshot and the changelog (first fold, or another lineage)."},
+			func() float64 { return float64(p.refolds.Load()) }),
 		p.waits,
 	}
 }

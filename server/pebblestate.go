@@ -38,8 +38,10 @@ import (
 //     batch never split over two Applies (one Pebble batch each), so a read
 //     sees all of a batch or none;
 //   - otherwise the newest complete checkpoint, re-checked at most once per
-//     refresh interval and refolded (drop + fold) for those key groups when
-//     it changes.
+//     refresh interval. When it changes, key groups holding an older
+//     checkpoint on its lineage advance by folding only the changes between
+//     the two (advance); the others (first fold, or a rollback to another
+//     lineage) are dropped and refolded from a snapshot and the changelog.
 //
 // A change of source drops the key groups (DropKeyGroups) and folds the new
 // source into them, holding the stream's fold lock exclusively, so readers
@@ -90,6 +92,8 @@ type PebbleState struct {
 	queued        atomic.Int64 // bytes of the batches queued (their cost)
 	queuedBatches atomic.Int64 // batches waiting to be folded, kept or not
 	spilled       atomic.Uint64
+	advances      atomic.Uint64        // checkpoint changes folded incrementally
+	refolds       atomic.Uint64        // key-group runs dropped and refolded
 	superseded    supersededFilter     // the fold goroutine's
 	waits         prometheus.Histogram // how long reads waited for the fold
 
@@ -996,24 +1000,35 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		return nil // resized meanwhile; the next read folds
 	}
 	cp := v.checkpoint
-	var runs []keygroup.Range
+	// Runs of key groups holding the same checkpoint (or stale), each
+	// advanced or refolded as one.
+	type run struct {
+		r    keygroup.Range
+		from uint64
+	}
+	var runs []run
 	for kg := 0; kg < keyGroups; kg++ {
 		if v.base[kg] == cp || v.owner(uint16(kg)) != nil {
 			continue
 		}
-		if n := len(runs); n > 0 && int(runs[n-1].Hi)+1 == kg {
-			runs[n-1].Hi = uint16(kg)
+		if n := len(runs); n > 0 && int(runs[n-1].r.Hi)+1 == kg && runs[n-1].from == v.base[kg] {
+			runs[n-1].r.Hi = uint16(kg)
 		} else {
-			runs = append(runs, keygroup.Range{Lo: uint16(kg), Hi: uint16(kg)})
+			runs = append(runs, run{keygroup.Range{Lo: uint16(kg), Hi: uint16(kg)}, v.base[kg]})
 		}
 	}
 	v.dirty = false
 	v.mu.Unlock()
 
-	for i, r := range runs {
-		err := p.store.DropKeyGroups(ctx, stream, r)
-		if err == nil && cp != 0 {
-			err = p.restore(ctx, v, stream, cp, r)
+	for i, rn := range runs {
+		r := rn.r
+		advanced, err := p.advance(ctx, v, stream, rn.from, cp, r)
+		if err == nil && !advanced {
+			p.refolds.Add(1)
+			err = p.store.DropKeyGroups(ctx, stream, r)
+			if err == nil && cp != 0 {
+				err = p.restore(ctx, v, stream, cp, r)
+			}
 		}
 		v.mu.Lock()
 		if len(v.base) != keyGroups {
@@ -1024,8 +1039,8 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 			// This run holds part of the base, the later ones are as
 			// they were: fold them all again next time.
 			v.dirty = true
-			for _, r := range runs[i:] {
-				v.setBaseLocked(r, staleKG)
+			for _, rn := range runs[i:] {
+				v.setBaseLocked(rn.r, staleKG)
 			}
 			v.mu.Unlock()
 			return err
@@ -1034,6 +1049,54 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		v.mu.Unlock()
 	}
 	return nil
+}
+
+// advance moves key groups r, which hold complete checkpoint from, to the
+// newer complete checkpoint to by folding only the changes between the two,
+// when to is on from's lineage for all of r: planned with from as the only
+// base (as if it were a snapshot holding, for each log of from, the log up
+// to from's SQN), every key group of r must start from that base; the
+// plan's steps are then exactly the changes after from. It reports false,
+// having changed nothing, when the lineages differ (to's parts of r start
+// from an older checkpoint, a rollback, or from a log truncated past
+// from's SQN): the caller drops and refolds r instead.
+func (p *PebbleState) advance(ctx context.Context, v *pebbleStream, stream string, from, to uint64, r keygroup.Range) (bool, error) {
+	if from == 0 || from == staleKG || from >= to {
+		return false, nil
+	}
+	parts, err := p.node.CheckpointParts(ctx, stream, from)
+	if err != nil {
+		return false, err
+	}
+	base := changelog.Snapshot{Stream: stream, Checkpoint: from, Logs: make(map[string]uint64, len(parts))}
+	for _, pt := range parts {
+		base.Logs[pt.LogID] = pt.UpToSQN
+	}
+	pl, err := p.node.PlanRestoreFrom(ctx, stream, to, r, &base)
+	if errors.Is(err, changelog.ErrLogTruncated) {
+		return false, nil // a snapshot newer than from is needed: refold
+	}
+	if err != nil {
+		return false, err
+	}
+	covered := 0
+	for _, b := range pl.Bases {
+		if b.Snapshot.Checkpoint != from {
+			return false, nil
+		}
+		for _, br := range b.Ranges {
+			covered += int(br.Hi) - int(br.Lo) + 1
+		}
+	}
+	if covered != int(r.Hi)-int(r.Lo)+1 {
+		return false, nil // some key groups do not start from from
+	}
+	logID := fmt.Sprintf("checkpoint %d..%d#%d", from, to, p.folds.Add(1))
+	if err := p.fold(ctx, v, stream, logID, p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
+		return false, err
+	}
+	p.advances.Add(1)
+	return true, nil
 }
 
 // restore folds the state of key groups r at complete checkpoint cp into
