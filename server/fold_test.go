@@ -258,9 +258,16 @@ func TestFoldStalledReadTimesOut(t *testing.T) {
 
 // A writer fenced while batches of it are queued: none of them reaches the
 // store (the new writer's key groups hold its own state). A writer closed
-// while batches are queued: they all fold, its view serves on.
+// while batches are queued: they all fold, its view serves on. Both with
+// the batches kept in the queue and read back from the changelog.
 func TestFoldWriterFencedOrClosedWhileQueued(t *testing.T) {
-	n, _ := startPebbleNode(t, newPebbleDirs(t), false)
+	for _, queue := range []int64{DefaultFoldQueueBytes, 1} {
+		t.Run(fmt.Sprintf("queue=%d", queue), func(t *testing.T) { testFoldFencedOrClosed(t, queue) })
+	}
+}
+
+func testFoldFencedOrClosed(t *testing.T, queue int64) {
+	n, _ := startPebbleNodeWith(t, newPebbleDirs(t), false, Options{FoldQueueBytes: queue})
 	n.create(t, "s", 4)
 	ctx := context.Background()
 	P := dstlv1.Op_OP_PUT
