@@ -22,6 +22,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/segments"
 )
@@ -506,33 +507,45 @@ func TestSupersededFilter(t *testing.T) {
 		for i := range 5 {
 			base.apply(&segments.Change{Op: segments.OpPut, KeyGroup: uint16(i % 2), State: "a", Key: []byte{byte('k' + i%3)}, Value: []byte("base")})
 		}
-		var changes []segments.Change
-		for i := range 1 + rng.IntN(12) {
-			c := segments.Change{SQN: uint64(i + 1), Op: ops[rng.IntN(len(ops))], KeyGroup: uint16(rng.IntN(2)), State: []string{"a", "b"}[rng.IntN(2)], Key: []byte{byte('k' + rng.IntN(3))}, Value: []byte{byte('0' + i)}}
-			changes = append(changes, c)
+		var (
+			changes []segments.Change
+			run     []*queuedBatch
+		)
+		sqn := uint64(1)
+		for range 1 + rng.IntN(4) { // batches of the run
+			qb := &queuedBatch{first: sqn}
+			for range 1 + rng.IntN(5) {
+				c := changelog.Change{Op: ops[rng.IntN(len(ops))], KeyGroup: uint16(rng.IntN(2)), State: []string{"a", "b"}[rng.IntN(2)], Key: []byte{byte('k' + rng.IntN(3))}, Value: []byte{byte('0' + sqn%10)}}
+				qb.changes = append(qb.changes, c)
+				changes = append(changes, segments.Change{SQN: sqn, Op: c.Op, KeyGroup: c.KeyGroup, State: c.State, Key: c.Key, Value: c.Value})
+				sqn++
+			}
+			qb.last = sqn - 1
+			run = append(run, qb)
 		}
 		full, filtered := maps.Clone(base), maps.Clone(base)
 		for i := range changes {
 			full.apply(&changes[i])
 		}
-		kept := f.drop(slices.Clone(changes))
+		kept := slices.Clone(f.collect(run))
+		f.reset()
 		for i := range kept {
 			filtered.apply(&kept[i])
 		}
 		if !maps.EqualFunc(full, filtered, bytes.Equal) {
 			t.Fatalf("round %d: changes %v\n kept %v\n full %v\n filtered %v", round, changes, kept, full, filtered)
 		}
-		if len(kept) > 0 && kept[len(kept)-1].SQN != changes[len(changes)-1].SQN {
+		if kept[len(kept)-1].SQN != changes[len(changes)-1].SQN {
 			t.Fatalf("round %d: the last change was dropped", round)
+		}
+		for i := 1; i < len(kept); i++ {
+			if kept[i].SQN <= kept[i-1].SQN {
+				t.Fatalf("round %d: SQNs out of order: %v", round, kept)
+			}
 		}
 	}
 }
 
-// A node without writers (b) serves the newest complete checkpoint of a
-// stream another node (a) writes: random batches, checkpoints, writers
-// reopened over random splits from the newest checkpoint (same lineage:
-// b advances incrementally) or from an older one (a rollback: b drops and
-// refolds), compared with a map model of every checkpoint.
 func TestPebbleStateCheckpointAdvanceModel(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("DSTL_MODEL_SEED"); s != "" {

@@ -3,7 +3,6 @@ package server
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -104,6 +103,8 @@ type PebbleState struct {
 	readyMu sync.Mutex
 	ready   []*pebbleWriter // views with batches ready to fold, in turn
 	wake    chan struct{}   // capacity 1: ready has grown
+	waiting atomic.Int64    // reads waiting for the fold
+	hurry   chan struct{}   // capacity 1: a read started waiting
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when the fold goroutine has ended
 	stopped chan struct{} // closed by Close: waiting reads give up
@@ -190,8 +191,8 @@ type pebbleWriter struct {
 // queuedBatch is an acknowledged batch waiting to be folded.
 type queuedBatch struct {
 	first, last uint64
-	changes     []segments.Change // nil: not kept, read back from the changelog
-	cost        int64             // bytes counted in PebbleState.queued
+	changes     []changelog.Change // nil: not kept, read back from the changelog
+	cost        int64              // bytes counted in PebbleState.queued
 }
 
 // OpenPebbleState wipes the store in dir (a cache: it is rebuilt from the
@@ -225,7 +226,7 @@ func newPebbleState(node *changelog.Node, store *materializer.Store) *PebbleStat
 			Name: "dstl_server_read_fold_wait_seconds", Help: "How long reads of key groups of a writer of this node waited for the fold to reach the writer's acknowledged appends.",
 			Buckets: []float64{0, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
-		wake: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{}), stopped: make(chan struct{}),
+		wake: make(chan struct{}, 1), hurry: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	go p.run(ctx)
 	return p
@@ -524,10 +525,11 @@ func (p *PebbleState) fold(ctx context.Context, v *pebbleStream, stream, logID s
 }
 
 // Appended queues an acknowledged batch (SQNs first..) on its writer's
-// view for the fold goroutine; it never waits for the fold. The batch is
-// copied (the caller may reuse its buffers) if it fits the queue's bound,
-// else only its SQN range is kept and the fold reads it back from the
-// changelog.
+// view for the fold goroutine; it never waits for the fold. If the batch
+// fits the queue's bound, its keys and values are copied (the caller may
+// reuse those buffers) and the batch slice itself is kept (stateHooks: the
+// caller hands it over); else only its SQN range is kept and the fold
+// reads it back from the changelog.
 func (p *PebbleState) Appended(stream, writerID string, first uint64, batch []changelog.Change) {
 	if len(batch) == 0 || p.closing.Load() {
 		return
@@ -542,28 +544,29 @@ func (p *PebbleState) Appended(stream, writerID string, first uint64, batch []ch
 		size += len(batch[i].Key) + len(batch[i].Value)
 	}
 	cost := int64(size) + int64(len(batch))*changeOverhead
-	if p.queued.Add(cost) <= p.queueBytes {
-		qb.cost = cost
-		qb.changes = make([]segments.Change, len(batch))
-		arena := make([]byte, 0, size)
-		for j := range batch {
-			c := &batch[j]
-			arena = append(arena, c.Key...)
-			key := arena[len(arena)-len(c.Key) : len(arena) : len(arena)]
-			arena = append(arena, c.Value...)
-			value := arena[len(arena)-len(c.Value) : len(arena) : len(arena)]
-			qb.changes[j] = segments.Change{SQN: first + uint64(j), KeyGroup: c.KeyGroup, State: c.State, Op: c.Op, Key: key, Value: value}
-		}
-	} else {
-		p.queued.Add(-cost)
-		p.spilled.Add(1)
-	}
 	p.queuedBatches.Add(1)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.dead || w.err != nil || qb.last <= w.taken || w.pending[first] != nil {
 		p.release(qb) // gone, broken, or folded already (at open)
 		return
+	}
+	if p.queued.Add(cost) <= p.queueBytes {
+		// Copied under w.mu: the fold goroutine reads a batch only once
+		// it is in pending.
+		qb.cost = cost
+		arena := make([]byte, 0, size)
+		for j := range batch {
+			c := &batch[j]
+			arena = append(arena, c.Key...)
+			c.Key = arena[len(arena)-len(c.Key) : len(arena) : len(arena)]
+			arena = append(arena, c.Value...)
+			c.Value = arena[len(arena)-len(c.Value) : len(arena) : len(arena)]
+		}
+		qb.changes = batch
+	} else {
+		p.queued.Add(-cost)
+		p.spilled.Add(1)
 	}
 	w.pending[first] = qb
 	w.acked = max(w.acked, qb.last)
@@ -610,10 +613,20 @@ const (
 	foldRunBytes   = 16 << 20
 )
 
+// foldLinger is how long the fold goroutine lets a small run of batches
+// grow before folding it, unless a read waits: a larger run costs fewer
+// Pebble commits, and hot keys overwritten by several batches are written
+// once (supersededFilter). A read that has to wait ends the linger at once,
+// so read-your-writes does not pay for it.
+const foldLinger = time.Millisecond
+
 // run is the fold goroutine: it folds the ready views in turn, one run of
 // batches each, until Close.
 func (p *PebbleState) run(ctx context.Context) {
 	defer close(p.done)
+	linger := time.NewTimer(foldLinger)
+	linger.Stop()
+	defer linger.Stop()
 	for ctx.Err() == nil {
 		p.readyMu.Lock()
 		var w *pebbleWriter
@@ -631,8 +644,38 @@ func (p *PebbleState) run(ctx context.Context) {
 				return
 			}
 		}
+		if p.small(w) {
+			linger.Reset(foldLinger)
+			select {
+			case <-linger.C:
+			case <-p.hurry:
+				linger.Stop()
+			case <-ctx.Done():
+				return
+			}
+		}
 		p.foldNext(ctx, w)
 	}
+}
+
+// small reports whether the view's next run is small enough to linger on
+// and no read waits.
+func (p *PebbleState) small(w *pebbleWriter) bool {
+	if p.waiting.Load() > 0 {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var n uint64
+	for next := w.taken + 1; n < foldRunChanges/2; {
+		qb := w.pending[next]
+		if qb == nil {
+			return true
+		}
+		n += qb.last - qb.first + 1
+		next = qb.last + 1
+	}
+	return false
 }
 
 // takeLocked removes from the queue the batches that fold next: from
@@ -716,19 +759,9 @@ func (p *PebbleState) applyRun(ctx context.Context, w *pebbleWriter, run []*queu
 	if run[0].changes == nil {
 		return p.applyReplayed(ctx, w, run)
 	}
-	changes := run[0].changes
-	if len(run) > 1 {
-		n := 0
-		for _, qb := range run {
-			n += len(qb.changes)
-		}
-		changes = make([]segments.Change, 0, n)
-		for _, qb := range run {
-			changes = append(changes, qb.changes...)
-		}
-	}
-	w.v.addStates(changes)
-	changes = p.superseded.drop(changes)
+	changes := p.superseded.collect(run)
+	defer p.superseded.reset()
+	w.v.addStates(changes) // a dropped change's state is a kept one's
 	return p.store.ApplyThrough(w.stream, w.log, changes, run[len(run)-1].last)
 }
 
@@ -740,56 +773,74 @@ func (p *PebbleState) applyRun(ctx context.Context, w *pebbleWriter, run []*queu
 // instead of one per change. Only the fold goroutine uses it.
 type supersededFilter struct {
 	seed   maphash.Seed
-	last   map[uint64]int // hash of (key group, state, key) → index of its last put or delete
-	hashes []uint64       // per change, reused
+	last   map[uint64]int      // hash of (key group, state, key) → index of its last put or delete
+	hashes []uint64            // per change of the run, reused
+	at     []*changelog.Change // per change of the run, reused
+	out    []segments.Change   // the changes kept, reused
 }
 
-func (f *supersededFilter) hash(c *segments.Change) uint64 {
-	var h maphash.Hash
-	h.SetSeed(f.seed)
-	var kg [2]byte
-	binary.LittleEndian.PutUint16(kg[:], c.KeyGroup)
-	h.Write(kg[:])
-	h.WriteString(c.State)
-	h.WriteByte(0) // state names hold no NUL: state and key stay apart
-	h.Write(c.Key)
-	return h.Sum64()
+func (f *supersededFilter) hash(c *changelog.Change) uint64 {
+	// Mixing two hashes and the key group: a collision only keeps a
+	// change that could have been dropped (collect compares the keys).
+	return maphash.Bytes(f.seed, c.Key) ^ (maphash.String(f.seed, c.State)+uint64(c.KeyGroup))*0x9E3779B97F4A7C15
 }
 
-// drop filters changes in place (their order kept). A hash collision only
-// keeps a change that could have gone.
-func (f *supersededFilter) drop(changes []segments.Change) []segments.Change {
-	if len(changes) < 2 {
-		return changes
-	}
+// collect returns the changes of a run of batches, with their SQNs, that
+// no later put or delete of the same key in the run overrides, in order.
+// The result is valid until the next call.
+func (f *supersededFilter) collect(run []*queuedBatch) []segments.Change {
 	if f.last == nil {
 		f.seed, f.last = maphash.MakeSeed(), map[uint64]int{}
 	}
+	n := 0
+	for _, qb := range run {
+		n += len(qb.changes)
+	}
 	clear(f.last)
-	hashes := slices.Grow(f.hashes[:0], len(changes))[:len(changes)]
-	f.hashes = hashes
-	for i := range changes {
-		if op := changes[i].Op; op == segments.OpPut || op == segments.OpDelete {
-			hashes[i] = f.hash(&changes[i])
-			f.last[hashes[i]] = i
-		} else if op == segments.OpMerge {
-			hashes[i] = f.hash(&changes[i])
+	f.hashes = slices.Grow(f.hashes[:0], n)[:n]
+	f.at = slices.Grow(f.at[:0], n)[:n]
+	i := 0
+	for _, qb := range run {
+		for j := range qb.changes {
+			c := &qb.changes[j]
+			f.at[i] = c
+			switch c.Op {
+			case segments.OpPut, segments.OpDelete:
+				f.hashes[i] = f.hash(c)
+				f.last[f.hashes[i]] = i
+			case segments.OpMerge:
+				f.hashes[i] = f.hash(c)
+			}
+			i++
 		}
 	}
-	out := changes[:0]
-	for i := range changes {
-		c := &changes[i]
-		if c.Op != segments.OpClear {
-			if j, ok := f.last[hashes[i]]; ok && j > i {
-				o := &changes[j]
-				if o.KeyGroup == c.KeyGroup && o.State == c.State && bytes.Equal(o.Key, c.Key) {
-					continue
+	out := f.out[:0]
+	i = 0
+	for _, qb := range run {
+		for j := range qb.changes {
+			c := &qb.changes[j]
+			keep := true
+			if c.Op != segments.OpClear {
+				if k, ok := f.last[f.hashes[i]]; ok && k > i {
+					o := f.at[k]
+					keep = o.KeyGroup != c.KeyGroup || o.State != c.State || !bytes.Equal(o.Key, c.Key)
 				}
 			}
+			if keep {
+				out = append(out, segments.Change{SQN: qb.first + uint64(j), KeyGroup: c.KeyGroup, State: c.State, Op: c.Op, Key: c.Key, Value: c.Value})
+			}
+			i++
 		}
-		out = append(out, *c)
 	}
+	f.out = out
 	return out
+}
+
+// reset drops the filter's references to the last run, so that the
+// memory of folded batches goes at once.
+func (f *supersededFilter) reset() {
+	clear(f.at)
+	clear(f.out)
 }
 
 // applyReplayed folds batches the queue did not keep, read back from the
@@ -871,6 +922,13 @@ func (p *PebbleState) awaitFold(ctx context.Context, stream string, v *pebbleStr
 	}
 	start := time.Now()
 	defer func() { p.waits.Observe(time.Since(start).Seconds()) }()
+	// Tell the fold goroutine not to linger while this read waits.
+	p.waiting.Add(1)
+	defer p.waiting.Add(-1)
+	select {
+	case p.hurry <- struct{}{}:
+	default: // told already
+	}
 	timer := time.NewTimer(p.readWait)
 	defer timer.Stop()
 	for _, t := range ts {

@@ -153,6 +153,9 @@ type stateHooks interface {
 	// WriterOpened builds the view of a writer just opened or resumed.
 	WriterOpened(ctx context.Context, w *changelog.Writer) error
 	// Appended applies an acknowledged batch, SQNs first.., of a writer.
+	// The caller hands batch over: the hook may keep the slice and rewrite
+	// its changes (not the bytes of their keys and values, which the
+	// caller may reuse once it returns).
 	Appended(stream, writerID string, first uint64, batch []changelog.Change)
 	// WriterClosed: the writer closed; its view serves until a newer
 	// writer opens its key groups.
