@@ -63,7 +63,10 @@ import (
 // queues a batch on its writer's view, and one fold goroutine per store
 // (started by OpenPebbleState, stopped by Close) applies each writer's
 // batches in SQN order, several consecutive batches of a writer coalesced
-// into one Apply (still one Pebble batch: whole acknowledged batches only).
+// into one Apply (still one Pebble batch: whole acknowledged batches only;
+// changes a later put or delete of the same key in it overrides are
+// dropped, see supersededFilter; a small run may linger 1 ms to grow unless
+// a read waits, see foldLinger).
 // The queue is bounded by memory accounting rather than back-pressure: the
 // batches queued over all writers hold at most queueBytes (key and value
 // bytes plus a per-change overhead); a batch that does not fit is not
@@ -614,7 +617,7 @@ const (
 )
 
 // foldLinger is how long the fold goroutine lets a small run of batches
-// grow before folding it, unless a read waits: a larger run costs fewer
+// grow before folding it, when no other view is ready and no read waits: a larger run costs fewer
 // Pebble commits, and hot keys overwritten by several batches are written
 // once (supersededFilter). A read that has to wait ends the linger at once,
 // so read-your-writes does not pay for it.
@@ -635,6 +638,7 @@ func (p *PebbleState) run(ctx context.Context) {
 			p.ready[0] = nil
 			p.ready = p.ready[1:]
 		}
+		alone := len(p.ready) == 0
 		p.readyMu.Unlock()
 		if w == nil {
 			select {
@@ -644,7 +648,9 @@ func (p *PebbleState) run(ctx context.Context) {
 				return
 			}
 		}
-		if p.small(w) {
+		// Linger only when no other view is ready: with several, their
+		// turns let each run grow, and a linger per view would add up.
+		if alone && p.small(w) {
 			linger.Reset(foldLinger)
 			select {
 			case <-linger.C:
