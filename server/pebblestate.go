@@ -550,8 +550,9 @@ func (p *PebbleState) Appended(stream, writerID string, first uint64, batch []ch
 	p.queuedBatches.Add(1)
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.dead || w.err != nil || qb.last <= w.taken || w.pending[first] != nil {
-		p.release(qb) // gone, broken, or folded already (at open)
+	// closing again under w.mu: Close drops the queues after setting it.
+	if w.dead || w.err != nil || qb.last <= w.taken || w.pending[first] != nil || p.closing.Load() {
+		p.release(qb) // gone, broken, folded already (at open), or closing
 		return
 	}
 	if p.queued.Add(cost) <= p.queueBytes {
