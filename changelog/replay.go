@@ -1,6 +1,7 @@
 package changelog
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -24,13 +25,19 @@ var ErrLogTruncated = errors.New("log prefix truncated")
 func (w *Writer) Replay(ctx context.Context, after, upTo uint64, r keygroup.Range) iter.Seq2[segments.Change, error] {
 	w.mu.Lock()
 	segs := slices.Clone(w.segs)
-	// Copy the entries: Uploaded clears uploaded entries in place (so their
-	// arenas can be freed) while this iterator may still be reading them.
-	tail := slices.Clone(w.tail)
 	truncated := w.truncatedBefore
 	if upTo == 0 {
 		upTo = w.next - 1
 	}
+	// Copy the entries in (after, upTo] only (the tail is in SQN order): a
+	// short replay of a long tail, as the read store's catch-up does, then
+	// costs what it reads. Copied because Uploaded clears uploaded entries
+	// in place (so their arenas can be freed) while this iterator may
+	// still be reading them.
+	bySQN := func(c segments.Change, sqn uint64) int { return cmp.Compare(c.SQN, sqn) }
+	lo, _ := slices.BinarySearchFunc(w.tail, after+1, bySQN)
+	hi, _ := slices.BinarySearchFunc(w.tail, upTo+1, bySQN)
+	tail := slices.Clone(w.tail[lo:max(lo, hi)])
 	w.mu.Unlock()
 	return func(yield func(segments.Change, error) bool) {
 		if after+1 < truncated {

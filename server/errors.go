@@ -8,6 +8,7 @@ import (
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/materializer"
 	"github.com/dstl-dev/dstl/upload"
 )
 
@@ -49,6 +50,15 @@ func codeOf(err error) connect.Code {
 		return connect.CodeNotFound
 	case errors.Is(err, changelog.ErrStreamExists):
 		return connect.CodeAlreadyExists
+	case errors.Is(err, ErrFoldBehind):
+		// The fold is catching up: a retry may succeed.
+		return connect.CodeUnavailable
+	case errors.Is(err, materializer.ErrClosed):
+		// The node is shutting down.
+		return connect.CodeUnavailable
+	case errors.Is(err, ErrReadViewBroken):
+		// Until a writer opens the key groups again.
+		return connect.CodeFailedPrecondition
 	case errors.Is(err, changelog.ErrFenced),
 		errors.Is(err, changelog.ErrCheckpointTooOld),
 		errors.Is(err, changelog.ErrCheckpointConflict),

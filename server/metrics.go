@@ -38,6 +38,27 @@ func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.requests}
 }
 
+// foldCollectors are the metrics of a PebbleState's fold: how far it is
+// behind the acknowledged appends (read-your-writes reads wait that out)
+// and how long reads waited.
+func foldCollectors(p *PebbleState) []prometheus.Collector {
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "dstl_server_fold_lag_sqns", Help: "Changes acknowledged to this node's writers and not yet folded into the read store."},
+			func() float64 { return float64(p.foldLag()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "dstl_server_fold_queued_batches", Help: "Acknowledged batches waiting for the read store's fold."},
+			func() float64 { return float64(p.queuedBatches.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "dstl_server_fold_queued_bytes", Help: "Memory held by the batches waiting for the fold (bounded by the fold queue's size)."},
+			func() float64 { return float64(p.queued.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_fold_spilled_batches_total", Help: "Batches over the fold queue's bound, read back from the changelog when folded."},
+			func() float64 { return float64(p.spilled.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_read_store_checkpoint_advances_total", Help: "Key-group runs without a local writer moved to a newer checkpoint by folding only the changes between the two."},
+			func() float64 { return float64(p.advances.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "dstl_server_read_store_refolds_total", Help: "Key-group runs without a local writer dropped and refolded from a snapshot and the changelog (first fold, or another lineage)."},
+			func() float64 { return float64(p.refolds.Load()) }),
+		p.waits,
+	}
+}
+
 func (m *metrics) appended(d changelog.Durability, changes, bytes int) {
 	m.changes.WithLabelValues(d.String()).Add(float64(changes))
 	m.batches.WithLabelValues(d.String()).Inc()

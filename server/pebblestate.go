@@ -3,7 +3,9 @@ package server
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"hash/maphash"
 	"iter"
 	"log/slog"
 	"os"
@@ -12,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
@@ -29,11 +33,14 @@ import (
 //
 //   - a writer of this node that owns it (open, or closed until a newer
 //     writer opens it): the checkpoint the writer started from plus every
-//     change it appended, each acknowledged batch applied in SQN order as
-//     one Apply (one Pebble batch), so a read sees all of a batch or none;
+//     change it appended, the acknowledged batches applied in SQN order, a
+//     batch never split over two Applies (one Pebble batch each), so a read
+//     sees all of a batch or none;
 //   - otherwise the newest complete checkpoint, re-checked at most once per
-//     refresh interval and refolded (drop + fold) for those key groups when
-//     it changes.
+//     refresh interval. When it changes, key groups holding an older
+//     checkpoint on its lineage advance by folding only the changes between
+//     the two (advance); the others (first fold, or a rollback to another
+//     lineage) are dropped and refolded from a snapshot and the changelog.
 //
 // A change of source drops the key groups (DropKeyGroups) and folds the new
 // source into them, holding the stream's fold lock exclusively, so readers
@@ -51,15 +58,86 @@ import (
 // through the writer's last SQN at open). The stale applied-SQN keys of
 // earlier folds are a few bytes each and vanish with the directory, which
 // is wiped on open: the store is a cache rebuilt from the blob store.
+//
+// The fold of acknowledged batches is off the append path: Appended only
+// queues a batch on its writer's view, and one fold goroutine per store
+// (started by OpenPebbleState, stopped by Close) applies each writer's
+// batches in SQN order, several consecutive batches of a writer coalesced
+// into one Apply (still one Pebble batch: whole acknowledged batches only;
+// changes a later put or delete of the same key in it overrides are
+// dropped, see supersededFilter; a small run may linger 1 ms to grow unless
+// a read waits, see foldLinger).
+// The queue is bounded by memory accounting rather than back-pressure: the
+// batches queued over all writers hold at most queueBytes (key and value
+// bytes plus a per-change overhead); a batch that does not fit is not
+// copied, only its SQN range is recorded, and the fold reads it back from
+// the changelog (Writer.Replay: the un-uploaded tail is in memory there
+// anyway, the rest in uploaded segments). So a slow fold never slows
+// appends down nor grows memory; it only grows the fold lag, which reads
+// then wait out (below), and which the dstl_server_fold_* metrics show.
+//
+// Read-your-writes: a read of key groups served by a writer's view waits
+// until the view is folded through the highest SQN acknowledged to that
+// writer's appenders when the read started, at most readWait; then it
+// fails with ErrFoldBehind (UNAVAILABLE). A fold that fails breaks the view
+// for good (ErrReadViewBroken on every read of its key groups) rather than
+// serving it without the batch.
 type PebbleState struct {
 	node         *changelog.Node
 	store        *materializer.Store
 	refreshEvery time.Duration
 	folds        atomic.Uint64 // derives fresh log ids
 
+	readWait   time.Duration // bound of a read's wait for the fold
+	queueBytes int64         // bound of the memory of queued batches
+
+	queued        atomic.Int64 // bytes of the batches queued (their cost)
+	queuedBatches atomic.Int64 // batches waiting to be folded, kept or not
+	spilled       atomic.Uint64
+	advances      atomic.Uint64        // checkpoint changes folded incrementally
+	refolds       atomic.Uint64        // key-group runs dropped and refolded
+	superseded    supersededFilter     // the fold goroutine's
+	waits         prometheus.Histogram // how long reads waited for the fold
+
+	// foldHook, when set (tests only), runs before each run of batches is
+	// applied: it may block, as a stalled fold, or fail, as a failing one.
+	foldHook atomic.Pointer[func(ctx context.Context, writerID string, first, last uint64) error]
+
+	readyMu sync.Mutex
+	ready   []*pebbleWriter // views with batches ready to fold, in turn
+	wake    chan struct{}   // capacity 1: ready has grown
+	waiting atomic.Int64    // reads waiting for the fold
+	hurry   chan struct{}   // capacity 1: a read started waiting
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when the fold goroutine has ended
+	stopped chan struct{} // closed by Close: waiting reads give up
+	closing atomic.Bool
+	stopMu  sync.Once
+
 	mu      sync.Mutex
 	streams map[string]*pebbleStream
 }
+
+// Defaults of the fold's bounds (Options.ReadWait, Options.FoldQueueBytes).
+const (
+	DefaultReadWait       = 5 * time.Second
+	DefaultFoldQueueBytes = 64 << 20
+)
+
+// changeOverhead is what a queued change costs besides its key and value:
+// its segments.Change (about 100 bytes) and a share of the batch's slices.
+const changeOverhead = 128
+
+var (
+	// ErrFoldBehind: a read of key groups of a writer of this node waited
+	// as long as allowed and the fold had not reached the writer's last
+	// acknowledged append (UNAVAILABLE: retry, the fold is catching up).
+	ErrFoldBehind = errors.New("read view behind the writer's acknowledged appends")
+	// ErrReadViewBroken: folding an acknowledged batch of a writer failed;
+	// its view misses that batch, so its key groups are not served until
+	// a writer opens them again (FAILED_PRECONDITION).
+	ErrReadViewBroken = errors.New("read view broken")
+)
 
 // staleKG marks a key group whose data in the store is not the checkpoint
 // base (a writer's, or nothing known): it must be dropped and refolded
@@ -83,19 +161,41 @@ type pebbleStream struct {
 	states   map[string]struct{} // every state name folded into the stream
 }
 
-// pebbleWriter is one writer's view; mu serializes its Applies. Lock order:
-// pebbleStream.mu, then pebbleWriter.mu.
+// pebbleWriter is one writer's view and its queue of acknowledged batches.
+// Lock order: pebbleStream.mu, then pebbleWriter.foldMu, then
+// pebbleWriter.mu, then PebbleState.readyMu.
 type pebbleWriter struct {
-	id  string
-	r   keygroup.Range
-	log string // the store's log id for the writer's changes
+	p      *PebbleState
+	v      *pebbleStream
+	stream string
+	id     string
+	r      keygroup.Range
+	log    string            // the store's log id for the writer's changes
+	cw     *changelog.Writer // reads back the batches the queue did not keep
 
-	mu      sync.Mutex
-	closed  bool
-	dead    bool  // replaced or fenced: its key groups are no longer its own
-	err     error // an Apply failed: the view is incomplete
-	lastSQN uint64
-	pending map[uint64][]segments.Change
+	// foldMu is held while the fold goroutine applies the view's batches,
+	// and by retire: once retire returns, nothing more of this view
+	// reaches the store (the key groups may be dropped and refolded).
+	foldMu sync.Mutex
+
+	mu        sync.Mutex
+	closed    bool
+	building  bool  // WriterOpened is folding the view's start: no fold yet
+	dead      bool  // replaced or fenced: its key groups are no longer its own
+	err       error // a fold failed: the view is incomplete
+	acked     uint64
+	taken     uint64                  // batches through it were taken to fold
+	folded    uint64                  // the store holds the view through it
+	pending   map[uint64]*queuedBatch // batches after taken, by first SQN
+	scheduled bool                    // in PebbleState.ready
+	progress  chan struct{}           // closed when folded, dead or err change
+}
+
+// queuedBatch is an acknowledged batch waiting to be folded.
+type queuedBatch struct {
+	first, last uint64
+	changes     []changelog.Change // nil: not kept, read back from the changelog
+	cost        int64              // bytes counted in PebbleState.queued
 }
 
 // OpenPebbleState wipes the store in dir (a cache: it is rebuilt from the
@@ -116,11 +216,47 @@ func OpenPebbleState(node *changelog.Node, dir string, log *slog.Logger) (*Pebbl
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
-	return &PebbleState{node: node, store: store, refreshEvery: time.Second, streams: map[string]*pebbleStream{}}, nil
+	return newPebbleState(node, store), nil
 }
 
-// Close closes the store; reads fail afterwards.
-func (p *PebbleState) Close() error { return p.store.Close() }
+// newPebbleState starts the fold goroutine of a store; Close stops it.
+func newPebbleState(node *changelog.Node, store *materializer.Store) *PebbleState {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &PebbleState{
+		node: node, store: store, refreshEvery: time.Second, streams: map[string]*pebbleStream{},
+		readWait: DefaultReadWait, queueBytes: DefaultFoldQueueBytes,
+		waits: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "dstl_server_read_fold_wait_seconds", Help: "How long reads of key groups of a writer of this node waited for the fold to reach the writer's acknowledged appends.",
+			Buckets: []float64{0, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
+		wake: make(chan struct{}, 1), hurry: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{}), stopped: make(chan struct{}),
+	}
+	go p.run(ctx)
+	return p
+}
+
+// Close stops the fold goroutine, drops the batches still queued (the
+// changelog holds them) and closes the store; reads fail afterwards.
+func (p *PebbleState) Close() error {
+	p.stopMu.Do(func() {
+		p.closing.Store(true)
+		close(p.stopped)
+		p.cancel()
+		<-p.done
+		p.mu.Lock()
+		for _, v := range p.streams {
+			v.mu.Lock()
+			for _, w := range v.writers {
+				w.mu.Lock()
+				w.dropPendingLocked()
+				w.mu.Unlock()
+			}
+			v.mu.Unlock()
+		}
+		p.mu.Unlock()
+	})
+	return p.store.Close()
+}
 
 func (p *PebbleState) view(stream string) *pebbleStream {
 	p.mu.Lock()
@@ -155,11 +291,37 @@ func (v *pebbleStream) sizeLocked(keyGroups int) {
 	}
 }
 
+// retire ends the view: nothing more of it is folded once retire returns.
 func (w *pebbleWriter) retire() {
+	w.foldMu.Lock()
+	defer w.foldMu.Unlock()
 	w.mu.Lock()
+	defer w.mu.Unlock()
 	w.dead = true
-	w.pending = nil
-	w.mu.Unlock()
+	w.dropPendingLocked()
+	w.wakeLocked()
+}
+
+// dropPendingLocked forgets the queued batches; the caller holds w.mu.
+func (w *pebbleWriter) dropPendingLocked() {
+	for first, qb := range w.pending {
+		w.p.release(qb)
+		delete(w.pending, first)
+	}
+}
+
+// wakeLocked tells waiting reads that folded, dead or err changed; the
+// caller holds w.mu.
+func (w *pebbleWriter) wakeLocked() {
+	close(w.progress)
+	w.progress = make(chan struct{})
+}
+
+func (p *PebbleState) release(qb *queuedBatch) {
+	p.queuedBatches.Add(-1)
+	if qb.cost > 0 {
+		p.queued.Add(-qb.cost)
+	}
 }
 
 // owner returns the writer that serves kg, or nil (the base); the caller
@@ -242,8 +404,11 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 		return err
 	}
 	n := p.folds.Add(1)
-	nw := &pebbleWriter{id: id, r: r, log: fmt.Sprintf("%s#%d", id, n), pending: map[uint64][]segments.Change{}}
 	v := p.view(stream)
+	nw := &pebbleWriter{
+		p: p, v: v, stream: stream, id: id, r: r, log: fmt.Sprintf("%s#%d", id, n), cw: w,
+		building: true, pending: map[uint64]*queuedBatch{}, progress: make(chan struct{}),
+	}
 	v.fold.Lock()
 	defer v.fold.Unlock()
 	v.mu.Lock()
@@ -294,9 +459,20 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 			return fail(err)
 		}
 	}
+	// The view holds the writer through last: batches appended meanwhile
+	// up to it are in already, the later ones fold from now on.
 	nw.mu.Lock()
-	nw.lastSQN = last
-	nw.mu.Unlock()
+	defer nw.mu.Unlock()
+	nw.building = false
+	nw.taken, nw.folded, nw.acked = last, last, max(nw.acked, last)
+	for first, qb := range nw.pending {
+		if qb.last <= last {
+			p.release(qb)
+			delete(nw.pending, first)
+		}
+	}
+	nw.scheduleLocked()
+	nw.wakeLocked()
 	return nil
 }
 
@@ -351,54 +527,458 @@ func (p *PebbleState) fold(ctx context.Context, v *pebbleStream, stream, logID s
 	return nil
 }
 
-// Appended applies an acknowledged batch (SQNs first..) to its writer's
-// view: batches apply in SQN order, one Pebble batch each; a batch that
-// finished before the one preceding it waits in pending.
+// Appended queues an acknowledged batch (SQNs first..) on its writer's
+// view for the fold goroutine; it never waits for the fold. If the batch
+// fits the queue's bound, its keys and values are copied (the caller may
+// reuse those buffers) and the batch slice itself is kept (stateHooks: the
+// caller hands it over); else only its SQN range is kept and the fold
+// reads it back from the changelog.
 func (p *PebbleState) Appended(stream, writerID string, first uint64, batch []changelog.Change) {
-	v := p.lookup(stream)
-	if v == nil {
+	if len(batch) == 0 || p.closing.Load() {
 		return
 	}
-	v.mu.Lock()
-	i := slices.IndexFunc(v.writers, func(o *pebbleWriter) bool { return o.id == writerID })
-	if i < 0 {
-		v.mu.Unlock()
+	w := p.writerView(stream, writerID)
+	if w == nil {
 		return // replaced by a newer writer meanwhile
 	}
-	w := v.writers[i]
+	qb := &queuedBatch{first: first, last: first + uint64(len(batch)) - 1}
+	size := 0
+	for i := range batch {
+		size += len(batch[i].Key) + len(batch[i].Value)
+	}
+	cost := int64(size) + int64(len(batch))*changeOverhead
+	p.queuedBatches.Add(1)
 	w.mu.Lock()
-	v.mu.Unlock()
 	defer w.mu.Unlock()
-	if w.dead || w.err != nil || first <= w.lastSQN {
+	// closing again under w.mu: Close drops the queues after setting it.
+	if w.dead || w.err != nil || qb.last <= w.taken || w.pending[first] != nil || p.closing.Load() {
+		p.release(qb) // gone, broken, folded already (at open), or closing
 		return
 	}
-	changes := make([]segments.Change, len(batch))
-	for j, c := range batch {
-		changes[j] = segments.Change{SQN: first + uint64(j), KeyGroup: c.KeyGroup, State: c.State, Op: c.Op, Key: c.Key, Value: c.Value}
-	}
-	if first != w.lastSQN+1 {
-		// Out of order: keep a copy until the gap before it is filled.
-		for j := range changes {
-			changes[j].Key, changes[j].Value = bytes.Clone(changes[j].Key), bytes.Clone(changes[j].Value)
+	if p.queued.Add(cost) <= p.queueBytes {
+		// Copied under w.mu: the fold goroutine reads a batch only once
+		// it is in pending.
+		qb.cost = cost
+		arena := make([]byte, 0, size)
+		for j := range batch {
+			c := &batch[j]
+			arena = append(arena, c.Key...)
+			c.Key = arena[len(arena)-len(c.Key) : len(arena) : len(arena)]
+			arena = append(arena, c.Value...)
+			c.Value = arena[len(arena)-len(c.Value) : len(arena) : len(arena)]
 		}
-		w.pending[first] = changes
+		qb.changes = batch
+	} else {
+		p.queued.Add(-cost)
+		p.spilled.Add(1)
+	}
+	w.pending[first] = qb
+	w.acked = max(w.acked, qb.last)
+	w.scheduleLocked()
+}
+
+// writerView returns the view of a writer, or nil.
+func (p *PebbleState) writerView(stream, writerID string) *pebbleWriter {
+	v := p.lookup(stream)
+	if v == nil {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, w := range v.writers {
+		if w.id == writerID {
+			return w
+		}
+	}
+	return nil
+}
+
+// scheduleLocked hands the view to the fold goroutine if its next batch is
+// queued; the caller holds w.mu.
+func (w *pebbleWriter) scheduleLocked() {
+	if w.scheduled || w.building || w.dead || w.err != nil || w.pending[w.taken+1] == nil {
 		return
 	}
+	w.scheduled = true
+	p := w.p
+	p.readyMu.Lock()
+	p.ready = append(p.ready, w)
+	p.readyMu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default: // a wake-up is pending already
+	}
+}
+
+// Bounds of one coalesced Apply of queued batches (a batch is never split,
+// so one larger batch goes alone).
+const (
+	foldRunChanges = 16384
+	foldRunBytes   = 16 << 20
+)
+
+// foldLinger is how long the fold goroutine lets a small run of batches
+// grow before folding it, when no other view is ready and no read waits: a larger run costs fewer
+// Pebble commits, and hot keys overwritten by several batches are written
+// once (supersededFilter). A read that has to wait ends the linger at once,
+// so read-your-writes does not pay for it.
+const foldLinger = time.Millisecond
+
+// run is the fold goroutine: it folds the ready views in turn, one run of
+// batches each, until Close.
+func (p *PebbleState) run(ctx context.Context) {
+	defer close(p.done)
+	linger := time.NewTimer(foldLinger)
+	linger.Stop()
+	defer linger.Stop()
+	for ctx.Err() == nil {
+		p.readyMu.Lock()
+		var w *pebbleWriter
+		if len(p.ready) > 0 {
+			w = p.ready[0]
+			p.ready[0] = nil
+			p.ready = p.ready[1:]
+		}
+		alone := len(p.ready) == 0
+		p.readyMu.Unlock()
+		if w == nil {
+			select {
+			case <-p.wake:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		// Linger only when no other view is ready: with several, their
+		// turns let each run grow, and a linger per view would add up.
+		if alone && p.small(w) {
+			linger.Reset(foldLinger)
+			select {
+			case <-linger.C:
+			case <-p.hurry:
+				linger.Stop()
+			case <-ctx.Done():
+				return
+			}
+		}
+		p.foldNext(ctx, w)
+	}
+}
+
+// small reports whether the view's next run is small enough to linger on
+// and no read waits.
+func (p *PebbleState) small(w *pebbleWriter) bool {
+	if p.waiting.Load() > 0 {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var n uint64
+	for next := w.taken + 1; n < foldRunChanges/2; {
+		qb := w.pending[next]
+		if qb == nil {
+			return true
+		}
+		n += qb.last - qb.first + 1
+		next = qb.last + 1
+	}
+	return false
+}
+
+// takeLocked removes from the queue the batches that fold next: from
+// taken+1 on, consecutive batches that are all kept (within the bounds of
+// one Apply) or all read back from the changelog. The caller holds w.mu.
+func (w *pebbleWriter) takeLocked() []*queuedBatch {
+	var (
+		run   []*queuedBatch
+		n     uint64
+		bytes int64
+	)
 	for {
-		v.addStates(changes)
-		if err := p.store.Apply(stream, w.log, changes); err != nil {
-			w.err = fmt.Errorf("read view of writer %s: apply SQNs %d..: %w", w.id, changes[0].SQN, err)
-			w.pending = nil
-			return
+		qb := w.pending[w.taken+1]
+		if qb == nil {
+			return run
 		}
-		w.lastSQN += uint64(len(changes))
-		next, ok := w.pending[w.lastSQN+1]
-		if !ok {
-			return
+		size := qb.last - qb.first + 1
+		if len(run) > 0 {
+			kept := run[0].changes != nil
+			if (qb.changes != nil) != kept || (kept && (n+size > foldRunChanges || bytes+qb.cost > foldRunBytes)) {
+				return run
+			}
 		}
-		delete(w.pending, w.lastSQN+1)
-		changes = next
+		delete(w.pending, qb.first)
+		run = append(run, qb)
+		w.taken, n, bytes = qb.last, n+size, bytes+qb.cost
 	}
+}
+
+// foldNext folds the next run of a view's batches.
+func (p *PebbleState) foldNext(ctx context.Context, w *pebbleWriter) {
+	w.mu.Lock()
+	w.scheduled = false
+	if w.building || w.dead || w.err != nil {
+		w.mu.Unlock()
+		return
+	}
+	run := w.takeLocked()
+	w.scheduleLocked() // more is queued: the other views get their turn first
+	w.mu.Unlock()
+	if len(run) == 0 {
+		return
+	}
+	defer func() {
+		for _, qb := range run {
+			p.release(qb)
+		}
+	}()
+	first, last := run[0].first, run[len(run)-1].last
+	var err error
+	if hook := p.foldHook.Load(); hook != nil {
+		err = (*hook)(ctx, w.id, first, last)
+	}
+	if err == nil {
+		err = p.applyRun(ctx, w, run)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case w.dead:
+	case err != nil:
+		w.err = fmt.Errorf("read view of writer %s: fold SQNs %d..%d: %w: %w", w.id, first, last, ErrReadViewBroken, err)
+		w.dropPendingLocked()
+	default:
+		w.folded = last
+	}
+	w.wakeLocked()
+}
+
+// applyRun applies a run of batches unless the view was retired; it holds
+// w.foldMu so that retire waits for it.
+func (p *PebbleState) applyRun(ctx context.Context, w *pebbleWriter, run []*queuedBatch) error {
+	w.foldMu.Lock()
+	defer w.foldMu.Unlock()
+	w.mu.Lock()
+	dead := w.dead
+	w.mu.Unlock()
+	if dead {
+		return nil
+	}
+	if run[0].changes == nil {
+		return p.applyReplayed(ctx, w, run)
+	}
+	changes := p.superseded.collect(run)
+	defer p.superseded.reset()
+	w.v.addStates(changes) // a dropped change's state is a kept one's
+	return p.store.ApplyThrough(w.stream, w.log, changes, run[len(run)-1].last)
+}
+
+// supersededFilter drops, from the changes of one Apply, every change of a
+// key that a later put or delete of the same key in the same Apply
+// overrides. One Apply is one Pebble batch, committed atomically, so no
+// read can tell: the store holds the same state after it. Hot keys (a
+// counter updated by every batch) then cost the fold one write per Apply
+// instead of one per change. Only the fold goroutine uses it.
+type supersededFilter struct {
+	seed   maphash.Seed
+	last   map[uint64]int      // hash of (key group, state, key) → index of its last put or delete
+	hashes []uint64            // per change of the run, reused
+	at     []*changelog.Change // per change of the run, reused
+	out    []segments.Change   // the changes kept, reused
+}
+
+func (f *supersededFilter) hash(c *changelog.Change) uint64 {
+	// Mixing two hashes and the key group: a collision only keeps a
+	// change that could have been dropped (collect compares the keys).
+	return maphash.Bytes(f.seed, c.Key) ^ (maphash.String(f.seed, c.State)+uint64(c.KeyGroup))*0x9E3779B97F4A7C15
+}
+
+// collect returns the changes of a run of batches, with their SQNs, that
+// no later put or delete of the same key in the run overrides, in order.
+// The result is valid until the next call.
+func (f *supersededFilter) collect(run []*queuedBatch) []segments.Change {
+	if f.last == nil {
+		f.seed, f.last = maphash.MakeSeed(), map[uint64]int{}
+	}
+	n := 0
+	for _, qb := range run {
+		n += len(qb.changes)
+	}
+	clear(f.last)
+	f.hashes = slices.Grow(f.hashes[:0], n)[:n]
+	f.at = slices.Grow(f.at[:0], n)[:n]
+	i := 0
+	for _, qb := range run {
+		for j := range qb.changes {
+			c := &qb.changes[j]
+			f.at[i] = c
+			switch c.Op {
+			case segments.OpPut, segments.OpDelete:
+				f.hashes[i] = f.hash(c)
+				f.last[f.hashes[i]] = i
+			case segments.OpMerge:
+				f.hashes[i] = f.hash(c)
+			}
+			i++
+		}
+	}
+	out := f.out[:0]
+	i = 0
+	for _, qb := range run {
+		for j := range qb.changes {
+			c := &qb.changes[j]
+			keep := true
+			if c.Op != segments.OpClear {
+				if k, ok := f.last[f.hashes[i]]; ok && k > i {
+					o := f.at[k]
+					keep = o.KeyGroup != c.KeyGroup || o.State != c.State || !bytes.Equal(o.Key, c.Key)
+				}
+			}
+			if keep {
+				out = append(out, segments.Change{SQN: qb.first + uint64(j), KeyGroup: c.KeyGroup, State: c.State, Op: c.Op, Key: c.Key, Value: c.Value})
+			}
+			i++
+		}
+	}
+	f.out = out
+	return out
+}
+
+// reset drops the filter's references to the last run, so that the
+// memory of folded batches goes at once.
+func (f *supersededFilter) reset() {
+	clear(f.at)
+	clear(f.out)
+}
+
+// applyReplayed folds batches the queue did not keep, read back from the
+// writer's log; it cuts Applies at batch ends only, so that a read still
+// sees all of a batch or none.
+func (p *PebbleState) applyReplayed(ctx context.Context, w *pebbleWriter, run []*queuedBatch) error {
+	var (
+		batch []segments.Change
+		arena []byte
+		next  = run[0].first
+		i     int // the batch holding SQN next
+	)
+	for c, err := range w.cw.Replay(ctx, run[0].first-1, run[len(run)-1].last, w.r) {
+		if err != nil {
+			return fmt.Errorf("read back SQNs %d..: %w", next, err)
+		}
+		if c.SQN != next {
+			return fmt.Errorf("read back SQN %d where %d was due: %w", c.SQN, next, changelog.ErrLogTruncated)
+		}
+		next++
+		c.LogID = ""
+		// Key and Value are only valid until the next iteration.
+		arena = append(arena, c.Key...)
+		c.Key = arena[len(arena)-len(c.Key) : len(arena) : len(arena)]
+		arena = append(arena, c.Value...)
+		c.Value = arena[len(arena)-len(c.Value) : len(arena) : len(arena)]
+		batch = append(batch, c)
+		if c.SQN < run[i].last {
+			continue
+		}
+		i++
+		if i < len(run) && len(batch) < foldChunkChanges && len(arena) < foldChunkBytes {
+			continue
+		}
+		w.v.addStates(batch)
+		if err := p.store.Apply(w.stream, w.log, batch); err != nil {
+			return err
+		}
+		batch, arena = batch[:0], arena[:0]
+	}
+	if want := run[len(run)-1].last + 1; next != want {
+		return fmt.Errorf("read back SQNs %d..%d: the log ended at %d", run[0].first, want-1, next-1)
+	}
+	return nil
+}
+
+// awaitFold waits until the views of this node's writers serving key
+// groups r are folded through their last SQN acknowledged so far (read-
+// your-writes), at most p.readWait. A view retired or broken meanwhile
+// ends the wait: the read then sees the new source, or the error.
+func (p *PebbleState) awaitFold(ctx context.Context, stream string, v *pebbleStream, r keygroup.Range) error {
+	type target struct {
+		w   *pebbleWriter
+		sqn uint64
+	}
+	var (
+		buf    [4]target
+		ts     = buf[:0]
+		served bool
+	)
+	v.mu.Lock()
+	for _, w := range v.writers {
+		if !w.r.Overlaps(r) {
+			continue
+		}
+		served = true
+		w.mu.Lock()
+		if w.folded < w.acked && !w.dead && w.err == nil {
+			ts = append(ts, target{w, w.acked})
+		}
+		w.mu.Unlock()
+	}
+	v.mu.Unlock()
+	if len(ts) == 0 {
+		if served {
+			p.waits.Observe(0)
+		}
+		return nil
+	}
+	start := time.Now()
+	defer func() { p.waits.Observe(time.Since(start).Seconds()) }()
+	// Tell the fold goroutine not to linger while this read waits.
+	p.waiting.Add(1)
+	defer p.waiting.Add(-1)
+	select {
+	case p.hurry <- struct{}{}:
+	default: // told already
+	}
+	timer := time.NewTimer(p.readWait)
+	defer timer.Stop()
+	for _, t := range ts {
+		for {
+			t.w.mu.Lock()
+			folded, ch := t.w.folded, t.w.progress
+			done := folded >= t.sqn || t.w.dead || t.w.err != nil
+			t.w.mu.Unlock()
+			if done {
+				break
+			}
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return fmt.Errorf("stream %s: wait for the fold of writer %s: %w", stream, t.w.id, ctx.Err())
+			case <-p.stopped:
+				return fmt.Errorf("stream %s: wait for the fold of writer %s: %w", stream, t.w.id, materializer.ErrClosed)
+			case <-timer.C:
+				return fmt.Errorf("stream %s: writer %s folded through SQN %d, the read needs %d, waited %v: %w", stream, t.w.id, folded, t.sqn, p.readWait, ErrFoldBehind)
+			}
+		}
+	}
+	return nil
+}
+
+// foldLag returns the SQNs acknowledged to this node's writers and not yet
+// folded, over every view.
+func (p *PebbleState) foldLag() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var lag uint64
+	for _, v := range p.streams {
+		v.mu.Lock()
+		for _, w := range v.writers {
+			w.mu.Lock()
+			if !w.dead && w.err == nil && w.acked > w.folded {
+				lag += w.acked - w.folded
+			}
+			w.mu.Unlock()
+		}
+		v.mu.Unlock()
+	}
+	return lag
 }
 
 // WriterClosed keeps a closed writer's view for its key groups until a new
@@ -485,24 +1065,35 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		return nil // resized meanwhile; the next read folds
 	}
 	cp := v.checkpoint
-	var runs []keygroup.Range
+	// Runs of key groups holding the same checkpoint (or stale), each
+	// advanced or refolded as one.
+	type run struct {
+		r    keygroup.Range
+		from uint64
+	}
+	var runs []run
 	for kg := 0; kg < keyGroups; kg++ {
 		if v.base[kg] == cp || v.owner(uint16(kg)) != nil {
 			continue
 		}
-		if n := len(runs); n > 0 && int(runs[n-1].Hi)+1 == kg {
-			runs[n-1].Hi = uint16(kg)
+		if n := len(runs); n > 0 && int(runs[n-1].r.Hi)+1 == kg && runs[n-1].from == v.base[kg] {
+			runs[n-1].r.Hi = uint16(kg)
 		} else {
-			runs = append(runs, keygroup.Range{Lo: uint16(kg), Hi: uint16(kg)})
+			runs = append(runs, run{keygroup.Range{Lo: uint16(kg), Hi: uint16(kg)}, v.base[kg]})
 		}
 	}
 	v.dirty = false
 	v.mu.Unlock()
 
-	for i, r := range runs {
-		err := p.store.DropKeyGroups(ctx, stream, r)
-		if err == nil && cp != 0 {
-			err = p.restore(ctx, v, stream, cp, r)
+	for i, rn := range runs {
+		r := rn.r
+		advanced, err := p.advance(ctx, v, stream, rn.from, cp, r)
+		if err == nil && !advanced {
+			p.refolds.Add(1)
+			err = p.store.DropKeyGroups(ctx, stream, r)
+			if err == nil && cp != 0 {
+				err = p.restore(ctx, v, stream, cp, r)
+			}
 		}
 		v.mu.Lock()
 		if len(v.base) != keyGroups {
@@ -513,8 +1104,8 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 			// This run holds part of the base, the later ones are as
 			// they were: fold them all again next time.
 			v.dirty = true
-			for _, r := range runs[i:] {
-				v.setBaseLocked(r, staleKG)
+			for _, rn := range runs[i:] {
+				v.setBaseLocked(rn.r, staleKG)
 			}
 			v.mu.Unlock()
 			return err
@@ -523,6 +1114,54 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		v.mu.Unlock()
 	}
 	return nil
+}
+
+// advance moves key groups r, which hold complete checkpoint from, to the
+// newer complete checkpoint to by folding only the changes between the two,
+// when to is on from's lineage for all of r: planned with from as the only
+// base (as if it were a snapshot holding, for each log of from, the log up
+// to from's SQN), every key group of r must start from that base; the
+// plan's steps are then exactly the changes after from. It reports false,
+// having changed nothing, when the lineages differ (to's parts of r start
+// from an older checkpoint, a rollback, or from a log truncated past
+// from's SQN): the caller drops and refolds r instead.
+func (p *PebbleState) advance(ctx context.Context, v *pebbleStream, stream string, from, to uint64, r keygroup.Range) (bool, error) {
+	if from == 0 || from == staleKG || from >= to {
+		return false, nil
+	}
+	parts, err := p.node.CheckpointParts(ctx, stream, from)
+	if err != nil {
+		return false, err
+	}
+	base := changelog.Snapshot{Stream: stream, Checkpoint: from, Logs: make(map[string]uint64, len(parts))}
+	for _, pt := range parts {
+		base.Logs[pt.LogID] = pt.UpToSQN
+	}
+	pl, err := p.node.PlanRestoreFrom(ctx, stream, to, r, &base)
+	if errors.Is(err, changelog.ErrLogTruncated) {
+		return false, nil // a snapshot newer than from is needed: refold
+	}
+	if err != nil {
+		return false, err
+	}
+	covered := 0
+	for _, b := range pl.Bases {
+		if b.Snapshot.Checkpoint != from {
+			return false, nil
+		}
+		for _, br := range b.Ranges {
+			covered += int(br.Hi) - int(br.Lo) + 1
+		}
+	}
+	if covered != int(r.Hi)-int(r.Lo)+1 {
+		return false, nil // some key groups do not start from from
+	}
+	logID := fmt.Sprintf("checkpoint %d..%d#%d", from, to, p.folds.Add(1))
+	if err := p.fold(ctx, v, stream, logID, p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
+		return false, err
+	}
+	p.advances.Add(1)
+	return true, nil
 }
 
 // restore folds the state of key groups r at complete checkpoint cp into
@@ -595,6 +1234,9 @@ func (p *PebbleState) Get(ctx context.Context, stream string, kg uint16, state s
 	if err := p.refresh(ctx, stream, cfg.KeyGroups, v); err != nil {
 		return nil, false, err
 	}
+	if err := p.awaitFold(ctx, stream, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
+		return nil, false, err
+	}
 	v.fold.RLock()
 	defer v.fold.RUnlock()
 	if err := v.failed(keygroup.Range{Lo: kg, Hi: kg}); err != nil {
@@ -612,6 +1254,9 @@ func (p *PebbleState) Scan(ctx context.Context, q ScanQuery) ([]Entry, bool, err
 	}
 	v := p.view(q.Stream)
 	if err := p.refresh(ctx, q.Stream, cfg.KeyGroups, v); err != nil {
+		return nil, false, err
+	}
+	if err := p.awaitFold(ctx, q.Stream, v, q.KeyGroups); err != nil {
 		return nil, false, err
 	}
 	v.fold.RLock()

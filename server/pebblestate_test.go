@@ -46,6 +46,13 @@ func newPebbleDirs(t *testing.T) pebbleDirs {
 // PebbleState whose hooks also feed a LiveState (returned) for comparison.
 func startPebbleNode(t *testing.T, dirs pebbleDirs, tee bool) (*pebbleNode, *LiveState) {
 	t.Helper()
+	return startPebbleNodeWith(t, dirs, tee, Options{})
+}
+
+// startPebbleNodeWith is startPebbleNode with the server's ReadWait and
+// FoldQueueBytes taken from o.
+func startPebbleNodeWith(t *testing.T, dirs pebbleDirs, tee bool, o Options) (*pebbleNode, *LiveState) {
+	t.Helper()
 	ctx := context.Background()
 	store, err := file.Open(dirs.blob)
 	if err != nil {
@@ -58,11 +65,17 @@ func startPebbleNode(t *testing.T, dirs pebbleDirs, tee bool) (*pebbleNode, *Liv
 		t.Fatal(err)
 	}
 	var live *LiveState
-	opts := Options{StateDir: dirs.state}
+	opts := Options{StateDir: dirs.state, ReadWait: o.ReadWait, FoldQueueBytes: o.FoldQueueBytes}
 	if tee {
 		ps, err := OpenPebbleState(node, dirs.state, nil)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if o.ReadWait > 0 {
+			ps.readWait = o.ReadWait
+		}
+		if o.FoldQueueBytes > 0 {
+			ps.queueBytes = o.FoldQueueBytes
 		}
 		live = NewLiveState(node)
 		opts = Options{State: teeState{ps, live}}

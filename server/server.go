@@ -48,6 +48,17 @@ type Options struct {
 	// StateDir is the directory of the PebbleState serving reads. It is a
 	// cache rebuilt from the blob store: its store is wiped on New.
 	StateDir string
+	// ReadWait bounds how long a read of key groups of a writer of this
+	// node waits for the PebbleState's fold to reach that writer's last
+	// acknowledged append (read-your-writes); then it fails with
+	// ErrFoldBehind, UNAVAILABLE (default DefaultReadWait, 5s). StateDir
+	// only.
+	ReadWait time.Duration
+	// FoldQueueBytes bounds the memory of acknowledged batches waiting for
+	// the PebbleState's fold (default DefaultFoldQueueBytes, 64 MiB);
+	// batches beyond it are read back from the changelog when folded.
+	// StateDir only.
+	FoldQueueBytes int64
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -114,6 +125,20 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}
+		if opts.ReadWait > 0 {
+			ps.readWait = opts.ReadWait
+		}
+		if opts.FoldQueueBytes > 0 {
+			ps.queueBytes = opts.FoldQueueBytes
+		}
+		if opts.Registry != nil {
+			for _, c := range foldCollectors(ps) {
+				if err := opts.Registry.Register(c); err != nil {
+					_ = ps.Close()
+					return nil, fmt.Errorf("server: register metrics: %w", err)
+				}
+			}
+		}
 		s.state, s.hooks, s.owned = ps, ps, ps
 	default:
 		live := NewLiveState(node)
@@ -128,6 +153,9 @@ type stateHooks interface {
 	// WriterOpened builds the view of a writer just opened or resumed.
 	WriterOpened(ctx context.Context, w *changelog.Writer) error
 	// Appended applies an acknowledged batch, SQNs first.., of a writer.
+	// The caller hands batch over: the hook may keep the slice and rewrite
+	// its changes (not the bytes of their keys and values, which the
+	// caller may reuse once it returns).
 	Appended(stream, writerID string, first uint64, batch []changelog.Change)
 	// WriterClosed: the writer closed; its view serves until a newer
 	// writer opens its key groups.

@@ -38,6 +38,8 @@ type serveOptions struct {
 	maxInFlightBytes  int64
 	maxRequestMemory  int64
 	maxBatchChanges   int
+	readWait          time.Duration
+	foldQueueBytes    int64
 	memoryLimit       int64
 	maxKeySize        int
 	maxValueSize      int
@@ -86,7 +88,9 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.Int64Var(&o.maxInFlightBytes, "max-inflight-bytes", upload.DefaultMaxInFlightBytes, "bound on bytes appended but not uploaded; appends wait (then fail with RESOURCE_EXHAUSTED) beyond it")
 	f.Int64Var(&o.maxRequestMemory, "max-request-memory", server.DefaultMaxRequestMemory, "bound on the memory of requests being received, decoded and applied, reserved before it is allocated; requests wait for room beyond it")
 	f.IntVar(&o.maxBatchChanges, "max-batch-changes", server.DefaultMaxBatchChanges, "most changes one Append (or one AppendStream message) may carry; more is INVALID_ARGUMENT")
-	f.Int64Var(&o.memoryLimit, "memory-limit", 0, "Go soft memory limit in bytes (0: --max-inflight-bytes + --max-request-memory + 256 MiB, unless GOMEMLIMIT is set; negative: none)")
+	f.DurationVar(&o.readWait, "read-wait", server.DefaultReadWait, "how long a read of key groups of a writer of this node waits for the read store's fold to reach the writer's acknowledged appends (read-your-writes) before failing with UNAVAILABLE")
+	f.Int64Var(&o.foldQueueBytes, "fold-queue-bytes", server.DefaultFoldQueueBytes, "bound on the memory of acknowledged batches waiting for the read store's fold; batches beyond it are read back from the changelog")
+	f.Int64Var(&o.memoryLimit, "memory-limit", 0, "Go soft memory limit in bytes (0: --max-inflight-bytes + --max-request-memory + --fold-queue-bytes + 256 MiB, unless GOMEMLIMIT is set; negative: none)")
 	f.IntVar(&o.maxKeySize, "max-key-size", changelog.DefaultLimits.MaxKeySize, "largest key in bytes")
 	f.IntVar(&o.maxValueSize, "max-value-size", changelog.DefaultLimits.MaxValueSize, "largest value in bytes")
 	f.IntVar(&o.retainCheckpoints, "retain-checkpoints", 3, "how many of the newest checkpoints of each stream garbage collection keeps")
@@ -172,6 +176,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	api, err := server.New(node, server.Options{
 		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
 		MaxRequestMemory: o.maxRequestMemory, MaxBatchChanges: o.maxBatchChanges,
+		ReadWait: o.readWait, FoldQueueBytes: o.foldQueueBytes,
 	})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
@@ -288,7 +293,7 @@ func setMemoryLimit(o serveOptions, log *slog.Logger) {
 	case limit == 0 && os.Getenv("GOMEMLIMIT") != "":
 		return // the operator's choice
 	case limit == 0:
-		limit = o.maxInFlightBytes + o.maxRequestMemory + memoryLimitBase
+		limit = o.maxInFlightBytes + o.maxRequestMemory + o.foldQueueBytes + memoryLimitBase
 	}
 	debug.SetMemoryLimit(limit)
 	log.Info("memory limit", "bytes", limit)

@@ -59,8 +59,9 @@ func procStatus(pid int, field string) (int64, error) {
 // TestMemoryBoundUnderHugeBatches (D2): many concurrent Appends of the
 // most tiny changes a batch may carry keep the real daemon's resident
 // memory under --max-inflight-bytes + --max-request-memory + one batch's
-// in-flight changes + the documented base (docs/operations.md), and a
-// batch above --max-batch-changes is INVALID_ARGUMENT before it is decoded.
+// in-flight changes + --fold-queue-bytes + the documented base
+// (docs/operations.md), and a batch above --max-batch-changes is
+// INVALID_ARGUMENT before it is decoded.
 // Before admission, one 3 M-change Append took the daemon to 3.2 GB, and
 // these 24 batches (~1.1 KB per change while applied) could take ~3.5 GB at
 // once.
@@ -73,11 +74,12 @@ func TestMemoryBoundUnderHugeBatches(t *testing.T) {
 		requestMem = 768 << 20 // the default
 		maxBatch   = 1 << 18   // the default
 		base       = 256 << 20 // memoryLimitBase of cmd/dstl
+		foldQueue  = 64 << 20  // --fold-queue-bytes, the default
 		clients    = 12
 		// A batch larger than the in-flight bound is admitted alone: one
 		// batch of tiny changes in flight (137 B each) beyond it.
 		oneBatch = maxBatch * 137
-		bound    = inflight + requestMem + oneBatch + base
+		bound    = inflight + requestMem + oneBatch + foldQueue + base
 	)
 	n := startNode(t, "node", nodeConfig{dataDir: t.TempDir(), args: []string{
 		"--max-inflight-bytes=" + strconv.Itoa(inflight), "--max-request-memory=" + strconv.Itoa(requestMem),
