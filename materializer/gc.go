@@ -14,13 +14,13 @@ import (
 
 // FileGCStats reports one collection of a stream's snapshot files.
 type FileGCStats struct {
-	Files        int   // files found under the stream's snapshot prefix
-	Referenced   int   // of which a published snapshot references
-	Young        int   // unreferenced, but within the grace period
-	Leased       int   // unreferenced, but their round's lease is live
+	Files      int // files found under the stream's snapshot prefix
+	Referenced int // of which a published snapshot references
+	Young      int // unreferenced, but within the grace period
+	Leased     int // unreferenced, but their round's lease is live
 	// RefHeld: unreferenced by records, but a live reference of a lazily
 	// opened store (sst-refs) lists them.
-	RefHeld int
+	RefHeld      int
 	Deleted      int   // deleted
 	DeletedBytes int64 // their size
 	// LeasesDeleted counts expired round leases and store references

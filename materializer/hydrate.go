@@ -94,10 +94,15 @@ func (s *Store) hydrate(ctx context.Context) {
 func (s *Store) nextPending() (lazyFile, bool) {
 	s.lazy.mu.Lock()
 	defer s.lazy.mu.Unlock()
-	if s.lazy.paused || len(s.lazy.pending) == 0 {
+	if s.lazy.paused {
 		return lazyFile{}, false
 	}
-	return s.lazy.pending[0], true
+	for _, f := range s.lazy.pending {
+		if !f.ingesting {
+			return f, true
+		}
+	}
+	return lazyFile{}, false
 }
 
 // hydrationFailed records err and moves f to the back of the queue, so one

@@ -63,6 +63,10 @@ type lazyFile struct {
 	// Start and End are the ingest bounds, [Start, End).
 	Start []byte `json:"start"`
 	End   []byte `json:"end"`
+	// ingesting: recorded, but its ingest has not returned yet; the
+	// hydrator leaves it alone (it would find no external table there yet
+	// and call it local).
+	ingesting bool
 }
 
 type lazyStateFile struct {
@@ -484,7 +488,7 @@ func (s *Store) ingestLazy(ctx context.Context, m SnapshotManifest, r KeyGroupRa
 				EndKey:      end,
 				HasPointKey: true, // range deletions count as point keys
 			})
-			added = append(added, lazyFile{Stream: m.Stream, Incarnation: inc, Name: f.Name, Size: f.Size, CRC32C: f.CRC32C, Start: start, End: end})
+			added = append(added, lazyFile{Stream: m.Stream, Incarnation: inc, Name: f.Name, Size: f.Size, CRC32C: f.CRC32C, Start: start, End: end, ingesting: true})
 		}
 		if len(files) > 0 {
 			runs = append(runs, files)
@@ -501,6 +505,21 @@ func (s *Store) ingestLazy(ctx context.Context, m SnapshotManifest, r KeyGroupRa
 	if err != nil {
 		return err
 	}
+	// Whatever the outcome, the hydrator may look at the files afterwards:
+	// it finds what Pebble holds (nothing, after a failed ingest).
+	defer func() {
+		s.lazy.mu.Lock()
+		for _, f := range added {
+			for i := range s.lazy.pending {
+				if p := &s.lazy.pending[i]; p.ingesting && p.Name == f.Name && bytes.Equal(p.Start, f.Start) && bytes.Equal(p.End, f.End) {
+					p.ingesting = false
+					break
+				}
+			}
+		}
+		s.lazy.mu.Unlock()
+		s.wakeHydrator()
+	}()
 	ictx := context.WithoutCancel(ctx)
 	for i, files := range runs {
 		if _, err := s.db.IngestExternalFiles(ictx, files); err != nil {
@@ -525,7 +544,6 @@ func (s *Store) ingestLazy(ctx context.Context, m SnapshotManifest, r KeyGroupRa
 			return fmt.Errorf("write applied SQNs: %w", err)
 		}
 	}
-	s.wakeHydrator()
 	return nil
 }
 

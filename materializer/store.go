@@ -58,8 +58,15 @@ type Options struct {
 	// that holds lazily imported files must be reopened with the same blob
 	// store: Pebble refers to them by name under one locator.
 	Remote upload.BlobStore
-	// SecondaryCacheSize is Pebble's on-disk cache of blocks read from
-	// lazily imported files before they are hydrated (default 256 MiB).
+	// SecondaryCacheSize, if positive, gives Pebble an on-disk cache of
+	// blocks read from lazily imported files before they are hydrated.
+	// Off by default: Pebble fills it before it checks a block's checksum
+	// and its Download copies blocks from it without checking them, so a
+	// block corrupted in transit would stay corrupt in the cache and be
+	// copied into the hydrated local table (a read error for good, where
+	// without the cache the next read or hydration fetches the block
+	// again). The in-memory block cache (CacheSize) holds only verified
+	// blocks.
 	SecondaryCacheSize int64
 	// HydrateBandwidth bounds the bytes per second the hydrator reads from
 	// the blob store (default 64 MiB/s; negative: unbounded).
@@ -77,12 +84,11 @@ type Options struct {
 }
 
 const (
-	defaultCacheSize          = 64 << 20
-	defaultMemTableSize       = 32 << 20
-	defaultTargetFileSize     = 64 << 20
-	defaultSecondaryCacheSize = 256 << 20
-	defaultHydrateBandwidth   = 64 << 20
-	defaultRefLease           = time.Minute
+	defaultCacheSize        = 64 << 20
+	defaultMemTableSize     = 32 << 20
+	defaultTargetFileSize   = 64 << 20
+	defaultHydrateBandwidth = 64 << 20
+	defaultRefLease         = time.Minute
 )
 
 // Store is a materialized view of changelog logs: one Pebble DB holding the
@@ -136,9 +142,6 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = SlogLogger(slog.Default().With("component", "pebble"))
-	}
-	if opts.SecondaryCacheSize <= 0 {
-		opts.SecondaryCacheSize = defaultSecondaryCacheSize
 	}
 	if opts.HydrateBandwidth == 0 {
 		opts.HydrateBandwidth = defaultHydrateBandwidth
@@ -195,10 +198,21 @@ func Open(dir string, opts Options) (*Store, error) {
 		Merger: pebble.DefaultMerger,
 		Logger: opts.Logger,
 	}
+	// Pebble's default for a block whose checksum does not match is to
+	// call Logger.Fatalf (a crash). A corrupt block is already refused to
+	// the reader that asked for it (an error naming the file: invariant 6);
+	// crashing the node as well helps nothing, and with lazily imported
+	// files the bytes come over the network from a store we do not
+	// control. So it is reported and the read fails.
+	po.EventListener = &pebble.EventListener{
+		DataCorruption: func(info pebble.DataCorruptionInfo) {
+			opts.Logger.Errorf("materializer %s: %s", dir, info)
+		},
+	}
 	if opts.Remote != nil {
 		s.remote = newBlobStorage(opts.Remote, fs)
 		po.Experimental.RemoteStorage = remote.MakeSimpleFactory(map[remote.Locator]remote.Storage{blobLocator: s.remote})
-		po.Experimental.SecondaryCacheSizeBytes = opts.SecondaryCacheSize
+		po.Experimental.SecondaryCacheSizeBytes = max(opts.SecondaryCacheSize, 0)
 	}
 	db, err := pebble.Open(s.dbDir, po)
 	if err != nil {
