@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -150,7 +151,15 @@ func Open(dir string, opts Options) (*Store, error) {
 		opts.RefLease = defaultRefLease
 	}
 	opts.RefLease = max(opts.RefLease, time.Second)
-	if opts.RefOwner == "" {
+	// The owner is part of a lease key, <owner>-<nonce>.<seq>.<ttl>: keep
+	// it to characters that cannot be mistaken for the key's separators.
+	opts.RefOwner = strings.Map(func(r rune) rune {
+		if r == '-' || r == '_' || (r >= '0' && r <= '9') || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') {
+			return r
+		}
+		return '_'
+	}, opts.RefOwner)
+	if opts.RefOwner == "" || len(opts.RefOwner) > 64 {
 		opts.RefOwner = "store"
 	}
 	if opts.Clock == nil {
