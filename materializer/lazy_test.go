@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/segments"
@@ -651,4 +652,46 @@ func FuzzDecodeRefBody(f *testing.F) {
 			t.Fatal("empty file name accepted")
 		}
 	})
+}
+
+// TestStoreCollector: the hydration metrics of a lazily imported stream.
+func TestStoreCollector(t *testing.T) {
+	ctx := context.Background()
+	blob := fileBlob(t)
+	man, _ := lazyFixture(t, blob)
+	s := lazyStore(t, blob, "", Options{})
+	defer s.Close()
+	pauseHydration(s)
+	if err := s.ImportRange(ctx, man, man.KeyGroups, nil, ImportOptions{Lazy: true, Incarnation: lazyInc}); err != nil {
+		t.Fatal(err)
+	}
+	values := func() map[string]float64 {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(NewStoreCollector(s))
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				v := m.GetGauge().GetValue() + m.GetCounter().GetValue()
+				out[mf.GetName()] = v
+			}
+		}
+		return out
+	}
+	v := values()
+	if v["dstl_store_hydration_total_bytes"] == 0 || v["dstl_store_hydration_local_bytes"] != 0 {
+		t.Fatalf("before hydration: %v", v)
+	}
+	resumeHydration(s)
+	waitHydrated(t, s)
+	v = values()
+	// The hydrator fetches each file at most once; Pebble's compactions may
+	// have made some local before it got to them.
+	if v["dstl_store_hydration_local_bytes"] != v["dstl_store_hydration_total_bytes"] || v["dstl_store_hydration_read_bytes_total"] > v["dstl_store_hydration_total_bytes"] {
+		t.Fatalf("after hydration: %v", v)
+	}
+	t.Logf("after hydration: %v", v)
 }

@@ -222,6 +222,12 @@ func Open(dir string, opts Options) (*Store, error) {
 		s.remote = newBlobStorage(opts.Remote, fs)
 		po.Experimental.RemoteStorage = remote.MakeSimpleFactory(map[remote.Locator]remote.Storage{blobLocator: s.remote})
 		po.Experimental.SecondaryCacheSizeBytes = max(opts.SecondaryCacheSize, 0)
+		// No read-triggered compactions: reads of a lazily imported range
+		// (its runs overlap) would make Pebble rewrite the external tables
+		// at once, reading them from the blob store outside the hydrator's
+		// bandwidth bound. Size-triggered compactions still may (see
+		// docs/materializer.md, "Lazy import").
+		po.Experimental.ReadSamplingMultiplier = -1
 	}
 	db, err := pebble.Open(s.dbDir, po)
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/materializer"
 )
 
 // Options configure a Server.
@@ -113,6 +114,12 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 		ps, err := OpenPebbleState(node, opts.StateDir, opts.Logger)
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
+		}
+		if opts.Registry != nil {
+			// Hydration of the lazily imported bases (dstl_store_*).
+			if err := opts.Registry.Register(materializer.NewStoreCollector(ps.store)); err != nil {
+				return nil, errors.Join(fmt.Errorf("server: register metrics: %w", err), ps.Close())
+			}
 		}
 		s.state, s.hooks, s.owned = ps, ps, ps
 	default:
