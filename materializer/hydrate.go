@@ -153,8 +153,11 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 			if err != nil {
 				return err
 			}
+			if err := s.remote.addLocal(g.Name, path); err != nil {
+				_ = s.fs.Remove(path)
+				return err
+			}
 			local[g.Name] = path
-			s.remote.addLocal(g.Name, path)
 		}
 		if err := s.acquire(); err != nil {
 			return err

@@ -33,7 +33,7 @@ const (
 // blobStorage is the remote.Storage Pebble reads external (lazily ingested)
 // snapshot files through: each ReadAt is one ranged read of the blob store
 // (upload.BlobStore: file and S3 alike), or a read of the file's local copy
-// once the hydrator has fetched and verified it (see hydrate.go).
+// while the hydrator holds one it fetched and verified (see hydrate.go).
 //
 // Pebble never owns these objects: our manifests and GC do (brief
 // invariant 5). So CreateObject and Delete are refused; the store never
@@ -60,9 +60,12 @@ type blobStorage struct {
 	remoteBytes int64
 }
 
+// localCopy is an open, verified copy. Readers hold mu shared while they
+// read; dropLocal closes the file under mu.
 type localCopy struct {
-	path string
-	refs int
+	mu     sync.RWMutex
+	f      vfs.File
+	closed bool
 }
 
 var _ remote.Storage = (*blobStorage)(nil)
@@ -95,41 +98,64 @@ func (b *blobStorage) setSize(name string, size int64) {
 	b.mu.Unlock()
 }
 
-// addLocal makes reads of name go to the verified copy at path.
-func (b *blobStorage) addLocal(name, path string) {
+// addLocal makes every later read of name (also through readers opened
+// before: Pebble's file cache keeps them) go to the verified copy at path.
+func (b *blobStorage) addLocal(name, path string) error {
+	f, err := b.fs.Open(path)
+	if err != nil {
+		return fmt.Errorf("open local copy of %s: %w", name, err)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if c, ok := b.local[name]; ok {
-		c.refs++
-		return
+	if old, ok := b.local[name]; ok {
+		old.close()
 	}
-	b.local[name] = &localCopy{path: path, refs: 1}
+	b.local[name] = &localCopy{f: f}
+	return nil
 }
 
-// dropLocal releases a use of name's local copy; it returns true when the
-// copy is no longer used (the caller removes the file).
-func (b *blobStorage) dropLocal(name string) bool {
+// dropLocal sends reads of name back to the blob store and closes the
+// copy (the caller removes the file).
+func (b *blobStorage) dropLocal(name string) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	c, ok := b.local[name]
-	if !ok {
-		return false
-	}
-	if c.refs--; c.refs > 0 {
-		return false
-	}
 	delete(b.local, name)
-	return true
+	b.mu.Unlock()
+	if ok {
+		c.close()
+	}
 }
 
-func (b *blobStorage) localPath(name string) (string, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	c, ok := b.local[name]
-	if !ok {
-		return "", false
+func (c *localCopy) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		_ = c.f.Close()
 	}
-	return c.path, true
+}
+
+// readLocal reads p at off from name's local copy, if there is one.
+func (b *blobStorage) readLocal(name string, p []byte, off int64) (ok bool, err error) {
+	b.mu.Lock()
+	c := b.local[name]
+	b.mu.Unlock()
+	if c == nil {
+		return false, nil
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.closed {
+		return false, nil
+	}
+	n, err := c.f.ReadAt(p, off)
+	if n == len(p) {
+		return true, nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return true, fmt.Errorf("read local copy of %s at %d: %w", name, off, err)
 }
 
 // RemoteBytes returns the bytes Pebble read from the blob store so far.
@@ -141,18 +167,6 @@ func (b *blobStorage) RemoteBytes() int64 {
 
 // ReadObject implements remote.Storage.
 func (b *blobStorage) ReadObject(ctx context.Context, name string) (remote.ObjectReader, int64, error) {
-	if path, ok := b.localPath(name); ok {
-		f, err := b.fs.Open(path)
-		if err == nil {
-			st, err := f.Stat()
-			if err != nil {
-				_ = f.Close()
-				return nil, 0, fmt.Errorf("local copy of %s: %w", name, err)
-			}
-			return &localReader{f: f, name: name}, st.Size(), nil
-		}
-		// The copy went (hydration finished meanwhile): read remotely.
-	}
 	b.mu.Lock()
 	size, ok := b.sizes[name]
 	b.mu.Unlock()
@@ -268,6 +282,9 @@ func (r *remoteReader) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
+	if ok, err := r.b.readLocal(r.name, p, off); ok {
+		return err
+	}
 	err := r.b.retry(ctx, r.name, func(ctx context.Context) error {
 		rc, err := r.b.blob.GetRange(ctx, r.name, off, int64(len(p)))
 		if err != nil {
@@ -293,22 +310,3 @@ func (r *remoteReader) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (r *remoteReader) Close() error { return nil }
-
-// localReader reads a hydrated, verified local copy.
-type localReader struct {
-	f    vfs.File
-	name string
-}
-
-func (l *localReader) ReadAt(_ context.Context, p []byte, off int64) error {
-	n, err := l.f.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return fmt.Errorf("read local copy of %s at %d: %w", l.name, off, err)
-}
-
-func (l *localReader) Close() error { return l.f.Close() }
