@@ -138,9 +138,13 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 	}
 	if overlapsAny(spans, f.Start, f.End) {
 		s.lazy.mu.Lock()
+		// Files that merely touch F's span count: Pebble's download of a
+		// span [a, b) also copies the table that starts at b (measured:
+		// without them every other file of a base run was read remotely
+		// by the download, unverified and unbounded).
 		var need []lazyFile
 		for _, g := range s.lazy.pending {
-			if bytes.Compare(g.Start, f.End) < 0 && bytes.Compare(f.Start, g.End) < 0 {
+			if bytes.Compare(g.Start, f.End) <= 0 && bytes.Compare(f.Start, g.End) <= 0 {
 				need = append(need, g)
 			}
 		}
