@@ -19,10 +19,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/internal/s3server"
 	"github.com/dstl-dev/dstl/segments"
 	"github.com/dstl-dev/dstl/upload"
 	"github.com/dstl-dev/dstl/upload/faulty"
 	"github.com/dstl-dev/dstl/upload/file"
+	"github.com/dstl-dev/dstl/upload/s3"
 )
 
 const lazyInc = "0123456789abcdef01234567"
@@ -694,4 +696,40 @@ func TestStoreCollector(t *testing.T) {
 		t.Fatalf("after hydration: %v", v)
 	}
 	t.Logf("after hydration: %v", v)
+}
+
+// TestLazyImportS3: the same lazy import and hydration against a real
+// S3-compatible server (versitygw on loopback) through the S3 backend.
+func TestLazyImportS3(t *testing.T) {
+	ctx := context.Background()
+	srv := s3server.Start(t)
+	blob, err := s3.New(ctx, s3.Options{
+		Bucket: srv.Bucket, Prefix: "dstl", Endpoint: srv.Endpoint, Region: srv.Region,
+		UsePathStyle: true, AccessKeyID: srv.AccessKey, SecretAccessKey: srv.SecretKey,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blob.Close()
+	man, want := lazyFixture(t, blob)
+	s := lazyStore(t, blob, "", Options{})
+	defer s.Close()
+	pauseHydration(s)
+	if err := s.ImportRange(ctx, man, KeyGroupRange{Lo: 3, Hi: 11}, nil, ImportOptions{Lazy: true, Incarnation: lazyInc}); err != nil {
+		t.Fatal(err)
+	}
+	want = restrictTo(t, want, "st", KeyGroupRange{Lo: 3, Hi: 11})
+	if n := len(listKeys(t, blob, changelog.SnapshotRefPrefix("st", lazyInc))); n != 1 {
+		t.Fatalf("%d references on S3, want 1", n)
+	}
+	diff(t, "before hydration", dump(t, s), want)
+	if s.RemoteReadBytes() == 0 {
+		t.Fatal("read nothing from S3 before hydration")
+	}
+	resumeHydration(s)
+	waitHydrated(t, s)
+	diff(t, "after hydration", dump(t, s), want)
+	if n := len(listKeys(t, blob, changelog.SnapshotRefPrefix("st", lazyInc))); n != 0 {
+		t.Fatalf("%d references on S3 after hydration, want 0", n)
+	}
 }
