@@ -152,6 +152,22 @@ type storeRef struct {
 	lease *roundLease
 	mu    sync.Mutex
 	files map[string]int // name → pending entries
+	// lastErr: the newest failed renewal, cleared by the next success. Its
+	// own lock, not s.lazy.mu: the renewals run on the lease's goroutine,
+	// which release waits for while s.lazy.mu is held.
+	lastErr error
+}
+
+func (r *storeRef) setErr(err error) {
+	r.mu.Lock()
+	r.lastErr = err
+	r.mu.Unlock()
+}
+
+func (r *storeRef) err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lastErr
 }
 
 func (r *storeRef) list() []string {
@@ -375,19 +391,15 @@ func (s *Store) newRef(ctx context.Context, stream, inc string, ref *storeRef) (
 	var nonce [6]byte
 	_, _ = rand.Read(nonce[:])
 	holder := s.opts.RefOwner + "-" + hex.EncodeToString(nonce[:])
-	k := streamKey(stream, inc)
 	l := &roundLease{
-		blob:  s.opts.Remote,
-		clock: s.opts.Clock,
-		ttl:   s.opts.RefLease,
-		base:  changelog.SnapshotRefPrefix(stream, inc) + holder + ".",
-		files: ref.list,
-		failed: func(err error) {
-			s.lazy.mu.Lock()
-			if p := s.lazy.progress[k]; p != nil {
-				p.LastError = err.Error()
-			}
-			s.lazy.mu.Unlock()
+		blob:   s.opts.Remote,
+		clock:  s.opts.Clock,
+		ttl:    s.opts.RefLease,
+		base:   changelog.SnapshotRefPrefix(stream, inc) + holder + ".",
+		files:  ref.list,
+		failed: ref.setErr,
+		renewed: func() {
+			ref.setErr(nil)
 		},
 	}
 	// The renewals belong to the store, not to the import that made the
@@ -404,8 +416,14 @@ func (s *Store) Hydration() []HydrationStatus {
 	s.lazy.mu.Lock()
 	defer s.lazy.mu.Unlock()
 	out := make([]HydrationStatus, 0, len(s.lazy.progress))
-	for _, p := range s.lazy.progress {
-		out = append(out, *p)
+	for k, p := range s.lazy.progress {
+		h := *p
+		if ref := s.lazy.refs[k]; ref != nil && h.LastError == "" {
+			if err := ref.err(); err != nil {
+				h.LastError = "reference renewal: " + err.Error()
+			}
+		}
+		out = append(out, h)
 	}
 	slices.SortFunc(out, func(a, b HydrationStatus) int {
 		return cmp.Or(cmp.Compare(a.Stream, b.Stream), cmp.Compare(a.Incarnation, b.Incarnation))

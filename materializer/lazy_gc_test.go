@@ -5,12 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/internal/clock"
 	"github.com/dstl-dev/dstl/materializer"
 )
 
@@ -173,4 +174,91 @@ func equalEntries(a, b []materializer.Entry) bool {
 		}
 	}
 	return true
+}
+
+// TestCollectFilesHonoursStoreRefs: a live reference keeps the files it
+// lists whatever the collector's graces; an expired one (a store that
+// died: its ttl is in the key) protects nothing and is deleted.
+func TestCollectFilesHonoursStoreRefs(t *testing.T) {
+	e := newLeaseEnv(t)
+	// An hour ahead: every object is old, every short ttl expired.
+	clk := clock.NewFake(time.Now().Add(time.Hour))
+	m := e.materializer(e.node(e.blob), materializer.Config{GCGrace: time.Millisecond, ReleasedGrace: time.Millisecond, Clock: clk})
+	files, refs := changelog.SnapshotFilePrefix("s", e.inc), changelog.SnapshotRefPrefix("s", e.inc)
+	held := files + "00000000000000000009-0a0b0c0d-000001.sst"
+	dead := files + "00000000000000000009-0a0b0c0d-000002.sst"
+	e.put(held)
+	e.put(dead)
+	body := func(f string) string {
+		return fmt.Sprintf(`{"ttl_ms":1000,"created_at":"2026-01-01T00:00:00Z","files":[%q]}`, f)
+	}
+	liveRef := refs + "node1-aabbcc.0000000003.7200000"
+	deadRef := refs + "node2-ddeeff.0000000001.1000"
+	for k, b := range map[string]string{liveRef: body(held), deadRef: body(dead)} {
+		if err := e.blob.PutIfAbsent(e.ctx, k, strings.NewReader(b), int64(len(b))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 3 {
+		st, err := m.CollectFiles(e.ctx, "s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("CollectFiles: %+v", st)
+		clk.Advance(time.Second)
+	}
+	if !e.exists(held) || !e.exists(liveRef) {
+		t.Fatal("a file of a live reference, or the reference, was deleted")
+	}
+	if e.exists(dead) || e.exists(deadRef) {
+		t.Fatal("the expired reference or its file was kept")
+	}
+	// A live reference whose body is unreadable: nothing is deleted.
+	bad := refs + "node3-010203.0000000001.7200000"
+	if err := e.blob.PutIfAbsent(e.ctx, bad, strings.NewReader("{"), 1); err != nil {
+		t.Fatal(err)
+	}
+	e.put(dead)
+	if _, err := m.CollectFiles(e.ctx, "s"); !errors.Is(err, materializer.ErrCorrupt) {
+		t.Fatalf("collection with a corrupt live reference: %v", err)
+	}
+	if !e.exists(dead) {
+		t.Fatal("a file was deleted although a live reference could not be read")
+	}
+}
+
+// TestLazyRefRenewed: a store renews its reference every RefLease/3 (a new
+// object, the old one deleted) while files are pending.
+func TestLazyRefRenewed(t *testing.T) {
+	e := newLeaseEnv(t)
+	m := e.materializer(e.node(e.blob), materializer.Config{GCInterval: -1})
+	res, err := m.MaterializeStream(e.ctx, "s", true)
+	if err != nil || res.Snapshot == nil {
+		t.Fatalf("materialize: %+v %v", res, err)
+	}
+	s, err := materializer.Open(filepath.Join(e.dir, "lazy"), materializer.Options{Remote: e.blob, RefLease: time.Second, RefOwner: "n.1/x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	materializer.PauseHydration(s)
+	if err := s.ImportSnapshot(e.ctx, e.blob, *res.Snapshot, []keygroup.Range{{Lo: 0, Hi: 3}}, materializer.ImportOptions{Lazy: true, SkipApplied: true}); err != nil {
+		t.Fatal(err)
+	}
+	prefix := changelog.SnapshotRefPrefix("s", e.inc)
+	first := e.keys(prefix)
+	if len(first) != 1 || !strings.HasPrefix(first[0], prefix+"n_1_x-") || !strings.HasSuffix(first[0], ".0000000001.1000") {
+		t.Fatalf("references %v", first)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	now := e.keys(prefix)
+	if len(now) != 1 || now[0] == first[0] {
+		t.Fatalf("references after 1.5 s: %v (first %v): not renewed", now, first)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if k := e.keys(prefix); len(k) != 0 {
+		t.Fatalf("references after Close: %v", k)
+	}
 }

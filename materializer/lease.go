@@ -55,8 +55,11 @@ type roundLease struct {
 	// each lease object's body).
 	files func() []string
 	// failed, if set, is told of each failed refresh (it is not fatal by
-	// itself: the owner checks validUntil where it matters).
-	failed func(error)
+	// itself: the owner checks validUntil where it matters), and renewed
+	// of each successful one. They run on the refresh goroutine and must
+	// not wait for anything that waits for release.
+	failed  func(error)
+	renewed func()
 
 	// renewMu serializes renewals with the deletion of the leases they
 	// supersede, so a renewal in flight is never the only lease deleted.
@@ -205,6 +208,9 @@ func (l *roundLease) refresh(ctx context.Context) {
 				}
 			}
 			continue
+		}
+		if l.renewed != nil {
+			l.renewed()
 		}
 	}
 }
