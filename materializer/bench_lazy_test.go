@@ -30,7 +30,10 @@ import (
 //   - hydrated-ms: until the whole state is local (eager: the same);
 //   - remote-MiB: bytes Pebble read from the blob store through the lazily
 //     imported files (block reads before hydration, compactions), apart
-//     from the hydrator's own whole-file fetches (hydrator-MiB).
+//     from the hydrator's own whole-file fetches (hydrator-MiB);
+//   - gets/s-hydrating and gets/s-local: random point reads on one
+//     goroutine while the store hydrates (from the first read on; eager:
+//     none) and for a second once it is local.
 //
 // DSTL_BENCH_LATENCY (a duration, e.g. 20ms) adds that latency to every
 // blob-store request (upload/faulty), modelling an object store;
@@ -209,11 +212,43 @@ func lazyBenchRun(b *testing.B, fx *lazyBenchFx, blob upload.BlobStore, lazy boo
 	}
 	first := time.Since(start)
 	remoteAtFirst := s.RemoteReadBytes()
-	if err := s.WaitHydrated(ctx); err != nil {
-		b.Fatal(err)
+	// Random point reads while the store hydrates (cold blocks come from
+	// the blob store), then as many seconds of them once it is local.
+	get := func() {
+		i := rand.IntN(fx.keys)
+		if _, ok, err := s.Get(benchStream, uint16(i%128), "st", fmt.Appendf(nil, "key%09d", i)); err != nil || !ok {
+			b.Fatalf("read: %v %v", ok, err)
+		}
 	}
+	hctx, cancel := context.WithCancel(ctx)
+	waited := make(chan error, 1)
+	go func() { waited <- s.WaitHydrated(hctx) }()
+	var during int
+	duringStart := time.Now()
+reading:
+	for {
+		select {
+		case err := <-waited:
+			if err != nil {
+				b.Fatal(err)
+			}
+			break reading
+		default:
+			get()
+			during++
+		}
+	}
+	cancel()
+	duringSecs := time.Since(duringStart).Seconds()
 	hydrated := time.Since(start)
 	b.StopTimer()
+	after := 0
+	afterStart := time.Now()
+	for time.Since(afterStart) < time.Second {
+		get()
+		after++
+	}
+	afterSecs := time.Since(afterStart).Seconds()
 	var fetched int64
 	for _, h := range s.Hydration() {
 		fetched += h.RemoteReadBytes
@@ -223,6 +258,10 @@ func lazyBenchRun(b *testing.B, fx *lazyBenchFx, blob upload.BlobStore, lazy boo
 	b.ReportMetric(float64(s.RemoteReadBytes())/(1<<20), "remote-MiB")
 	b.ReportMetric(float64(remoteAtFirst)/(1<<10), "first-read-remote-KiB")
 	b.ReportMetric(float64(fetched)/(1<<20), "hydrator-MiB")
+	if lazy {
+		b.ReportMetric(float64(during)/duringSecs, "gets/s-hydrating")
+	}
+	b.ReportMetric(float64(after)/afterSecs, "gets/s-local")
 }
 
 // quietPebble drops Pebble's log lines in benchmarks.
