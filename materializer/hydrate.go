@@ -66,6 +66,7 @@ func (s *Store) hydrate(ctx context.Context) {
 	}()
 	backoff := hydrateBackoffMin
 	for {
+		s.pruneLocal(local)
 		f, ok := s.nextPending()
 		if !ok {
 			select {
@@ -176,6 +177,72 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 	return nil
 }
 
+// dropPending forgets the pending files whose span lies inside [lo, hi)
+// (just excised): they leave the progress totals and the references.
+func (s *Store) dropPending(ctx context.Context, lo, hi []byte) {
+	s.lazy.mu.Lock()
+	defer s.lazy.mu.Unlock()
+	keep := s.lazy.pending[:0:0]
+	for _, f := range s.lazy.pending {
+		if f.ingesting || bytes.Compare(f.Start, lo) < 0 || bytes.Compare(f.End, hi) > 0 {
+			keep = append(keep, f)
+			continue
+		}
+		k := streamKey(f.Stream, f.Incarnation)
+		if p := s.lazy.progress[k]; p != nil {
+			p.TotalBytes -= f.Size
+			p.TotalFiles--
+		}
+		s.unrefLocked(ctx, k, f.Name)
+		s.lazy.dirty = true
+	}
+	s.lazy.pending = keep
+	if err := s.saveLazyLocked(); err != nil {
+		for _, p := range s.lazy.progress {
+			p.LastError = err.Error()
+		}
+	}
+}
+
+// unrefLocked drops one pending entry of name from the stream's reference,
+// deleting the reference once it lists nothing; s.lazy.mu is held (so no
+// import adds files to a reference being deleted: the next import of the
+// stream makes a new one).
+func (s *Store) unrefLocked(ctx context.Context, k, name string) {
+	ref := s.lazy.refs[k]
+	if ref == nil {
+		return
+	}
+	ref.mu.Lock()
+	if ref.files[name]--; ref.files[name] <= 0 {
+		delete(ref.files, name)
+	}
+	empty := len(ref.files) == 0
+	ref.mu.Unlock()
+	if empty {
+		ref.lease.release(ctx)
+		delete(s.lazy.refs, k)
+	}
+}
+
+// pruneLocal drops the hydrator's copies of files no longer pending (their
+// range was dropped).
+func (s *Store) pruneLocal(local map[string]string) {
+	s.lazy.mu.Lock()
+	pending := make(map[string]bool, len(s.lazy.pending))
+	for _, f := range s.lazy.pending {
+		pending[f.Name] = true
+	}
+	s.lazy.mu.Unlock()
+	for name, path := range local {
+		if !pending[name] {
+			delete(local, name)
+			s.remote.dropLocal(name)
+			_ = s.fs.Remove(path)
+		}
+	}
+}
+
 // markLocal records that f is local, drops copies nothing pending needs
 // and the stream's reference once it has no pending file.
 func (s *Store) markLocal(ctx context.Context, f lazyFile, local map[string]string) {
@@ -207,21 +274,7 @@ func (s *Store) markLocal(ctx context.Context, f lazyFile, local map[string]stri
 			_ = s.fs.Remove(path)
 		}
 	}
-	if ref := s.lazy.refs[k]; ref != nil {
-		ref.mu.Lock()
-		if ref.files[f.Name]--; ref.files[f.Name] <= 0 {
-			delete(ref.files, f.Name)
-		}
-		empty := len(ref.files) == 0
-		ref.mu.Unlock()
-		if empty {
-			// Under s.lazy.mu, so no import adds files to a reference
-			// being deleted: the next import of the stream makes a new
-			// one.
-			ref.lease.release(ctx)
-			delete(s.lazy.refs, k)
-		}
-	}
+	s.unrefLocked(ctx, k, f.Name)
 	if err := s.saveLazyLocked(); err != nil {
 		// Not lost: the next save writes it, and a restart that finds the
 		// old list only re-checks files that are local already.

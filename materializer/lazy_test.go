@@ -806,3 +806,40 @@ func (w *refWatch) count() int {
 	defer w.mu.Unlock()
 	return w.n
 }
+
+// TestLazyDropKeyGroups: dropping a lazily imported range before it is
+// hydrated forgets its files: nothing left to hydrate, the reference goes,
+// and a new lazy import of the range works.
+func TestLazyDropKeyGroups(t *testing.T) {
+	ctx := context.Background()
+	blob := fileBlob(t)
+	man, want := lazyFixture(t, blob)
+	s := lazyStore(t, blob, "", Options{})
+	defer s.Close()
+	pauseHydration(s)
+	if err := s.ImportRange(ctx, man, man.KeyGroups, nil, ImportOptions{Lazy: true, Incarnation: lazyInc, SkipApplied: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DropKeyGroups(ctx, "st", man.KeyGroups); err != nil {
+		t.Fatal(err)
+	}
+	if n := pendingFiles(s); n != 0 {
+		t.Fatalf("%d files pending after the drop", n)
+	}
+	if h := s.Hydration(); len(h) != 1 || h[0].TotalFiles != 0 || h[0].TotalBytes != 0 {
+		t.Fatalf("status after the drop: %+v", h)
+	}
+	if k := listKeys(t, blob, changelog.SnapshotRefPrefix("st", lazyInc)); len(k) != 0 {
+		t.Fatalf("references after the drop: %v", k)
+	}
+	if got := dump(t, s); len(got) != 0 {
+		t.Fatalf("%d keys after the drop", len(got))
+	}
+	if err := s.ImportRange(ctx, man, man.KeyGroups, nil, ImportOptions{Lazy: true, Incarnation: lazyInc, SkipApplied: true}); err != nil {
+		t.Fatal(err)
+	}
+	diff(t, "imported again", dump(t, s), want)
+	resumeHydration(s)
+	waitHydrated(t, s)
+	diff(t, "hydrated", dump(t, s), want)
+}
