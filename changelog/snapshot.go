@@ -129,6 +129,14 @@ func SnapshotLeasePrefix(stream, incarnation string) string {
 	return streamPrefix(streamNS{name: stream, incarnation: incarnation}) + "sst-leases/"
 }
 
+// SnapshotRefPrefix is where lazily opened stores of one incarnation of a
+// stream keep the references to the snapshot files they still read from
+// the blob store (leases listing files, see the materializer's Store and
+// CollectFiles); under its prefix, so DeleteStream removes them too.
+func SnapshotRefPrefix(stream, incarnation string) string {
+	return streamPrefix(streamNS{name: stream, incarnation: incarnation}) + "sst-refs/"
+}
+
 // validateSnapshotFiles checks a record's file list: keys under the
 // stream's snapshot-file prefix, sizes not negative, no key twice.
 func validateSnapshotFiles(ns streamNS, files []SnapshotFileRef) error {

@@ -26,3 +26,16 @@ var (
 	// ErrClosed: the store is closed.
 	ErrClosed = errors.New("materializer store closed")
 )
+
+// Errors of lazily imported snapshot files (see Store.ImportSnapshot with
+// ImportOptions.Lazy).
+var (
+	// ErrUnavailable: a read of a snapshot file from the blob store failed
+	// after retries. The read returned no data; it may succeed later (the
+	// server maps it to UNAVAILABLE).
+	ErrUnavailable = errors.New("snapshot file unavailable on the blob store")
+	// ErrSnapshotFileGone: a snapshot file a lazily imported range still
+	// reads is missing from the blob store (it was collected while the store
+	// held no live reference to it); the range must be imported again.
+	ErrSnapshotFileGone = errors.New("snapshot file missing from the blob store")
+)

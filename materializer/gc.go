@@ -14,13 +14,17 @@ import (
 
 // FileGCStats reports one collection of a stream's snapshot files.
 type FileGCStats struct {
-	Files        int   // files found under the stream's snapshot prefix
-	Referenced   int   // of which a published snapshot references
-	Young        int   // unreferenced, but within the grace period
-	Leased       int   // unreferenced, but their round's lease is live
+	Files      int // files found under the stream's snapshot prefix
+	Referenced int // of which a published snapshot references
+	Young      int // unreferenced, but within the grace period
+	Leased     int // unreferenced, but their round's lease is live
+	// RefHeld: unreferenced by records, but a live reference of a lazily
+	// opened store (sst-refs) lists them.
+	RefHeld      int
 	Deleted      int   // deleted
 	DeletedBytes int64 // their size
-	// LeasesDeleted counts expired round leases deleted.
+	// LeasesDeleted counts expired round leases and store references
+	// deleted.
 	LeasesDeleted int
 }
 
@@ -42,13 +46,19 @@ type FileGCStats struct {
 //   - never a file of a round with a live lease (see roundLease), whatever
 //     its age: a round uploads for as long as it needs. Its sightings
 //     start over when the lease ends, so a file of a round that ended
-//     unpublished still gets the full GCGrace.
+//     unpublished still gets the full GCGrace;
+//   - never a file a live reference of a lazily opened store lists (see
+//     liveRefs): the store still reads it from the blob store. Its
+//     sightings start over too when the reference ends.
 //
-// Files are listed before the leases, and the leases before the records:
-// a round stores its lease before its first file and publishes only while
-// the lease is live, so a listed file whose lease was gone at the lease
-// listing belongs to a round that published before (its record is read
-// next) or never will. A file uploaded after the records were read is not
+// Files are listed before the leases and references, and those before
+// the records: a round stores its lease before its first file and
+// publishes only while the lease is live, so a listed file whose lease was
+// gone at the lease listing belongs to a round that published before (its
+// record is read next) or never will; a store confirms its reference
+// before it ingests a file, while the file's record is still a root (the
+// opener's pin or its writer's base), so a file a store reads is kept by
+// its record or, from before the record can go, by the reference. A file uploaded after the records were read is not
 // listed. Sightings persist next to the store.
 func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCStats, error) {
 	ss, err := m.state(stream)
@@ -77,6 +87,11 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 	if err != nil {
 		return FileGCStats{}, err
 	}
+	held, expiredRefs, err := m.liveRefs(ctx, stream, ss.incarnation, now)
+	if err != nil {
+		return FileGCStats{}, err
+	}
+	expired = append(expired, expiredRefs...)
 	refs, err := m.referencedFiles(ctx, stream)
 	if err != nil {
 		return FileGCStats{}, err
@@ -89,6 +104,11 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 		if refs[o.Key] {
 			st.Referenced++
 			ss.sightings[o.Key] = sighting{Released: true}
+			continue
+		}
+		if held[o.Key] {
+			st.RefHeld++
+			delete(ss.sightings, o.Key)
 			continue
 		}
 		if round, ok := roundOfFile(stream, ss.incarnation, o.Key); ok && live[round] {
@@ -119,7 +139,7 @@ func (m *Materializer) CollectFiles(ctx context.Context, stream string) (FileGCS
 	}
 	for _, o := range expired {
 		if err := m.blob.Delete(ctx, o.Key); err != nil {
-			errs = append(errs, fmt.Errorf("stream %s: delete expired round lease %s: %w", stream, o.Key, err))
+			errs = append(errs, fmt.Errorf("stream %s: delete expired lease %s: %w", stream, o.Key, err))
 			continue
 		}
 		st.LeasesDeleted++

@@ -23,7 +23,14 @@ type ImportOptions struct {
 	SkipApplied bool
 	// Incarnation, if set, is the stream incarnation the caller restores:
 	// ImportSnapshot refuses a snapshot of any other (ErrForeignSnapshot).
+	// A lazy ImportRange needs it (it names the store's references).
 	Incarnation string
+	// Lazy ingests the files by reference (Pebble external files read from
+	// Options.Remote, which must be set) instead of copying them first:
+	// the import reads nothing from the blob store and the range serves
+	// reads at once; the store's hydrator then makes the files local in
+	// the background (see Store.Hydration). File names must be blob keys.
+	Lazy bool
 }
 
 // Import restores a snapshot chain into this store over the manifest's
@@ -114,6 +121,16 @@ func (s *Store) ImportRange(ctx context.Context, m SnapshotManifest, r KeyGroupR
 	}
 	if nonEmpty {
 		return fail(ErrRangeNotEmpty)
+	}
+
+	if opts.Lazy {
+		if err := s.ingestLazy(ctx, m, r, lo, hi, opts.Incarnation, metaKeys, metaVal); err != nil {
+			return fail(err)
+		}
+		for i, ls := range states {
+			ls.applied = m.Applied[logIDs[i]]
+		}
+		return nil
 	}
 
 	// A directory of its own, so concurrent imports do not collide; Pebble

@@ -40,13 +40,30 @@ import (
 // Stats every file before it writes the record, and again before any log
 // is truncated below it, so even a record that lands late (a write whose
 // outcome was unknown) is never relied on if a file is gone.
+//
+// The same machinery keeps a lazily opened Store's file references
+// (sst-refs, see refs.go): a lease whose body also lists the files the
+// store still reads from the blob store (files returns them at each
+// renewal).
 type roundLease struct {
 	blob  upload.BlobStore
 	clock clock.Clock
 	ttl   time.Duration
-	base  string // <SnapshotLeasePrefix><round>.
+	base  string // <SnapshotLeasePrefix><round>. or <SnapshotRefPrefix><holder>.
 	log   *slog.Logger
+	// files, if set, lists the files the lease protects (written into
+	// each lease object's body).
+	files func() []string
+	// failed, if set, is told of each failed refresh (it is not fatal by
+	// itself: the owner checks validUntil where it matters), and renewed
+	// of each successful one. They run on the refresh goroutine and must
+	// not wait for anything that waits for release.
+	failed  func(error)
+	renewed func()
 
+	// renewMu serializes renewals with the deletion of the leases they
+	// supersede, so a renewal in flight is never the only lease deleted.
+	renewMu    sync.Mutex
 	mu         sync.Mutex
 	seq        int
 	keys       []string  // every lease written (or maybe written), oldest first
@@ -81,7 +98,12 @@ func roundOfFile(stream, inc, key string) (string, bool) {
 
 // parseLeaseKey splits <SnapshotLeasePrefix><round>.<seq>.<ttl ms>.
 func parseLeaseKey(stream, inc, key string) (round string, ttl time.Duration, ok bool) {
-	rest, ok := strings.CutPrefix(key, changelog.SnapshotLeasePrefix(stream, inc))
+	return parseLeaseKeyUnder(changelog.SnapshotLeasePrefix(stream, inc), key)
+}
+
+// parseLeaseKeyUnder splits <prefix><holder>.<seq>.<ttl ms>.
+func parseLeaseKeyUnder(prefix, key string) (holder string, ttl time.Duration, ok bool) {
+	rest, ok := strings.CutPrefix(key, prefix)
 	if !ok {
 		return "", 0, false
 	}
@@ -102,28 +124,39 @@ func parseLeaseKey(stream, inc, key string) (round string, ttl time.Duration, ok
 // startLease stores the round's first lease (it must be confirmed before
 // any file is uploaded) and starts refreshing it until release.
 func (m *Materializer) startLease(ctx context.Context, stream, inc, round string) (*roundLease, error) {
-	ttl := m.cfg.RoundLease
 	l := &roundLease{
 		blob:  m.blob,
 		clock: m.cfg.Clock,
-		ttl:   ttl,
+		ttl:   m.cfg.RoundLease,
 		base:  changelog.SnapshotLeasePrefix(stream, inc) + round + ".",
 		log:   m.cfg.Logger,
-		done:  make(chan struct{}),
 	}
+	if err := l.start(ctx); err != nil {
+		return nil, fmt.Errorf("stream %s: %w", stream, err)
+	}
+	return l, nil
+}
+
+// start stores the first lease (confirmed) and starts the refreshes, which
+// run until release.
+func (l *roundLease) start(ctx context.Context) error {
+	l.done = make(chan struct{})
 	if err := l.renew(ctx); err != nil {
 		l.deleteAll(ctx)
-		return nil, fmt.Errorf("stream %s: %w", stream, err)
+		return err
 	}
 	lctx, stop := context.WithCancel(ctx)
 	l.stop = stop
 	go l.refresh(lctx)
-	return l, nil
+	return nil
 }
 
+// leaseBody is the JSON body of a lease object. Files is set only for a
+// store's file references (sst-refs).
 type leaseBody struct {
 	TTLMs     int64     `json:"ttl_ms"`
 	CreatedAt time.Time `json:"created_at"`
+	Files     []string  `json:"files,omitempty"`
 }
 
 // renew stores the next lease object. A write whose outcome is unknown is
@@ -135,7 +168,11 @@ func (l *roundLease) renew(ctx context.Context) error {
 	l.keys = append(l.keys, key)
 	l.mu.Unlock()
 	start := l.clock.Now()
-	body, err := json.Marshal(leaseBody{TTLMs: l.ttl.Milliseconds(), CreatedAt: start.UTC()})
+	lb := leaseBody{TTLMs: l.ttl.Milliseconds(), CreatedAt: start.UTC()}
+	if l.files != nil {
+		lb.Files = l.files()
+	}
+	body, err := json.Marshal(lb)
 	if err != nil {
 		return err
 	}
@@ -160,23 +197,41 @@ func (l *roundLease) refresh(ctx context.Context) {
 		if err := clock.Sleep(ctx, l.clock, l.ttl/3); err != nil {
 			return
 		}
-		if err := l.renew(ctx); err != nil {
+		if err := l.renewNow(ctx); err != nil {
 			if ctx.Err() == nil {
 				// Not fatal by itself: the round checks validUntil before
 				// it publishes.
-				l.log.Warn("materializer: round lease refresh failed", "lease", l.base, "err", err)
+				if l.failed != nil {
+					l.failed(err)
+				} else {
+					l.log.Warn("materializer: lease refresh failed", "lease", l.base, "err", err)
+				}
 			}
 			continue
 		}
-		l.mu.Lock()
-		old := l.keys[:len(l.keys)-1]
-		l.keys = l.keys[len(l.keys)-1:]
-		l.mu.Unlock()
-		for _, k := range old {
-			// A lease left behind expires and CollectFiles deletes it.
-			_ = l.blob.Delete(ctx, k)
+		if l.renewed != nil {
+			l.renewed()
 		}
 	}
+}
+
+// renewNow stores the next lease and, once it is confirmed, deletes the
+// ones it supersedes.
+func (l *roundLease) renewNow(ctx context.Context) error {
+	l.renewMu.Lock()
+	defer l.renewMu.Unlock()
+	if err := l.renew(ctx); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	old := l.keys[:len(l.keys)-1]
+	l.keys = l.keys[len(l.keys)-1:]
+	l.mu.Unlock()
+	for _, k := range old {
+		// A lease left behind expires and CollectFiles deletes it.
+		_ = l.blob.Delete(ctx, k)
+	}
+	return nil
 }
 
 // publishWithin is how long the round may still take to publish: until

@@ -15,8 +15,10 @@ import (
 )
 
 // ImportSnapshot imports the state of key-group ranges of a published
-// snapshot into the store (eager restore), reading its files from blob
-// (ranged reads; size and CRC32C verified). Adjacent ranges are imported
+// snapshot into the store. Eager (the default): its files are read from
+// blob (ranged reads; size and CRC32C verified) and ingested. With
+// opts.Lazy they are ingested by reference and read from Options.Remote
+// (which should be blob) on demand, then hydrated in the background. Adjacent ranges are imported
 // together. Each range must be empty here (see ImportRange). A record of
 // no stream incarnation, or of another than opts.Incarnation (if set), is
 // refused with an error wrapping changelog.ErrForeignSnapshot: its state is
@@ -30,6 +32,10 @@ func (s *Store) ImportSnapshot(ctx context.Context, blob upload.BlobStore, snap 
 		return err
 	}
 	open := blobOpener(ctx, blob, man)
+	if opts.Lazy {
+		// The references are named after the record's incarnation.
+		opts.Incarnation = snap.Incarnation
+	}
 	for _, r := range mergeRanges(ranges) {
 		if err := s.ImportRange(ctx, man, r, open, opts); err != nil {
 			return fmt.Errorf("snapshot of checkpoint %d: %w", snap.Checkpoint, err)

@@ -520,5 +520,8 @@ func (s *Store) DropKeyGroups(ctx context.Context, stream string, r KeyGroupRang
 	if err := s.db.Excise(ctx, pebble.KeyRange{Start: lo, End: hi}); err != nil {
 		return fmt.Errorf("materializer: drop %s key groups %s: %w", stream, r, err)
 	}
+	// Lazily imported files inside the range are read no more: nothing to
+	// hydrate, nothing to reference.
+	s.dropPending(ctx, lo, hi)
 	return nil
 }

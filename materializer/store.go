@@ -12,14 +12,19 @@ import (
 	"fmt"
 	"iter"
 	"log/slog"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/objstorage/remote"
 	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/internal/clock"
 	"github.com/dstl-dev/dstl/segments"
+	"github.com/dstl-dev/dstl/upload"
 )
 
 // KeyGroupRange is an inclusive range of key groups, the changelog's type.
@@ -48,12 +53,43 @@ type Options struct {
 	// Logger receives Pebble's log lines; nil sends them to slog.Default()
 	// (routine ones at debug level, see SlogLogger).
 	Logger pebble.Logger
+
+	// Remote is the blob store lazily imported snapshot files are read
+	// from (ImportOptions.Lazy); nil: lazy imports are refused. A store
+	// that holds lazily imported files must be reopened with the same blob
+	// store: Pebble refers to them by name under one locator.
+	Remote upload.BlobStore
+	// SecondaryCacheSize, if positive, gives Pebble an on-disk cache of
+	// blocks read from lazily imported files before they are hydrated.
+	// Off by default: Pebble fills it before it checks a block's checksum
+	// and its Download copies blocks from it without checking them, so a
+	// block corrupted in transit would stay corrupt in the cache and be
+	// copied into the hydrated local table (a read error for good, where
+	// without the cache the next read or hydration fetches the block
+	// again). The in-memory block cache (CacheSize) holds only verified
+	// blocks.
+	SecondaryCacheSize int64
+	// HydrateBandwidth bounds the bytes per second the hydrator reads from
+	// the blob store (default 64 MiB/s; negative: unbounded).
+	HydrateBandwidth int64
+	// RefLease is the lifetime of the store's references to the snapshot
+	// files it still reads from the blob store (default 1m, at least 1s);
+	// they are renewed every RefLease/3 and expire that long after a
+	// crash.
+	RefLease time.Duration
+	// RefOwner names the store in its reference keys (for example the node
+	// id; default "store").
+	RefOwner string
+	// Clock stamps the references (default the wall clock).
+	Clock clock.Clock
 }
 
 const (
-	defaultCacheSize      = 64 << 20
-	defaultMemTableSize   = 32 << 20
-	defaultTargetFileSize = 64 << 20
+	defaultCacheSize        = 64 << 20
+	defaultMemTableSize     = 32 << 20
+	defaultTargetFileSize   = 64 << 20
+	defaultHydrateBandwidth = 64 << 20
+	defaultRefLease         = time.Minute
 )
 
 // Store is a materialized view of changelog logs: one Pebble DB holding the
@@ -74,6 +110,12 @@ type Store struct {
 
 	mu   sync.Mutex
 	logs map[string]*logState // by string(appliedKey)
+
+	// remote and lazy: lazily imported files (nil / unused without
+	// Options.Remote), see lazy.go and hydrate.go.
+	remote    *blobStorage
+	lazy      lazyTracker
+	closeOnce sync.Once
 }
 
 // logState caches a log's applied SQN; mu serializes the log's Apply calls.
@@ -101,6 +143,27 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = SlogLogger(slog.Default().With("component", "pebble"))
+	}
+	if opts.HydrateBandwidth == 0 {
+		opts.HydrateBandwidth = defaultHydrateBandwidth
+	}
+	if opts.RefLease <= 0 {
+		opts.RefLease = defaultRefLease
+	}
+	opts.RefLease = max(opts.RefLease, time.Second)
+	// The owner is part of a lease key, <owner>-<nonce>.<seq>.<ttl>: keep
+	// it to characters that cannot be mistaken for the key's separators.
+	opts.RefOwner = strings.Map(func(r rune) rune {
+		if r == '-' || r == '_' || (r >= '0' && r <= '9') || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') {
+			return r
+		}
+		return '_'
+	}, opts.RefOwner)
+	if opts.RefOwner == "" || len(opts.RefOwner) > 64 {
+		opts.RefOwner = "store"
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.Real{}
 	}
 	s := &Store{
 		dir:        dir,
@@ -144,11 +207,40 @@ func Open(dir string, opts Options) (*Store, error) {
 		Merger: pebble.DefaultMerger,
 		Logger: opts.Logger,
 	}
+	// Pebble's default for a block whose checksum does not match is to
+	// call Logger.Fatalf (a crash). A corrupt block is already refused to
+	// the reader that asked for it (an error naming the file: invariant 6);
+	// crashing the node as well helps nothing, and with lazily imported
+	// files the bytes come over the network from a store we do not
+	// control. So it is reported and the read fails.
+	po.EventListener = &pebble.EventListener{
+		DataCorruption: func(info pebble.DataCorruptionInfo) {
+			opts.Logger.Errorf("materializer %s: %s", dir, info)
+		},
+	}
+	if opts.Remote != nil {
+		s.remote = newBlobStorage(opts.Remote, fs)
+		po.Experimental.RemoteStorage = remote.MakeSimpleFactory(map[remote.Locator]remote.Storage{blobLocator: s.remote})
+		po.Experimental.SecondaryCacheSizeBytes = max(opts.SecondaryCacheSize, 0)
+		// No read-triggered compactions: reads of a lazily imported range
+		// (its runs overlap) would make Pebble rewrite the external tables
+		// at once, reading them from the blob store outside the hydrator's
+		// bandwidth bound. Size-triggered compactions still may (see
+		// docs/materializer.md, "Lazy import").
+		po.Experimental.ReadSamplingMultiplier = -1
+	}
 	db, err := pebble.Open(s.dbDir, po)
 	if err != nil {
 		return nil, fmt.Errorf("materializer %s: open pebble: %w", dir, err)
 	}
 	s.db = db
+	if opts.Remote != nil {
+		if err := s.openLazy(); err != nil {
+			s.stopLazy()
+			s.releaseRefs()
+			return nil, errors.Join(fmt.Errorf("materializer %s: %w", dir, err), db.Close())
+		}
+	}
 	return s, nil
 }
 
@@ -169,17 +261,47 @@ func syncDir(fs vfs.FS, dir string) error {
 
 // Close closes the store, waiting for running calls. Unsynced applies are
 // flushed to the WAL file (not fsynced) by Pebble's Close.
+//
+// The hydrator is stopped first (Pebble's Download must never run on a
+// closed DB); the store's references to the files it still reads from the
+// blob store are deleted last, once Pebble reads nothing any more. A
+// reopened store references what is still remote again before it serves
+// anything; between the two, the files are protected only by their
+// snapshot records and CollectFiles' grace periods.
 func (s *Store) Close() error {
+	s.stopLazy()
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	if s.closed {
 		return nil
 	}
 	s.closed = true
-	if err := s.db.Close(); err != nil {
+	err := s.db.Close()
+	s.releaseRefs()
+	if err != nil {
 		return fmt.Errorf("materializer %s: close: %w", s.dir, err)
 	}
 	return nil
+}
+
+// stopLazy stops the hydrator and waits for it.
+func (s *Store) stopLazy() {
+	s.closeOnce.Do(func() {
+		if s.lazy.stop != nil {
+			s.lazy.stop()
+			<-s.lazy.done
+		}
+	})
+}
+
+// releaseRefs deletes the store's references (Close, after Pebble closed).
+func (s *Store) releaseRefs() {
+	s.lazy.mu.Lock()
+	defer s.lazy.mu.Unlock()
+	for k, ref := range s.lazy.refs {
+		ref.lease.release(context.Background())
+		delete(s.lazy.refs, k)
+	}
 }
 
 // Flush makes every applied change durable (WAL fsync and memtable flush).

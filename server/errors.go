@@ -72,7 +72,10 @@ func codeOf(err error) connect.Code {
 		return connect.CodeFailedPrecondition
 	case errors.Is(err, changelog.ErrUnsupportedDurability):
 		return connect.CodeUnimplemented
-	case upload.IsTransient(err), errors.Is(err, upload.ErrSchedulerStopped):
+	case upload.IsTransient(err), errors.Is(err, upload.ErrSchedulerStopped),
+		// A lazily imported snapshot file could not be read from the blob
+		// store (after retries): no data was returned; retry later.
+		errors.Is(err, materializer.ErrUnavailable):
 		return connect.CodeUnavailable
 	}
 	return connect.CodeInternal

@@ -212,7 +212,9 @@ func OpenPebbleState(node *changelog.Node, dir string, log *slog.Logger) (*Pebbl
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	store, err := materializer.Open(dir, materializer.Options{Logger: materializer.SlogLogger(log.With("component", "pebble"))})
+	// Remote: bases are imported lazily (see importSnapshot), read from
+	// the node's blob store until the store's hydrator made them local.
+	store, err := materializer.Open(dir, materializer.Options{Logger: materializer.SlogLogger(log.With("component", "pebble")), Remote: node.BlobStore(), RefOwner: node.ID()})
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
@@ -1183,7 +1185,11 @@ func (p *PebbleState) restore(ctx context.Context, v *pebbleStream, stream strin
 // not: this store numbers its folds itself) and learns its state names.
 func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, stream string, pl changelog.RestorePlan) error {
 	for _, b := range pl.Bases {
-		if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true}); err != nil {
+		// Lazy: the range serves reads at once from the snapshot's files
+		// on the blob store (0 bytes read here), whatever the state size;
+		// the store hydrates them in the background and references them on
+		// the blob store meanwhile, so no GC deletes them under it.
+		if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true, Lazy: true}); err != nil {
 			return fmt.Errorf("stream %s: %w", stream, err)
 		}
 		for _, r := range b.Ranges {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/materializer"
 )
 
 // Options configure a Server.
@@ -132,10 +133,11 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 			ps.queueBytes = opts.FoldQueueBytes
 		}
 		if opts.Registry != nil {
-			for _, c := range foldCollectors(ps) {
+			// The fold's lag, and the hydration of the lazily imported
+			// bases (dstl_store_*).
+			for _, c := range append(foldCollectors(ps), materializer.NewStoreCollector(ps.store)) {
 				if err := opts.Registry.Register(c); err != nil {
-					_ = ps.Close()
-					return nil, fmt.Errorf("server: register metrics: %w", err)
+					return nil, errors.Join(fmt.Errorf("server: register metrics: %w", err), ps.Close())
 				}
 			}
 		}
