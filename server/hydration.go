@@ -23,3 +23,27 @@ func (s *Server) hydration(stream string) *dstlv1.Hydration {
 	}
 	return h
 }
+
+// Hydration implements hydrationReporter: the progress of the snapshot
+// files lazily imported for stream into the read store since it opened
+// (every incarnation of the name: a deleted one's files are forgotten when
+// its key groups are dropped).
+func (p *PebbleState) Hydration(stream string) (*dstlv1.Hydration, bool) {
+	var out *dstlv1.Hydration
+	for _, h := range p.store.Hydration() {
+		if h.Stream != stream {
+			continue
+		}
+		if out == nil {
+			out = &dstlv1.Hydration{}
+		}
+		out.TotalBytes += uint64(h.TotalBytes)
+		out.LocalBytes += uint64(h.LocalBytes)
+		out.TotalFiles += uint32(h.TotalFiles)
+		out.LocalFiles += uint32(h.LocalFiles)
+		if h.LastError != "" {
+			out.LastError = h.LastError
+		}
+	}
+	return out, out != nil
+}
