@@ -67,7 +67,7 @@ func TestPebbleStateLazyBase(t *testing.T) {
 	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
 		t.Fatalf("materialize: %+v %v", res, err)
 	}
-	ps, err := OpenPebbleState(node, dirs.state, nil)
+	ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -198,10 +198,20 @@ type queuedBatch struct {
 	cost        int64              // bytes counted in PebbleState.queued
 }
 
+// PebbleStateOptions configure OpenPebbleState.
+type PebbleStateOptions struct {
+	// Logger receives Pebble's messages (nil: none).
+	Logger *slog.Logger
+	// HydrateBandwidth bounds the bytes per second read from the blob
+	// store to make lazily imported snapshot files local (0: the default,
+	// 64 MiB/s; negative: unbounded).
+	HydrateBandwidth int64
+}
+
 // OpenPebbleState wipes the store in dir (a cache: it is rebuilt from the
 // blob store as writers open and checkpoints complete) and opens a fresh
 // one there. log receives Pebble's messages (nil: none).
-func OpenPebbleState(node *changelog.Node, dir string, log *slog.Logger) (*PebbleState, error) {
+func OpenPebbleState(node *changelog.Node, dir string, opts PebbleStateOptions) (*PebbleState, error) {
 	// The store lives in dir/db and dir/staging; nothing else in dir is
 	// touched, so a misconfigured dir loses nothing but a store.
 	for _, sub := range []string{"db", "staging"} {
@@ -209,12 +219,16 @@ func OpenPebbleState(node *changelog.Node, dir string, log *slog.Logger) (*Pebbl
 			return nil, fmt.Errorf("state dir %s: wipe: %w", dir, err)
 		}
 	}
+	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	// Remote: bases are imported lazily (see importSnapshot), read from
 	// the node's blob store until the store's hydrator made them local.
-	store, err := materializer.Open(dir, materializer.Options{Logger: materializer.SlogLogger(log.With("component", "pebble")), Remote: node.BlobStore(), RefOwner: node.ID()})
+	store, err := materializer.Open(dir, materializer.Options{
+		Logger: materializer.SlogLogger(log.With("component", "pebble")), Remote: node.BlobStore(), RefOwner: node.ID(),
+		HydrateBandwidth: opts.HydrateBandwidth,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}

@@ -67,7 +67,7 @@ func startPebbleNodeWith(t *testing.T, dirs pebbleDirs, tee bool, o Options) (*p
 	var live *LiveState
 	opts := Options{StateDir: dirs.state, ReadWait: o.ReadWait, FoldQueueBytes: o.FoldQueueBytes}
 	if tee {
-		ps, err := OpenPebbleState(node, dirs.state, nil)
+		ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -60,6 +60,10 @@ type Options struct {
 	// batches beyond it are read back from the changelog when folded.
 	// StateDir only.
 	FoldQueueBytes int64
+	// HydrateBandwidth bounds the bytes per second the PebbleState reads
+	// from the blob store to make lazily restored snapshot files local (0:
+	// 64 MiB/s; negative: unbounded). StateDir only.
+	HydrateBandwidth int64
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -122,7 +126,7 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 	case opts.State != nil:
 		s.hooks, _ = opts.State.(stateHooks)
 	case opts.StateDir != "":
-		ps, err := OpenPebbleState(node, opts.StateDir, opts.Logger)
+		ps, err := OpenPebbleState(node, opts.StateDir, PebbleStateOptions{Logger: opts.Logger, HydrateBandwidth: opts.HydrateBandwidth})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}

@@ -40,6 +40,7 @@ type serveOptions struct {
 	maxBatchChanges   int
 	readWait          time.Duration
 	foldQueueBytes    int64
+	hydrateBandwidth  int64
 	memoryLimit       int64
 	maxKeySize        int
 	maxValueSize      int
@@ -90,6 +91,7 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.IntVar(&o.maxBatchChanges, "max-batch-changes", server.DefaultMaxBatchChanges, "most changes one Append (or one AppendStream message) may carry; more is INVALID_ARGUMENT")
 	f.DurationVar(&o.readWait, "read-wait", server.DefaultReadWait, "how long a read of key groups of a writer of this node waits for the read store's fold to reach the writer's acknowledged appends (read-your-writes) before failing with UNAVAILABLE")
 	f.Int64Var(&o.foldQueueBytes, "fold-queue-bytes", server.DefaultFoldQueueBytes, "bound on the memory of acknowledged batches waiting for the read store's fold; batches beyond it are read back from the changelog")
+	f.Int64Var(&o.hydrateBandwidth, "hydrate-bandwidth", 64<<20, "bytes per second the read store reads from the blob store to make lazily restored snapshot files local (0: unbounded)")
 	f.Int64Var(&o.memoryLimit, "memory-limit", 0, "Go soft memory limit in bytes (0: --max-inflight-bytes + --max-request-memory + --fold-queue-bytes + 256 MiB, unless GOMEMLIMIT is set; negative: none)")
 	f.IntVar(&o.maxKeySize, "max-key-size", changelog.DefaultLimits.MaxKeySize, "largest key in bytes")
 	f.IntVar(&o.maxValueSize, "max-value-size", changelog.DefaultLimits.MaxValueSize, "largest value in bytes")
@@ -176,7 +178,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	api, err := server.New(node, server.Options{
 		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
 		MaxRequestMemory: o.maxRequestMemory, MaxBatchChanges: o.maxBatchChanges,
-		ReadWait: o.readWait, FoldQueueBytes: o.foldQueueBytes,
+		ReadWait: o.readWait, FoldQueueBytes: o.foldQueueBytes, HydrateBandwidth: hydrateBandwidth(o.hydrateBandwidth),
 	})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
@@ -319,4 +321,13 @@ func checkBlobStore(ctx context.Context, store upload.BlobStore) error {
 	defer cancel()
 	_, err := store.List(ctx, "", "", 1)
 	return err
+}
+
+// hydrateBandwidth maps --hydrate-bandwidth (0: unbounded) to
+// server.Options.HydrateBandwidth (negative: unbounded).
+func hydrateBandwidth(flag int64) int64 {
+	if flag <= 0 {
+		return -1
+	}
+	return flag
 }
