@@ -66,9 +66,11 @@ func TestLazyRestoreKilledMidHydration(t *testing.T) {
 	if h == nil || h.GetLocalBytes() >= h.GetTotalBytes() || h.GetTotalBytes() == 0 {
 		t.Fatalf("hydration right after a lazy open at 1 MiB/s: %v, want some bytes still remote", h)
 	}
-	if out := cliOK(t, "--server="+b.URL, "stream", "get", stream); !strings.Contains(out, "HYDRATED") || !strings.Contains(out, "files)") {
+	out := cliOK(t, "--server="+b.URL, "stream", "get", stream)
+	if !strings.Contains(out, "HYDRATED") || !strings.Contains(out, "files)") {
 		t.Errorf("dstl stream get during hydration does not show it:\n%s", out)
 	}
+	t.Logf("dstl stream get during hydration:\n%s", out)
 	// Every read during hydration is exact (blocks fetched from the blob
 	// store on demand).
 	checkModel(t, "scan during hydration", scanAll(t, cb, stream, 500), m)
