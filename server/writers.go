@@ -146,11 +146,18 @@ func (s *Server) append(ctx context.Context, msg *dstlv1.AppendRequest) (first, 
 }
 
 func (x *writerService) Append(ctx context.Context, req *connect.Request[dstlv1.AppendRequest]) (*connect.Response[dstlv1.AppendResponse], error) {
+	if err := x.s.checkReads(ctx, req.Msg); err != nil {
+		return nil, toConnect(err)
+	}
 	first, last, err := x.s.append(ctx, req.Msg)
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&dstlv1.AppendResponse{FirstSqn: first, LastSqn: last}), nil
+	res := &dstlv1.AppendResponse{FirstSqn: first, LastSqn: last}
+	if len(req.Msg.GetReads()) > 0 {
+		res.Reads = x.s.readsAfterAppend(ctx, req.Msg)
+	}
+	return connect.NewResponse(res), nil
 }
 
 // AppendStream appends each message as one batch, in order. A client that
@@ -162,6 +169,10 @@ func (x *writerService) AppendStream(ctx context.Context, stream *connect.Client
 		if err := ctx.Err(); err != nil {
 			// The client is gone: append nothing more it sent.
 			return nil, toConnect(err)
+		}
+		if len(stream.Msg().GetReads()) > 0 {
+			// The stream answers once, at its end: nowhere to put them.
+			return nil, toConnect(fmt.Errorf("batch %d: reads are answered by Append only, not AppendStream: %w", out.Batches, errInvalid))
 		}
 		_, last, err := x.s.append(ctx, stream.Msg())
 		if err != nil {

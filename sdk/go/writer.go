@@ -2,6 +2,7 @@ package dstl
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"iter"
@@ -144,6 +145,8 @@ type Writer struct {
 	// unsureUpTo: a read that misses the cache flushes changes up to this
 	// index (added) first; see readCache.
 	unsureUpTo uint64
+	// reads wait to travel with the batch that flushes their target.
+	reads []*readAfter
 	progress   chan struct{} // closed and replaced when sent, err or closing change
 
 	// closeMu serialises Close calls; closed: the server confirmed the
@@ -349,6 +352,13 @@ func (w *Writer) broadcastLocked() {
 // breaks.
 func (w *Writer) run() {
 	defer close(w.done)
+	defer func() {
+		// Reads still waiting find the writer closed or broken.
+		w.mu.Lock()
+		answerReads(w.reads, nil, cmp.Or(w.err, fmt.Errorf("writer %s: %w", w.id, ErrClosed)))
+		w.reads = nil
+		w.mu.Unlock()
+	}()
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
@@ -407,18 +417,25 @@ func (w *Writer) run() {
 			w.firstAt = time.Now()
 		}
 		w.inflight = n
+		reads := w.takeReadsLocked(w.sent + uint64(n))
 		w.mu.Unlock()
 
-		res, err := call(w.ctx, w.c, "Append", false, w.c.writers.Append,
-			&dstlv1.AppendRequest{WriterId: w.id, Changes: batch, Durability: w.durability})
+		req := &dstlv1.AppendRequest{WriterId: w.id, Changes: batch, Durability: w.durability}
+		for _, r := range reads {
+			req.Reads = append(req.Reads, r.req)
+		}
+		res, err := call(w.ctx, w.c, "Append", false, w.c.writers.Append, req)
 
 		w.mu.Lock()
 		w.inflight = 0
 		if err != nil {
 			w.failLocked(fmt.Errorf("writer %s: batch of %d changes: %w", w.id, n, err))
+			answerReads(reads, nil, w.err)
 		} else {
 			w.sent += uint64(n)
 			w.lastSQN = res.GetLastSqn()
+			answerReads(reads, res.GetReads(), nil)
+			w.settleReadsLocked()
 		}
 		w.broadcastLocked()
 		w.mu.Unlock()
@@ -463,6 +480,8 @@ func (w *Writer) unsureLocked(i uint64) {
 func (w *Writer) failLocked(err error) {
 	w.err = err
 	w.pending, w.pendingBytes = nil, 0
+	answerReads(w.reads, nil, err)
+	w.reads = nil
 	if w.cache != nil {
 		w.cache.reset()
 	}
@@ -646,15 +665,28 @@ func (w *Writer) getKG(ctx context.Context, state string, key []byte, kg int) ([
 	}
 	needFlush, unsure := w.sent < w.unsureUpTo, w.unsureUpTo
 	w.mu.Unlock()
+	var (
+		v      []byte
+		found  bool
+		served bool
+	)
 	if needFlush {
-		if _, err := w.Flush(ctx); err != nil {
+		// The read travels with the flush: one round trip.
+		a, err := w.readWithFlush(ctx, state, key, kg)
+		if err != nil {
+			return nil, false, err
+		}
+		v, found, served = a.value, a.found, a.served
+	}
+	if !served {
+		k := uint32(kg)
+		var err error
+		if v, found, err = w.c.get(ctx, w.stream, state, key, &k); err != nil {
 			return nil, false, err
 		}
 	}
-	k := uint32(kg)
-	v, found, err := w.c.get(ctx, w.stream, state, key, &k)
-	if err != nil || !cached {
-		return v, found, err
+	if !cached {
+		return v, found, nil
 	}
 	w.mu.Lock()
 	// Cache the node's answer unless a change may have touched the key

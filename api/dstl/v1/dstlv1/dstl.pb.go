@@ -984,8 +984,12 @@ type AppendRequest struct {
 	WriterId string                 `protobuf:"bytes,1,opt,name=writer_id,json=writerId,proto3" json:"writer_id,omitempty"`
 	// At most the server's per-batch limit (default 262144 changes,
 	// `dstl serve --max-batch-changes`); more is INVALID_ARGUMENT.
-	Changes       []*Change  `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
-	Durability    Durability `protobuf:"varint,3,opt,name=durability,proto3,enum=dstl.v1.Durability" json:"durability,omitempty"`
+	Changes    []*Change  `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
+	Durability Durability `protobuf:"varint,3,opt,name=durability,proto3,enum=dstl.v1.Durability" json:"durability,omitempty"`
+	// Reads of the writer's view made once the batch is appended (at most
+	// 64): a writer's read that must flush buffered changes first travels
+	// with them, so it costs one round trip.
+	Reads         []*ReadAfterAppend `protobuf:"bytes,4,rep,name=reads,proto3" json:"reads,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1041,17 +1045,88 @@ func (x *AppendRequest) GetDurability() Durability {
 	return Durability_DURABILITY_UNSPECIFIED
 }
 
-type AppendResponse struct {
+func (x *AppendRequest) GetReads() []*ReadAfterAppend {
+	if x != nil {
+		return x.Reads
+	}
+	return nil
+}
+
+// ReadAfterAppend reads one key as StateService.Get does, after the batch.
+type ReadAfterAppend struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	FirstSqn      uint64                 `protobuf:"varint,1,opt,name=first_sqn,json=firstSqn,proto3" json:"first_sqn,omitempty"`
-	LastSqn       uint64                 `protobuf:"varint,2,opt,name=last_sqn,json=lastSqn,proto3" json:"last_sqn,omitempty"`
+	State         string                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	Key           []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	KeyGroup      uint32                 `protobuf:"varint,3,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadAfterAppend) Reset() {
+	*x = ReadAfterAppend{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadAfterAppend) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadAfterAppend) ProtoMessage() {}
+
+func (x *ReadAfterAppend) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadAfterAppend.ProtoReflect.Descriptor instead.
+func (*ReadAfterAppend) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ReadAfterAppend) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ReadAfterAppend) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ReadAfterAppend) GetKeyGroup() uint32 {
+	if x != nil {
+		return x.KeyGroup
+	}
+	return 0
+}
+
+type AppendResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	FirstSqn uint64                 `protobuf:"varint,1,opt,name=first_sqn,json=firstSqn,proto3" json:"first_sqn,omitempty"`
+	LastSqn  uint64                 `protobuf:"varint,2,opt,name=last_sqn,json=lastSqn,proto3" json:"last_sqn,omitempty"`
+	// One result per read of the request, in order; empty if the reads were
+	// not served (the batch is appended all the same: read again with Get).
+	Reads         []*ReadResult `protobuf:"bytes,3,rep,name=reads,proto3" json:"reads,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AppendResponse) Reset() {
 	*x = AppendResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1063,7 +1138,7 @@ func (x *AppendResponse) String() string {
 func (*AppendResponse) ProtoMessage() {}
 
 func (x *AppendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1076,7 +1151,7 @@ func (x *AppendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendResponse.ProtoReflect.Descriptor instead.
 func (*AppendResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AppendResponse) GetFirstSqn() uint64 {
@@ -1093,6 +1168,65 @@ func (x *AppendResponse) GetLastSqn() uint64 {
 	return 0
 }
 
+func (x *AppendResponse) GetReads() []*ReadResult {
+	if x != nil {
+		return x.Reads
+	}
+	return nil
+}
+
+type ReadResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Found         bool                   `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
+	Value         []byte                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadResult) Reset() {
+	*x = ReadResult{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadResult) ProtoMessage() {}
+
+func (x *ReadResult) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadResult.ProtoReflect.Descriptor instead.
+func (*ReadResult) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ReadResult) GetFound() bool {
+	if x != nil {
+		return x.Found
+	}
+	return false
+}
+
+func (x *ReadResult) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
 type AppendStreamResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	LastSqn       uint64                 `protobuf:"varint,1,opt,name=last_sqn,json=lastSqn,proto3" json:"last_sqn,omitempty"`
@@ -1104,7 +1238,7 @@ type AppendStreamResponse struct {
 
 func (x *AppendStreamResponse) Reset() {
 	*x = AppendStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1250,7 @@ func (x *AppendStreamResponse) String() string {
 func (*AppendStreamResponse) ProtoMessage() {}
 
 func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1263,7 @@ func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendStreamResponse.ProtoReflect.Descriptor instead.
 func (*AppendStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AppendStreamResponse) GetLastSqn() uint64 {
@@ -1165,7 +1299,7 @@ type SegmentBlocks struct {
 
 func (x *SegmentBlocks) Reset() {
 	*x = SegmentBlocks{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1177,7 +1311,7 @@ func (x *SegmentBlocks) String() string {
 func (*SegmentBlocks) ProtoMessage() {}
 
 func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1190,7 +1324,7 @@ func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentBlocks.ProtoReflect.Descriptor instead.
 func (*SegmentBlocks) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SegmentBlocks) GetKey() string {
@@ -1226,7 +1360,7 @@ type BlockSpan struct {
 
 func (x *BlockSpan) Reset() {
 	*x = BlockSpan{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1238,7 +1372,7 @@ func (x *BlockSpan) String() string {
 func (*BlockSpan) ProtoMessage() {}
 
 func (x *BlockSpan) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1251,7 +1385,7 @@ func (x *BlockSpan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockSpan.ProtoReflect.Descriptor instead.
 func (*BlockSpan) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BlockSpan) GetOffset() uint64 {
@@ -1293,7 +1427,7 @@ type PersistRequest struct {
 
 func (x *PersistRequest) Reset() {
 	*x = PersistRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1439,7 @@ func (x *PersistRequest) String() string {
 func (*PersistRequest) ProtoMessage() {}
 
 func (x *PersistRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1452,7 @@ func (x *PersistRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistRequest.ProtoReflect.Descriptor instead.
 func (*PersistRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PersistRequest) GetWriterId() string {
@@ -1346,7 +1480,7 @@ type PersistResponse struct {
 
 func (x *PersistResponse) Reset() {
 	*x = PersistResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1358,7 +1492,7 @@ func (x *PersistResponse) String() string {
 func (*PersistResponse) ProtoMessage() {}
 
 func (x *PersistResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1371,7 +1505,7 @@ func (x *PersistResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistResponse.ProtoReflect.Descriptor instead.
 func (*PersistResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PersistResponse) GetUpToSqn() uint64 {
@@ -1401,7 +1535,7 @@ type CheckpointRequest struct {
 
 func (x *CheckpointRequest) Reset() {
 	*x = CheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1547,7 @@ func (x *CheckpointRequest) String() string {
 func (*CheckpointRequest) ProtoMessage() {}
 
 func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1560,7 @@ func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CheckpointRequest) GetWriterId() string {
@@ -1461,7 +1595,7 @@ type CheckpointResponse struct {
 
 func (x *CheckpointResponse) Reset() {
 	*x = CheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1473,7 +1607,7 @@ func (x *CheckpointResponse) String() string {
 func (*CheckpointResponse) ProtoMessage() {}
 
 func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1486,7 +1620,7 @@ func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CheckpointResponse) GetCheckpointId() uint64 {
@@ -1512,7 +1646,7 @@ type CloseWriterRequest struct {
 
 func (x *CloseWriterRequest) Reset() {
 	*x = CloseWriterRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1658,7 @@ func (x *CloseWriterRequest) String() string {
 func (*CloseWriterRequest) ProtoMessage() {}
 
 func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1671,7 @@ func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterRequest.ProtoReflect.Descriptor instead.
 func (*CloseWriterRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CloseWriterRequest) GetWriterId() string {
@@ -1555,7 +1689,7 @@ type CloseWriterResponse struct {
 
 func (x *CloseWriterResponse) Reset() {
 	*x = CloseWriterResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1567,7 +1701,7 @@ func (x *CloseWriterResponse) String() string {
 func (*CloseWriterResponse) ProtoMessage() {}
 
 func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1580,7 +1714,7 @@ func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterResponse.ProtoReflect.Descriptor instead.
 func (*CloseWriterResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
 }
 
 type GetRequest struct {
@@ -1596,7 +1730,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1608,7 +1742,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1621,7 +1755,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetRequest) GetStream() string {
@@ -1663,7 +1797,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +1809,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +1822,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetResponse) GetFound() bool {
@@ -1730,7 +1864,7 @@ type ScanRequest struct {
 
 func (x *ScanRequest) Reset() {
 	*x = ScanRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1742,7 +1876,7 @@ func (x *ScanRequest) String() string {
 func (*ScanRequest) ProtoMessage() {}
 
 func (x *ScanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1755,7 +1889,7 @@ func (x *ScanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanRequest.ProtoReflect.Descriptor instead.
 func (*ScanRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ScanRequest) GetStream() string {
@@ -1812,7 +1946,7 @@ type KeyValue struct {
 
 func (x *KeyValue) Reset() {
 	*x = KeyValue{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1824,7 +1958,7 @@ func (x *KeyValue) String() string {
 func (*KeyValue) ProtoMessage() {}
 
 func (x *KeyValue) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1837,7 +1971,7 @@ func (x *KeyValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyValue.ProtoReflect.Descriptor instead.
 func (*KeyValue) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *KeyValue) GetKeyGroup() uint32 {
@@ -1878,7 +2012,7 @@ type ScanResponse struct {
 
 func (x *ScanResponse) Reset() {
 	*x = ScanResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1890,7 +2024,7 @@ func (x *ScanResponse) String() string {
 func (*ScanResponse) ProtoMessage() {}
 
 func (x *ScanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1903,7 +2037,7 @@ func (x *ScanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanResponse.ProtoReflect.Descriptor instead.
 func (*ScanResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ScanResponse) GetEntries() []*KeyValue {
@@ -1937,7 +2071,7 @@ type CheckpointPart struct {
 
 func (x *CheckpointPart) Reset() {
 	*x = CheckpointPart{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1949,7 +2083,7 @@ func (x *CheckpointPart) String() string {
 func (*CheckpointPart) ProtoMessage() {}
 
 func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1962,7 +2096,7 @@ func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointPart.ProtoReflect.Descriptor instead.
 func (*CheckpointPart) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CheckpointPart) GetEpoch() uint64 {
@@ -2041,7 +2175,7 @@ type Checkpoint struct {
 
 func (x *Checkpoint) Reset() {
 	*x = Checkpoint{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2053,7 +2187,7 @@ func (x *Checkpoint) String() string {
 func (*Checkpoint) ProtoMessage() {}
 
 func (x *Checkpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2066,7 +2200,7 @@ func (x *Checkpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Checkpoint.ProtoReflect.Descriptor instead.
 func (*Checkpoint) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Checkpoint) GetStream() string {
@@ -2148,7 +2282,7 @@ type Materialization struct {
 
 func (x *Materialization) Reset() {
 	*x = Materialization{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2160,7 +2294,7 @@ func (x *Materialization) String() string {
 func (*Materialization) ProtoMessage() {}
 
 func (x *Materialization) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2173,7 +2307,7 @@ func (x *Materialization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Materialization.ProtoReflect.Descriptor instead.
 func (*Materialization) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Materialization) GetSnapshotCheckpoint() uint64 {
@@ -2263,7 +2397,7 @@ type CreateCheckpointRequest struct {
 
 func (x *CreateCheckpointRequest) Reset() {
 	*x = CreateCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2275,7 +2409,7 @@ func (x *CreateCheckpointRequest) String() string {
 func (*CreateCheckpointRequest) ProtoMessage() {}
 
 func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2288,7 +2422,7 @@ func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CreateCheckpointRequest) GetStream() string {
@@ -2319,7 +2453,7 @@ type CreateCheckpointResponse struct {
 
 func (x *CreateCheckpointResponse) Reset() {
 	*x = CreateCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2331,7 +2465,7 @@ func (x *CreateCheckpointResponse) String() string {
 func (*CreateCheckpointResponse) ProtoMessage() {}
 
 func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2344,7 +2478,7 @@ func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2387,7 +2521,7 @@ type ListCheckpointsRequest struct {
 
 func (x *ListCheckpointsRequest) Reset() {
 	*x = ListCheckpointsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2533,7 @@ func (x *ListCheckpointsRequest) String() string {
 func (*ListCheckpointsRequest) ProtoMessage() {}
 
 func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2546,7 @@ func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsRequest.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListCheckpointsRequest) GetStream() string {
@@ -2462,7 +2596,7 @@ type ListCheckpointsResponse struct {
 
 func (x *ListCheckpointsResponse) Reset() {
 	*x = ListCheckpointsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2474,7 +2608,7 @@ func (x *ListCheckpointsResponse) String() string {
 func (*ListCheckpointsResponse) ProtoMessage() {}
 
 func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2487,7 +2621,7 @@ func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsResponse.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
@@ -2514,7 +2648,7 @@ type GetCheckpointRequest struct {
 
 func (x *GetCheckpointRequest) Reset() {
 	*x = GetCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2526,7 +2660,7 @@ func (x *GetCheckpointRequest) String() string {
 func (*GetCheckpointRequest) ProtoMessage() {}
 
 func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2539,7 +2673,7 @@ func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GetCheckpointRequest) GetStream() string {
@@ -2567,7 +2701,7 @@ type GetCheckpointResponse struct {
 
 func (x *GetCheckpointResponse) Reset() {
 	*x = GetCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2579,7 +2713,7 @@ func (x *GetCheckpointResponse) String() string {
 func (*GetCheckpointResponse) ProtoMessage() {}
 
 func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2592,7 +2726,7 @@ func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2621,7 +2755,7 @@ type RetainCheckpointRequest struct {
 
 func (x *RetainCheckpointRequest) Reset() {
 	*x = RetainCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2633,7 +2767,7 @@ func (x *RetainCheckpointRequest) String() string {
 func (*RetainCheckpointRequest) ProtoMessage() {}
 
 func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2646,7 +2780,7 @@ func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RetainCheckpointRequest) GetStream() string {
@@ -2679,7 +2813,7 @@ type RetainCheckpointResponse struct {
 
 func (x *RetainCheckpointResponse) Reset() {
 	*x = RetainCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2691,7 +2825,7 @@ func (x *RetainCheckpointResponse) String() string {
 func (*RetainCheckpointResponse) ProtoMessage() {}
 
 func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2704,7 +2838,7 @@ func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{40}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RetainCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2779,16 +2913,26 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"key_groups\x18\x03 \x01(\v2\x16.dstl.v1.KeyGroupRangeR\tkeyGroups\x12'\n" +
 	"\x0ffrom_checkpoint\x18\x04 \x01(\x04R\x0efromCheckpoint\x12\x19\n" +
 	"\blast_sqn\x18\x05 \x01(\x04R\alastSqn\x12+\n" +
-	"\x11restored_metadata\x18\x06 \x03(\fR\x10restoredMetadata\"\x8c\x01\n" +
+	"\x11restored_metadata\x18\x06 \x03(\fR\x10restoredMetadata\"\xbc\x01\n" +
 	"\rAppendRequest\x12\x1b\n" +
 	"\twriter_id\x18\x01 \x01(\tR\bwriterId\x12)\n" +
 	"\achanges\x18\x02 \x03(\v2\x0f.dstl.v1.ChangeR\achanges\x123\n" +
 	"\n" +
 	"durability\x18\x03 \x01(\x0e2\x13.dstl.v1.DurabilityR\n" +
-	"durability\"H\n" +
+	"durability\x12.\n" +
+	"\x05reads\x18\x04 \x03(\v2\x18.dstl.v1.ReadAfterAppendR\x05reads\"V\n" +
+	"\x0fReadAfterAppend\x12\x14\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\x12\x1b\n" +
+	"\tkey_group\x18\x03 \x01(\rR\bkeyGroup\"s\n" +
 	"\x0eAppendResponse\x12\x1b\n" +
 	"\tfirst_sqn\x18\x01 \x01(\x04R\bfirstSqn\x12\x19\n" +
-	"\blast_sqn\x18\x02 \x01(\x04R\alastSqn\"e\n" +
+	"\blast_sqn\x18\x02 \x01(\x04R\alastSqn\x12)\n" +
+	"\x05reads\x18\x03 \x03(\v2\x13.dstl.v1.ReadResultR\x05reads\"8\n" +
+	"\n" +
+	"ReadResult\x12\x14\n" +
+	"\x05found\x18\x01 \x01(\bR\x05found\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value\"e\n" +
 	"\x14AppendStreamResponse\x12\x19\n" +
 	"\blast_sqn\x18\x01 \x01(\x04R\alastSqn\x12\x18\n" +
 	"\abatches\x18\x02 \x01(\x04R\abatches\x12\x18\n" +
@@ -2967,7 +3111,7 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 }
 
 var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_dstl_v1_dstl_proto_goTypes = []any{
 	(Op)(0),                          // 0: dstl.v1.Op
 	(Durability)(0),                  // 1: dstl.v1.Durability
@@ -2986,32 +3130,34 @@ var file_dstl_v1_dstl_proto_goTypes = []any{
 	(*OpenWriterRequest)(nil),        // 14: dstl.v1.OpenWriterRequest
 	(*OpenWriterResponse)(nil),       // 15: dstl.v1.OpenWriterResponse
 	(*AppendRequest)(nil),            // 16: dstl.v1.AppendRequest
-	(*AppendResponse)(nil),           // 17: dstl.v1.AppendResponse
-	(*AppendStreamResponse)(nil),     // 18: dstl.v1.AppendStreamResponse
-	(*SegmentBlocks)(nil),            // 19: dstl.v1.SegmentBlocks
-	(*BlockSpan)(nil),                // 20: dstl.v1.BlockSpan
-	(*PersistRequest)(nil),           // 21: dstl.v1.PersistRequest
-	(*PersistResponse)(nil),          // 22: dstl.v1.PersistResponse
-	(*CheckpointRequest)(nil),        // 23: dstl.v1.CheckpointRequest
-	(*CheckpointResponse)(nil),       // 24: dstl.v1.CheckpointResponse
-	(*CloseWriterRequest)(nil),       // 25: dstl.v1.CloseWriterRequest
-	(*CloseWriterResponse)(nil),      // 26: dstl.v1.CloseWriterResponse
-	(*GetRequest)(nil),               // 27: dstl.v1.GetRequest
-	(*GetResponse)(nil),              // 28: dstl.v1.GetResponse
-	(*ScanRequest)(nil),              // 29: dstl.v1.ScanRequest
-	(*KeyValue)(nil),                 // 30: dstl.v1.KeyValue
-	(*ScanResponse)(nil),             // 31: dstl.v1.ScanResponse
-	(*CheckpointPart)(nil),           // 32: dstl.v1.CheckpointPart
-	(*Checkpoint)(nil),               // 33: dstl.v1.Checkpoint
-	(*Materialization)(nil),          // 34: dstl.v1.Materialization
-	(*CreateCheckpointRequest)(nil),  // 35: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil), // 36: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),   // 37: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),  // 38: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),     // 39: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),    // 40: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),  // 41: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil), // 42: dstl.v1.RetainCheckpointResponse
+	(*ReadAfterAppend)(nil),          // 17: dstl.v1.ReadAfterAppend
+	(*AppendResponse)(nil),           // 18: dstl.v1.AppendResponse
+	(*ReadResult)(nil),               // 19: dstl.v1.ReadResult
+	(*AppendStreamResponse)(nil),     // 20: dstl.v1.AppendStreamResponse
+	(*SegmentBlocks)(nil),            // 21: dstl.v1.SegmentBlocks
+	(*BlockSpan)(nil),                // 22: dstl.v1.BlockSpan
+	(*PersistRequest)(nil),           // 23: dstl.v1.PersistRequest
+	(*PersistResponse)(nil),          // 24: dstl.v1.PersistResponse
+	(*CheckpointRequest)(nil),        // 25: dstl.v1.CheckpointRequest
+	(*CheckpointResponse)(nil),       // 26: dstl.v1.CheckpointResponse
+	(*CloseWriterRequest)(nil),       // 27: dstl.v1.CloseWriterRequest
+	(*CloseWriterResponse)(nil),      // 28: dstl.v1.CloseWriterResponse
+	(*GetRequest)(nil),               // 29: dstl.v1.GetRequest
+	(*GetResponse)(nil),              // 30: dstl.v1.GetResponse
+	(*ScanRequest)(nil),              // 31: dstl.v1.ScanRequest
+	(*KeyValue)(nil),                 // 32: dstl.v1.KeyValue
+	(*ScanResponse)(nil),             // 33: dstl.v1.ScanResponse
+	(*CheckpointPart)(nil),           // 34: dstl.v1.CheckpointPart
+	(*Checkpoint)(nil),               // 35: dstl.v1.Checkpoint
+	(*Materialization)(nil),          // 36: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),  // 37: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil), // 38: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),   // 39: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),  // 40: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),     // 41: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),    // 42: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),  // 43: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil), // 44: dstl.v1.RetainCheckpointResponse
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	4,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
@@ -3023,55 +3169,57 @@ var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	2,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
 	13, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
 	1,  // 8: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
-	20, // 9: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
-	19, // 10: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
-	2,  // 11: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	30, // 12: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
-	2,  // 13: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
-	32, // 14: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	34, // 15: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
-	33, // 16: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	33, // 17: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	33, // 18: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	4,  // 19: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
-	33, // 20: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	5,  // 21: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
-	7,  // 22: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
-	9,  // 23: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
-	11, // 24: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
-	14, // 25: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	16, // 26: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	16, // 27: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	21, // 28: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	23, // 29: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	25, // 30: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	27, // 31: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	29, // 32: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	35, // 33: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	37, // 34: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	39, // 35: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	41, // 36: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	6,  // 37: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
-	8,  // 38: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
-	10, // 39: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
-	12, // 40: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	15, // 41: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	17, // 42: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	18, // 43: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	22, // 44: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	24, // 45: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	26, // 46: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	28, // 47: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	31, // 48: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	36, // 49: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	38, // 50: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	40, // 51: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	42, // 52: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	37, // [37:53] is the sub-list for method output_type
-	21, // [21:37] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	17, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
+	19, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
+	22, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
+	21, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
+	2,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	32, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
+	2,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
+	34, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
+	36, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	35, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	35, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	35, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	4,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
+	35, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	5,  // 23: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
+	7,  // 24: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
+	9,  // 25: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
+	11, // 26: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
+	14, // 27: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
+	16, // 28: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	16, // 29: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	23, // 30: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	25, // 31: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	27, // 32: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	29, // 33: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	31, // 34: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	37, // 35: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	39, // 36: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	41, // 37: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	43, // 38: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	6,  // 39: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
+	8,  // 40: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
+	10, // 41: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
+	12, // 42: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
+	15, // 43: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	18, // 44: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	20, // 45: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	24, // 46: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	26, // 47: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	28, // 48: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	30, // 49: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	33, // 50: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	38, // 51: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	40, // 52: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	42, // 53: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	44, // 54: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	39, // [39:55] is the sub-list for method output_type
+	23, // [23:39] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_dstl_v1_dstl_proto_init() }
@@ -3079,14 +3227,14 @@ func file_dstl_v1_dstl_proto_init() {
 	if File_dstl_v1_dstl_proto != nil {
 		return
 	}
-	file_dstl_v1_dstl_proto_msgTypes[25].OneofWrappers = []any{}
+	file_dstl_v1_dstl_proto_msgTypes[27].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   41,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   4,
 		},
