@@ -146,8 +146,8 @@ type Writer struct {
 	// index (added) first; see readCache.
 	unsureUpTo uint64
 	// reads wait to travel with the batch that flushes their target.
-	reads []*readAfter
-	progress   chan struct{} // closed and replaced when sent, err or closing change
+	reads    []*readAfter
+	progress chan struct{} // closed and replaced when sent, err or closing change
 
 	// closeMu serialises Close calls; closed: the server confirmed the
 	// close (a failed CloseWriter leaves it false, so Close can be retried:
