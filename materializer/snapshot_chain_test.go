@@ -275,7 +275,12 @@ type chainState struct {
 	clearDeltas int
 }
 
-type importStats struct{ imports, staged, clipped, skipped, prefilled, skipApplied atomic.Int64 }
+type importStats struct {
+	imports, staged, clipped, skipped, prefilled, skipApplied atomic.Int64
+	// longClearChains counts the chains of 6+ runs with 3+ deltas with
+	// clears (the coverage the test needs, over all its seeds).
+	longClearChains atomic.Int64
+}
 
 // TestSnapshotChainModel applies random batches (put, merge, delete,
 // clear; replays) of 4 logs over 2 streams while recording changed keys
@@ -297,6 +302,11 @@ func TestSnapshotChainModel(t *testing.T) {
 		st.imports.Load(), st.staged.Load(), st.clipped.Load(), st.skipped.Load(), st.prefilled.Load(), st.skipApplied.Load())
 	if !t.Failed() && (st.clipped.Load() == 0 || st.skipped.Load() == 0 || st.prefilled.Load() == 0 || st.skipApplied.Load() == 0) {
 		t.Fatal("some import paths were never taken")
+	}
+	// Over all seeds, not per seed: about one seed in a few hundred draws
+	// no long chain with clears for one of its streams.
+	if !t.Failed() && st.longClearChains.Load() == 0 {
+		t.Fatal("no seed built a chain of 5+ deltas with 3+ clears")
 	}
 }
 
@@ -401,8 +411,8 @@ func runChainModel(t *testing.T, rng *rand.Rand, target int64, st *importStats) 
 		c := chains[name]
 		export(c)
 		checkChainImport(t, rng, c, &files, st)
-		if c.maxRuns < 6 || c.clearDeltas < 3 {
-			t.Errorf("stream %s: longest chain %d runs, %d deltas with clears; want a chain of 5+ deltas with clears", name, c.maxRuns, c.clearDeltas)
+		if c.maxRuns >= 6 && c.clearDeltas >= 3 {
+			st.longClearChains.Add(1)
 		}
 		t.Logf("stream %s key groups %s: %d exports, longest chain %d runs, %d deltas with clears", name, c.r, c.exports, c.maxRuns, c.clearDeltas)
 	}
