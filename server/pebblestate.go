@@ -228,6 +228,10 @@ func OpenPebbleState(node *changelog.Node, dir string, opts PebbleStateOptions) 
 	store, err := materializer.Open(dir, materializer.Options{
 		Logger: materializer.SlogLogger(log.With("component", "pebble")), Remote: node.BlobStore(), RefOwner: node.ID(),
 		HydrateBandwidth: opts.HydrateBandwidth,
+		// No WAL: the store is wiped above on every open, so nothing a
+		// WAL would recover is ever read. Keeping the store across
+		// restarts needs the WAL back.
+		NoWAL: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
