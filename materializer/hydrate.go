@@ -150,8 +150,21 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 			}
 		}
 		s.lazy.mu.Unlock()
+		// A clipped file among them (F itself, or a neighbour the download
+		// takes along) is rewritten, not copied: a copy would read its
+		// whole backing object from the blob store, the part outside the
+		// range included. The rewrite reads the other files of the span
+		// from their verified copies all the same.
+		via := true
+		var part int64
 		for _, g := range need {
-			if _, ok := local[g.Name]; ok {
+			if g.Part > 0 {
+				via = false
+				part += g.Part
+			}
+		}
+		for _, g := range need {
+			if _, ok := local[g.Name]; ok || g.Part > 0 {
 				continue
 			}
 			path, err := s.fetch(ctx, lim, g)
@@ -164,10 +177,15 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 			}
 			local[g.Name] = path
 		}
+		// The rewrite reads the clipped files' blocks through Pebble, not
+		// through fetch: pace it by their estimated size all the same.
+		if err := lim.wait(ctx, part); err != nil {
+			return err
+		}
 		if err := s.acquire(); err != nil {
 			return err
 		}
-		err := s.db.Download(ctx, []pebble.DownloadSpan{{StartKey: f.Start, EndKey: f.End, ViaBackingFileDownload: true}})
+		err := s.db.Download(ctx, []pebble.DownloadSpan{{StartKey: f.Start, EndKey: f.End, ViaBackingFileDownload: via}})
 		s.closeMu.RUnlock()
 		if err != nil {
 			return fmt.Errorf("hydrate %s: download: %w", f.Name, err)
@@ -190,7 +208,7 @@ func (s *Store) dropPending(ctx context.Context, lo, hi []byte) {
 		}
 		k := streamKey(f.Stream, f.Incarnation)
 		if p := s.lazy.progress[k]; p != nil {
-			p.TotalBytes -= f.Size
+			p.TotalBytes -= f.bytes()
 			p.TotalFiles--
 		}
 		s.unrefLocked(ctx, k, f.Name)
@@ -256,7 +274,7 @@ func (s *Store) markLocal(ctx context.Context, f lazyFile, local map[string]stri
 	s.lazy.dirty = true
 	k := streamKey(f.Stream, f.Incarnation)
 	if p := s.lazy.progress[k]; p != nil {
-		p.LocalBytes += f.Size
+		p.LocalBytes += f.bytes()
 		p.LocalFiles++
 		p.LastError = ""
 	}
