@@ -7,9 +7,12 @@ import (
 	"hash/crc32"
 	"hash/fnv"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/dstl-dev/dstl/internal/clock"
@@ -182,6 +185,23 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 		if err := lim.wait(ctx, part); err != nil {
 			return err
 		}
+		if !via {
+			skipped := map[string]bool{}
+			defer func() {
+				for name := range skipped {
+					s.remote.clearSkip(name)
+				}
+			}()
+			for _, g := range need {
+				if g.Part == 0 || skipped[g.Name] {
+					continue
+				}
+				if err := s.skipPastRange(ctx, g.Name); err != nil {
+					return fmt.Errorf("hydrate %s: %w", g.Name, err)
+				}
+				skipped[g.Name] = true
+			}
+		}
 		if err := s.acquire(); err != nil {
 			return err
 		}
@@ -192,6 +212,67 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 		}
 	}
 	s.markLocal(ctx, f, local)
+	return nil
+}
+
+// skipMargin: bytes past the last data block a clipped table can reach
+// that are still read for real, should Pebble look a little further than
+// its bounds.
+const skipMargin = 64 << 10
+
+// skipPastRange tells the remote adapter which bytes of the object name no
+// table of it still read remotely needs (blobStorage.setSkip): those
+// after the last data block of every pending entry of the object (the
+// block holding the first index separator at or past its End) and before
+// the meta blocks. Nothing is skipped if some entry of the object is
+// hydrated whole, or if the pending entries changed meanwhile (an import;
+// addPendingLocked clears any skip before it ingests).
+func (s *Store) skipPastRange(ctx context.Context, name string) error {
+	entries := func() []lazyFile {
+		var out []lazyFile
+		for _, g := range s.lazy.pending {
+			if g.Name == name {
+				out = append(out, g)
+			}
+		}
+		return out
+	}
+	s.lazy.mu.Lock()
+	es := entries()
+	s.lazy.mu.Unlock()
+	if len(es) == 0 {
+		return nil
+	}
+	for _, g := range es {
+		if g.Part == 0 {
+			return nil
+		}
+	}
+	size := es[0].Size
+	rd, err := sstable.NewReader(ctx, objstorageprovider.NewRemoteReadable(&remoteReader{b: s.remote, name: name, size: size}, size), sstable.ReaderOptions{})
+	if err != nil {
+		return fmt.Errorf("read table: %w", err)
+	}
+	defer rd.Close()
+	// The data blocks run from offset 0; the meta blocks follow them.
+	meta, err := rd.EstimateDiskUsage(nil, []byte{0xff}, sstable.NoReadEnv)
+	if err != nil {
+		return fmt.Errorf("read index: %w", err)
+	}
+	var last uint64
+	for _, g := range es {
+		n, err := rd.EstimateDiskUsage(nil, g.End, sstable.NoReadEnv)
+		if err != nil {
+			return fmt.Errorf("read index: %w", err)
+		}
+		last = max(last, n)
+	}
+	s.lazy.mu.Lock()
+	defer s.lazy.mu.Unlock()
+	if now := entries(); !slices.EqualFunc(now, es, func(a, b lazyFile) bool { return a.Part > 0 && bytes.Equal(a.End, b.End) }) {
+		return nil
+	}
+	s.remote.setSkip(name, int64(last)+skipMargin, int64(meta))
 	return nil
 }
 

@@ -375,6 +375,9 @@ func (s *Store) addPendingLocked(ctx context.Context, files []lazyFile) error {
 			p.TotalBytes += f.bytes()
 			p.TotalFiles++
 			s.remote.setSize(f.Name, f.Size)
+			// A new table of the object may need bytes a running rewrite
+			// of another clipped entry skips (hydrate.go: skipPastRange).
+			s.remote.clearSkip(f.Name)
 		}
 		if s.lazy.noRefs {
 			continue
