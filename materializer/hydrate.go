@@ -23,20 +23,39 @@ import (
 //
 //  1. asks Pebble whether an external table still lies in F's span (after
 //     a restart, or an excise, there may be none: then F is done);
-//  2. fetches every pending file overlapping F's span (F included) whole
-//     from the blob store into the staging area, at most
-//     Options.HydrateBandwidth bytes/s, and checks its size and CRC32C
-//     against the manifest (ErrCorrupt naming it otherwise): from then on
-//     the remote adapter serves Pebble's reads of it from that verified
-//     copy;
-//  3. calls db.Download over F's span (ViaBackingFileDownload: Pebble
-//     copies the blocks of each external table in the span into a local
-//     table and swaps it in, keeping its sequence number, so the runs'
-//     shadowing order is unchanged), which therefore reads only verified
-//     bytes and nothing from the blob store;
+//  2. collects the pending files overlapping or touching F's span (F
+//     included: Pebble's download of a span also takes the table ending
+//     where it starts). Those (nearly) all inside their range (Part 0) are
+//     fetched whole from the blob store into the staging area, at most
+//     Options.HydrateBandwidth bytes/s, and checked against the manifest's
+//     size and CRC32C (ErrCorrupt naming the file otherwise): from then on
+//     the remote adapter serves Pebble's reads of them from that verified
+//     copy. Those only partly inside (Part > 0, a rescale's clipped files)
+//     are not fetched: fetching a file whole for a few of its key groups
+//     would read the rest for nothing;
+//  3. calls db.Download over F's span. With only whole files, via the
+//     backing file (ViaBackingFileDownload: Pebble copies the external
+//     tables' blocks into local tables and swaps them in with the same
+//     sequence numbers, so the runs' shadowing order is unchanged), reading
+//     only verified bytes and nothing from the blob store. With a clipped
+//     file, as a rewrite (Pebble iterates each external table within its
+//     bounds and writes a local table, same sequence numbers): a clipped
+//     file's blocks in range are read from the blob store, each checked by
+//     Pebble against its block checksum, the whole files' from their
+//     verified copies. The rewrite reads 8 MiB ahead; the adapter hands it
+//     zeros instead of fetching the part of a clipped file after its last
+//     block in range (skipPastRange), so it reads about the bytes in range;
 //  4. marks F local, drops the copies no pending file needs, and writes
 //     DSTL-LAZY.json; when a stream has no pending file left its
 //     reference is deleted.
+//
+// What is verified when: a whole file, its CRC32C over every byte before
+// Pebble copies any of it; a clipped file, each block Pebble reads (data,
+// index, filter, properties, range deletions) by the checksum in its
+// trailer, as for any read of a lazily imported file, but no whole-file
+// checksum (its bytes out of range are never read). The footer carries a
+// CRC of its own in the table formats the store writes (Pebblev6 and newer,
+// FormatNewest).
 //
 // A failure (blob store down, file missing, corrupt) is recorded in the
 // stream's HydrationStatus.LastError and retried after a backoff (1 s
