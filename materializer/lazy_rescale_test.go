@@ -167,8 +167,8 @@ func TestLazyRescaleReads(t *testing.T) {
 func TestLazyClippedCorrupt(t *testing.T) {
 	ctx := context.Background()
 	inner := fileBlob(t)
-	man, all := lazyFixture(t, inner)
-	r := KeyGroupRange{Lo: man.KeyGroups.Lo + 1, Hi: man.KeyGroups.Hi - 1}
+	man, all := baseFixture(t, inner)
+	r := KeyGroupRange{Lo: 1, Hi: 6}
 	clipped := false
 	for _, run := range man.Runs {
 		for _, f := range run.Files {
@@ -199,4 +199,75 @@ func TestLazyClippedCorrupt(t *testing.T) {
 	cs.set(false)
 	waitHydrated(t, s)
 	diff(t, "hydrated after the corruption went", dump(t, s), want)
+}
+
+// baseFixture exports one base run of 8 key groups, in files of about 3
+// key groups, to blob (a chain's delta runs would be compacted into the
+// base by Pebble, making files local without the hydrator) and returns it
+// with the model.
+func baseFixture(t *testing.T, blob upload.BlobStore) (SnapshotManifest, map[string]string) {
+	t.Helper()
+	src := memStore(t, Options{TargetFileSize: 16 << 10})
+	defer src.Close()
+	var changes []segments.Change
+	for i := range 400 {
+		changes = append(changes, segments.Change{SQN: uint64(i + 1), Op: segments.OpPut, KeyGroup: uint16(i % 8), State: testStates[i%2], Key: fmt.Appendf(nil, "k%04d", i), Value: fmt.Appendf(nil, "value-%d-%0100d", i, i)})
+	}
+	if err := src.Apply("st", "l/1", changes); err != nil {
+		t.Fatal(err)
+	}
+	prefix := changelog.SnapshotFilePrefix("st", lazyInc) + "00000000000000000001-base-"
+	man, err := src.Export(context.Background(), "st", KeyGroupRange{Lo: 0, Hi: 7}, (&lazyFiles{t: t, blob: blob}).create(prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return renamed(man, prefix), dump(t, src)
+}
+
+// TestLazyClippedRestart: a store closed before hydrating a clipped range
+// reopens with the clipped files still pending as clipped (DSTL-LAZY.json
+// keeps Part), references them again, serves the range and finishes by
+// rewriting them.
+func TestLazyClippedRestart(t *testing.T) {
+	ctx := context.Background()
+	blob := fileBlob(t)
+	man, all := baseFixture(t, blob)
+	r := KeyGroupRange{Lo: 1, Hi: 6}
+	want := restrictTo(t, all, "st", r)
+	dir := t.TempDir()
+	s := lazyStore(t, blob, dir, Options{})
+	pauseHydration(s)
+	if err := s.ImportRange(ctx, man, r, nil, ImportOptions{Lazy: true, Incarnation: lazyInc}); err != nil {
+		t.Fatal(err)
+	}
+	clipped := func(s *Store) int {
+		s.lazy.mu.Lock()
+		defer s.lazy.mu.Unlock()
+		n := 0
+		for _, f := range s.lazy.pending {
+			if f.Part > 0 {
+				n++
+			}
+		}
+		return n
+	}
+	before := clipped(s)
+	if before == 0 {
+		t.Fatalf("no file of the fixture is clipped by %s", r)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	watch := &refWatch{BlobStore: blob, prefix: changelog.SnapshotRefPrefix("st", lazyInc)}
+	s = lazyStore(t, watch, dir, Options{})
+	defer s.Close()
+	if n := clipped(s); n != before {
+		t.Fatalf("reopened with %d clipped files pending, want %d", n, before)
+	}
+	if watch.count() == 0 {
+		t.Fatal("reopened with files pending but wrote no reference")
+	}
+	diff(t, "reopened", dump(t, s), want)
+	waitHydrated(t, s)
+	diff(t, "hydrated after the restart", dump(t, s), want)
 }
