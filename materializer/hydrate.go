@@ -7,9 +7,12 @@ import (
 	"hash/crc32"
 	"hash/fnv"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/dstl-dev/dstl/internal/clock"
@@ -20,20 +23,39 @@ import (
 //
 //  1. asks Pebble whether an external table still lies in F's span (after
 //     a restart, or an excise, there may be none: then F is done);
-//  2. fetches every pending file overlapping F's span (F included) whole
-//     from the blob store into the staging area, at most
-//     Options.HydrateBandwidth bytes/s, and checks its size and CRC32C
-//     against the manifest (ErrCorrupt naming it otherwise): from then on
-//     the remote adapter serves Pebble's reads of it from that verified
-//     copy;
-//  3. calls db.Download over F's span (ViaBackingFileDownload: Pebble
-//     copies the blocks of each external table in the span into a local
-//     table and swaps it in, keeping its sequence number, so the runs'
-//     shadowing order is unchanged), which therefore reads only verified
-//     bytes and nothing from the blob store;
+//  2. collects the pending files overlapping or touching F's span (F
+//     included: Pebble's download of a span also takes the table ending
+//     where it starts). Those (nearly) all inside their range (Part 0) are
+//     fetched whole from the blob store into the staging area, at most
+//     Options.HydrateBandwidth bytes/s, and checked against the manifest's
+//     size and CRC32C (ErrCorrupt naming the file otherwise): from then on
+//     the remote adapter serves Pebble's reads of them from that verified
+//     copy. Those only partly inside (Part > 0, a rescale's clipped files)
+//     are not fetched: fetching a file whole for a few of its key groups
+//     would read the rest for nothing;
+//  3. calls db.Download over F's span. With only whole files, via the
+//     backing file (ViaBackingFileDownload: Pebble copies the external
+//     tables' blocks into local tables and swaps them in with the same
+//     sequence numbers, so the runs' shadowing order is unchanged), reading
+//     only verified bytes and nothing from the blob store. With a clipped
+//     file, as a rewrite (Pebble iterates each external table within its
+//     bounds and writes a local table, same sequence numbers): a clipped
+//     file's blocks in range are read from the blob store, each checked by
+//     Pebble against its block checksum, the whole files' from their
+//     verified copies. The rewrite reads 8 MiB ahead; the adapter hands it
+//     zeros instead of fetching the part of a clipped file after its last
+//     block in range (skipPastRange), so it reads about the bytes in range;
 //  4. marks F local, drops the copies no pending file needs, and writes
 //     DSTL-LAZY.json; when a stream has no pending file left its
 //     reference is deleted.
+//
+// What is verified when: a whole file, its CRC32C over every byte before
+// Pebble copies any of it; a clipped file, each block Pebble reads (data,
+// index, filter, properties, range deletions) by the checksum in its
+// trailer, as for any read of a lazily imported file, but no whole-file
+// checksum (its bytes out of range are never read). The footer carries a
+// CRC of its own in the table formats the store writes (Pebblev6 and newer,
+// FormatNewest).
 //
 // A failure (blob store down, file missing, corrupt) is recorded in the
 // stream's HydrationStatus.LastError and retried after a backoff (1 s
@@ -150,8 +172,21 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 			}
 		}
 		s.lazy.mu.Unlock()
+		// A clipped file among them (F itself, or a neighbour the download
+		// takes along) is rewritten, not copied: a copy would read its
+		// whole backing object from the blob store, the part outside the
+		// range included. The rewrite reads the other files of the span
+		// from their verified copies all the same.
+		via := true
+		var part int64
 		for _, g := range need {
-			if _, ok := local[g.Name]; ok {
+			if g.Part > 0 {
+				via = false
+				part += g.Part
+			}
+		}
+		for _, g := range need {
+			if _, ok := local[g.Name]; ok || g.Part > 0 {
 				continue
 			}
 			path, err := s.fetch(ctx, lim, g)
@@ -164,16 +199,109 @@ func (s *Store) hydrateFile(ctx context.Context, lim *rateLimiter, local map[str
 			}
 			local[g.Name] = path
 		}
+		// The rewrite reads the clipped files' blocks through Pebble, not
+		// through fetch: pace it by their estimated size all the same.
+		if err := lim.wait(ctx, part); err != nil {
+			return err
+		}
+		if !via {
+			skipped := map[string]bool{}
+			defer func() {
+				for name := range skipped {
+					s.remote.clearSkip(name)
+				}
+			}()
+			for _, g := range need {
+				if g.Part == 0 || skipped[g.Name] {
+					continue
+				}
+				if err := s.skipPastRange(ctx, g.Name); err != nil {
+					return fmt.Errorf("hydrate %s: %w", g.Name, err)
+				}
+				skipped[g.Name] = true
+			}
+		}
 		if err := s.acquire(); err != nil {
 			return err
 		}
-		err := s.db.Download(ctx, []pebble.DownloadSpan{{StartKey: f.Start, EndKey: f.End, ViaBackingFileDownload: true}})
+		err := s.db.Download(ctx, []pebble.DownloadSpan{{StartKey: f.Start, EndKey: f.End, ViaBackingFileDownload: via}})
 		s.closeMu.RUnlock()
 		if err != nil {
 			return fmt.Errorf("hydrate %s: download: %w", f.Name, err)
 		}
 	}
 	s.markLocal(ctx, f, local)
+	return nil
+}
+
+// skipMargin: bytes past the last data block a clipped table can reach
+// that are still read for real, should Pebble look a little further than
+// its bounds.
+const skipMargin = 64 << 10
+
+// skipPastRange tells the remote adapter which bytes of the object name no
+// table of it still read remotely needs (blobStorage.setSkip): those
+// after the last data block of every pending entry of the object (the
+// block holding the first index separator at or past its End) and before
+// the meta blocks. Nothing is skipped if some entry of the object is
+// hydrated whole, or if the pending entries changed meanwhile (an import;
+// addPendingLocked clears any skip before it ingests).
+func (s *Store) skipPastRange(ctx context.Context, name string) error {
+	entries := func() []lazyFile {
+		var out []lazyFile
+		for _, g := range s.lazy.pending {
+			if g.Name == name {
+				out = append(out, g)
+			}
+		}
+		return out
+	}
+	s.lazy.mu.Lock()
+	es := entries()
+	s.lazy.mu.Unlock()
+	if len(es) == 0 {
+		return nil
+	}
+	for _, g := range es {
+		if g.Part == 0 {
+			return nil
+		}
+	}
+	size := es[0].Size
+	rd, err := sstable.NewReader(ctx, objstorageprovider.NewRemoteReadable(&remoteReader{b: s.remote, name: name, size: size}, size), sstable.ReaderOptions{})
+	if err != nil {
+		return fmt.Errorf("read table: %w", err)
+	}
+	defer rd.Close()
+	// Values kept apart from their keys (value blocks, written after the
+	// data blocks) would be reached from blocks in range: skip nothing
+	// then. Our exports write none (each key once, at sequence number 0).
+	props, err := rd.ReadPropertiesBlock(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("read properties: %w", err)
+	}
+	if props.NumValueBlocks > 0 || props.ValueBlocksSize > 0 {
+		return nil
+	}
+	// The data blocks run from offset 0; the meta blocks follow them.
+	meta, err := rd.EstimateDiskUsage(nil, []byte{0xff}, sstable.NoReadEnv)
+	if err != nil {
+		return fmt.Errorf("read index: %w", err)
+	}
+	var last uint64
+	for _, g := range es {
+		n, err := rd.EstimateDiskUsage(nil, g.End, sstable.NoReadEnv)
+		if err != nil {
+			return fmt.Errorf("read index: %w", err)
+		}
+		last = max(last, n)
+	}
+	s.lazy.mu.Lock()
+	defer s.lazy.mu.Unlock()
+	if now := entries(); !slices.EqualFunc(now, es, func(a, b lazyFile) bool { return a.Part > 0 && bytes.Equal(a.End, b.End) }) {
+		return nil
+	}
+	s.remote.setSkip(name, int64(last)+skipMargin, int64(meta))
 	return nil
 }
 
@@ -190,7 +318,7 @@ func (s *Store) dropPending(ctx context.Context, lo, hi []byte) {
 		}
 		k := streamKey(f.Stream, f.Incarnation)
 		if p := s.lazy.progress[k]; p != nil {
-			p.TotalBytes -= f.Size
+			p.TotalBytes -= f.bytes()
 			p.TotalFiles--
 		}
 		s.unrefLocked(ctx, k, f.Name)
@@ -256,7 +384,7 @@ func (s *Store) markLocal(ctx context.Context, f lazyFile, local map[string]stri
 	s.lazy.dirty = true
 	k := streamKey(f.Stream, f.Incarnation)
 	if p := s.lazy.progress[k]; p != nil {
-		p.LocalBytes += f.Size
+		p.LocalBytes += f.bytes()
 		p.LocalFiles++
 		p.LastError = ""
 	}

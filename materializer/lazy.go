@@ -63,6 +63,14 @@ type lazyFile struct {
 	// Start and End are the ingest bounds, [Start, End).
 	Start []byte `json:"start"`
 	End   []byte `json:"end"`
+	// Part, if > 0, marks a file only partly inside the imported range
+	// (less than clipShare of its key groups): about Part of its Size
+	// bytes lie in [Start, End). The hydrator rewrites such a file's
+	// blocks inside the bounds instead of fetching it whole (see
+	// hydrate.go). 0: the file is (nearly) all inside, hydrated whole and
+	// verified against its CRC32C (also every entry of format 1 written
+	// before Part existed).
+	Part int64 `json:"part,omitempty"`
 	// ingesting: recorded, but its ingest has not returned yet; the
 	// hydrator leaves it alone (it would find no external table there yet
 	// and call it local).
@@ -96,9 +104,42 @@ func decodeLazyState(data []byte) ([]lazyFile, error) {
 			return nil, fmt.Errorf("%s: file %s: size %d: %w", lazyStateName, f.Name, f.Size, ErrCorrupt)
 		case bytes.Compare(f.Start, f.End) >= 0:
 			return nil, fmt.Errorf("%s: file %s: empty bounds: %w", lazyStateName, f.Name, ErrCorrupt)
+		case f.Part < 0 || f.Part > f.Size:
+			return nil, fmt.Errorf("%s: file %s: part %d of %d bytes: %w", lazyStateName, f.Name, f.Part, f.Size, ErrCorrupt)
 		}
 	}
 	return st.Files, nil
+}
+
+// bytes is what hydrating f makes local: the whole file, or about the part
+// of a clipped one inside its bounds.
+func (f lazyFile) bytes() int64 {
+	if f.Part > 0 {
+		return f.Part
+	}
+	return f.Size
+}
+
+// clipShare: a file with less than this share of its key groups inside
+// the imported range is hydrated clipped (only its blocks in range, each
+// checked by Pebble's block checksum) rather than fetched whole (the whole
+// file checked against the manifest's CRC32C): fetching it whole would
+// read more than 1/clipShare of what the range needs.
+const clipShare = 0.9
+
+// clippedPart estimates the bytes of a file of size bytes with key groups
+// fkg that lie in r (keys are spread over key groups by a hash, so evenly
+// enough), or 0 if the file is to be hydrated whole.
+func clippedPart(size int64, fkg, r KeyGroupRange) int64 {
+	if r.Covers(fkg) {
+		return 0
+	}
+	n := int64(fkg.Hi) - int64(fkg.Lo) + 1
+	in := int64(min(fkg.Hi, r.Hi)) - int64(max(fkg.Lo, r.Lo)) + 1
+	if in <= 0 || float64(in) >= clipShare*float64(n) {
+		return 0
+	}
+	return max(1, size*in/n)
 }
 
 func encodeLazyState(files []lazyFile) ([]byte, error) {
@@ -331,9 +372,12 @@ func (s *Store) addPendingLocked(ctx context.Context, files []lazyFile) error {
 			s.lazy.progress[k] = p
 		}
 		for _, f := range fs {
-			p.TotalBytes += f.Size
+			p.TotalBytes += f.bytes()
 			p.TotalFiles++
 			s.remote.setSize(f.Name, f.Size)
+			// A new table of the object may need bytes a running rewrite
+			// of another clipped entry skips (hydrate.go: skipPastRange).
+			s.remote.clearSkip(f.Name)
 		}
 		if s.lazy.noRefs {
 			continue
@@ -380,7 +424,7 @@ func (s *Store) addPendingLocked(ctx context.Context, files []lazyFile) error {
 func sumSize(fs []lazyFile) int64 {
 	var n int64
 	for _, f := range fs {
-		n += f.Size
+		n += f.bytes()
 	}
 	return n
 }
@@ -506,7 +550,8 @@ func (s *Store) ingestLazy(ctx context.Context, m SnapshotManifest, r KeyGroupRa
 				EndKey:      end,
 				HasPointKey: true, // range deletions count as point keys
 			})
-			added = append(added, lazyFile{Stream: m.Stream, Incarnation: inc, Name: f.Name, Size: f.Size, CRC32C: f.CRC32C, Start: start, End: end, ingesting: true})
+			added = append(added, lazyFile{Stream: m.Stream, Incarnation: inc, Name: f.Name, Size: f.Size, CRC32C: f.CRC32C, Start: start, End: end,
+				Part: clippedPart(f.Size, f.KeyGroups, r), ingesting: true})
 		}
 		if len(files) > 0 {
 			runs = append(runs, files)

@@ -58,7 +58,13 @@ type blobStorage struct {
 	// remoteBytes counts bytes read from the blob store by Pebble's reads
 	// (not by the hydrator's own fetches).
 	remoteBytes int64
+	// skip maps an object name to a byte range no reader of it needs while
+	// the hydrator rewrites a clipped file (see setSkip).
+	skip map[string]byteRange
 }
+
+// byteRange is [from, to) of an object.
+type byteRange struct{ from, to int64 }
 
 // localCopy is an open, verified copy. Readers hold mu shared while they
 // read; dropLocal closes the file under mu.
@@ -77,6 +83,7 @@ func newBlobStorage(blob upload.BlobStore, fs vfs.FS) *blobStorage {
 		sleep: sleepCtx,
 		local: map[string]*localCopy{},
 		sizes: map[string]int64{},
+		skip:  map[string]byteRange{},
 	}
 }
 
@@ -112,6 +119,31 @@ func (b *blobStorage) addLocal(name, path string) error {
 	}
 	b.local[name] = &localCopy{f: f}
 	return nil
+}
+
+// setSkip declares that no reader of name uses the bytes [from, to): they
+// lie after the last data block any table of the object still read
+// remotely can reach, and before the file's meta blocks. Pebble's rewrite
+// of a clipped file reads ahead 8 MiB at a time (a constant of its remote
+// read handle), so past the last block in range it would fetch up to 8 MiB
+// of the file that nothing uses; those bytes are handed to it as zeros
+// instead of being fetched. Safe because Pebble checks every block it uses
+// against the checksum in the block's trailer: a zeroed block can only
+// ever fail that check (a corruption error, retried by the hydrator), never
+// be taken for data.
+func (b *blobStorage) setSkip(name string, from, to int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if from < to {
+		b.skip[name] = byteRange{from, to}
+	}
+}
+
+// clearSkip ends setSkip: every byte of name is read again.
+func (b *blobStorage) clearSkip(name string) {
+	b.mu.Lock()
+	delete(b.skip, name)
+	b.mu.Unlock()
 }
 
 // dropLocal sends reads of name back to the blob store and closes the
@@ -284,6 +316,26 @@ func (r *remoteReader) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	if ok, err := r.b.readLocal(r.name, p, off); ok {
 		return err
+	}
+	r.b.mu.Lock()
+	sk, skipping := r.b.skip[r.name]
+	r.b.mu.Unlock()
+	if end := off + int64(len(p)); skipping && off < sk.to && sk.from < end {
+		// Fetch what lies outside the skipped range, zero what is inside.
+		lo, hi := max(off, sk.from), min(end, sk.to)
+		clear(p[lo-off : hi-off])
+		if err := r.fetch(ctx, p[:lo-off], off); err != nil {
+			return err
+		}
+		return r.fetch(ctx, p[hi-off:], hi)
+	}
+	return r.fetch(ctx, p, off)
+}
+
+// fetch reads p at off from the blob store (nothing if p is empty).
+func (r *remoteReader) fetch(ctx context.Context, p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
 	}
 	err := r.b.retry(ctx, r.name, func(ctx context.Context) error {
 		rc, err := r.b.blob.GetRange(ctx, r.name, off, int64(len(p)))

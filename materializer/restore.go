@@ -47,36 +47,42 @@ func (s *Store) ImportSnapshot(ctx context.Context, blob upload.BlobStore, snap 
 // StateNames returns the names of the states that hold keys in key groups
 // r of a stream, sorted. It skips from each (key group, state) prefix to
 // the next, so it costs one seek per state per key group, not one step per
-// key.
+// key. Each key group gets an iterator of its own: Pebble's readahead of a
+// remote (lazily imported) file treats forward seeks less than 1 MiB apart
+// as a sequential scan, so one iterator over a small state reads nearly all
+// of it from the blob store; a fresh iterator starts without readahead and
+// reads about one data block per state.
 func (s *Store) StateNames(ctx context.Context, stream string, r KeyGroupRange) ([]string, error) {
-	lo, hi, err := KeyGroupRangeBounds(stream, r.Lo, r.Hi)
-	if err != nil {
+	if _, _, err := KeyGroupRangeBounds(stream, r.Lo, r.Hi); err != nil {
 		return nil, err
 	}
 	if err := s.acquire(); err != nil {
 		return nil, err
 	}
 	defer s.closeMu.RUnlock()
-	it, err := s.db.NewIterWithContext(ctx, &pebble.IterOptions{LowerBound: lo, UpperBound: hi})
-	if err != nil {
-		return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
-	}
 	seen := map[string]bool{}
 	var prefix []byte
-	for valid := it.First(); valid; {
-		if err := ctx.Err(); err != nil {
-			return nil, errors.Join(err, it.Close())
-		}
-		dk, err := DecodeDataKey(it.Key())
+	for kg := uint32(r.Lo); kg <= uint32(r.Hi); kg++ {
+		lo, hi, _ := KeyGroupRangeBounds(stream, uint16(kg), uint16(kg))
+		it, err := s.db.NewIterWithContext(ctx, &pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 		if err != nil {
-			return nil, errors.Join(fmt.Errorf("materializer: stream %s: %w", stream, err), it.Close())
+			return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
 		}
-		seen[dk.State] = true
-		prefix = appendStatePrefix(prefix[:0], stream, dk.KeyGroup, dk.State)
-		valid = it.SeekGE(prefixEnd(prefix))
-	}
-	if err := errors.Join(it.Error(), it.Close()); err != nil {
-		return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
+		for valid := it.First(); valid; {
+			if err := ctx.Err(); err != nil {
+				return nil, errors.Join(err, it.Close())
+			}
+			dk, err := DecodeDataKey(it.Key())
+			if err != nil {
+				return nil, errors.Join(fmt.Errorf("materializer: stream %s: %w", stream, err), it.Close())
+			}
+			seen[dk.State] = true
+			prefix = appendStatePrefix(prefix[:0], stream, dk.KeyGroup, dk.State)
+			valid = it.SeekGE(prefixEnd(prefix))
+		}
+		if err := errors.Join(it.Error(), it.Close()); err != nil {
+			return nil, fmt.Errorf("materializer: stream %s: %w", stream, err)
+		}
 	}
 	names := make([]string, 0, len(seen))
 	for n := range seen {

@@ -93,3 +93,76 @@ func TestPebbleStateLazyBase(t *testing.T) {
 	}
 	check("after hydration")
 }
+
+// TestPebbleStateFoldsOnlyWhatItReads: a read of some key groups without a
+// writer imports the checkpoint into those key groups only, not into the
+// whole stream (after a rescale, a node owning a third of the key groups
+// would otherwise import and hydrate every other node's state); the
+// imported ranges' state names are learnt by the first scan of every
+// state, which then sees them all.
+func TestPebbleStateFoldsOnlyWhatItReads(t *testing.T) {
+	ctx := context.Background()
+	dirs := newPebbleDirs(t)
+	store, err := file.Open(dirs.blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	nodeOpts := changelog.Options{Store: store, DataDir: dirs.data, GCInterval: -1}
+	nodeOpts.Scheduler.BatchDelay = time.Millisecond
+	node, err := changelog.Open(ctx, nodeOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer node.Close(ctx)
+	if _, err := node.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []changelog.Change
+	for i := range 400 {
+		batch = append(batch, changelog.Change{KeyGroup: uint16(i % 4), State: fmt.Sprintf("st%d", i%4), Op: changelog.OpPut, Key: fmt.Appendf(nil, "k%04d", i), Value: fmt.Appendf(nil, "v%d", i)})
+	}
+	if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := w.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
+		t.Fatalf("checkpoint: %+v %v", res, err)
+	}
+	m, err := materializer.New(node, filepath.Join(dirs.data, "mat"), materializer.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
+		t.Fatalf("materialize: %+v %v", res, err)
+	}
+	ps, err := OpenPebbleState(node, dirs.state, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ps.Close()
+
+	if v, ok, err := ps.Get(ctx, "s", 1, "st1", []byte("k0001")); err != nil || !ok || string(v) != "v1" {
+		t.Fatalf("get: %q %v %v", v, ok, err)
+	}
+	// The store itself (no refresh): key group 1 only.
+	for i := range 4 {
+		_, ok, err := ps.store.Get("s", uint16(i%4), fmt.Sprintf("st%d", i%4), fmt.Appendf(nil, "k%04d", i))
+		if err != nil || ok != (i == 1) {
+			t.Fatalf("key group %d after a read of key group 1: present %v, %v", i, ok, err)
+		}
+	}
+	entries, more, err := ps.Scan(ctx, ScanQuery{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}, Limit: 1000})
+	if err != nil || more || len(entries) != 400 {
+		t.Fatalf("scan of every state: %d entries, more %v, %v", len(entries), more, err)
+	}
+	for _, e := range entries {
+		if want := fmt.Sprintf("st%d", e.KeyGroup); e.State != want {
+			t.Fatalf("entry %+v: state %s, want %s", e, e.State, want)
+		}
+	}
+}

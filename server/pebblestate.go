@@ -159,6 +159,13 @@ type pebbleStream struct {
 
 	statesMu sync.Mutex
 	states   map[string]struct{} // every state name folded into the stream
+	// unnamed: key-group ranges imported from snapshots whose state names
+	// are not in states yet. Learning them means seeking through the
+	// range's data, which on a lazily imported range reads the blob store
+	// (and Pebble's readahead turns the seeks into reading most of the
+	// state): so it waits for the first scan that needs every state name,
+	// instead of costing every writer open.
+	unnamed []keygroup.Range
 }
 
 // pebbleWriter is one writer's view and its queue of acknowledged batches.
@@ -369,15 +376,35 @@ func (v *pebbleStream) addStates(changes []segments.Change) {
 	}
 }
 
-func (v *pebbleStream) addStateNames(names []string) {
+// addUnnamed records an imported range whose state names stateNames must
+// learn before it answers.
+func (v *pebbleStream) addUnnamed(r keygroup.Range) {
 	v.statesMu.Lock()
 	defer v.statesMu.Unlock()
-	for _, s := range names {
-		v.states[s] = struct{}{}
-	}
+	v.unnamed = append(v.unnamed, r)
 }
 
-func (v *pebbleStream) stateNames() []string {
+// stateNames returns every state name of the stream, first learning those
+// of the imported ranges not looked at yet. The caller holds v.fold (shared
+// is enough: the ranges' contents cannot change under it).
+func (p *PebbleState) stateNames(ctx context.Context, stream string, v *pebbleStream) ([]string, error) {
+	v.statesMu.Lock()
+	todo := slices.Clone(v.unnamed)
+	v.statesMu.Unlock()
+	for _, r := range todo {
+		names, err := p.store.StateNames(ctx, stream, r)
+		if err != nil {
+			return nil, err
+		}
+		v.statesMu.Lock()
+		for _, s := range names {
+			v.states[s] = struct{}{}
+		}
+		if i := slices.Index(v.unnamed, r); i >= 0 {
+			v.unnamed = slices.Delete(v.unnamed, i, i+1)
+		}
+		v.statesMu.Unlock()
+	}
 	v.statesMu.Lock()
 	defer v.statesMu.Unlock()
 	out := make([]string, 0, len(v.states))
@@ -385,7 +412,7 @@ func (v *pebbleStream) stateNames() []string {
 		out = append(out, s)
 	}
 	slices.Sort(out)
-	return out
+	return out, nil
 }
 
 // Forget drops a deleted stream's views and its data.
@@ -1040,9 +1067,12 @@ func (p *PebbleState) WriterFenced(stream, writerID string) {
 }
 
 // refresh looks up the newest complete checkpoint (at most once per
-// refreshEvery) and folds it into every key group without a writer that
-// does not hold it yet.
-func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int, v *pebbleStream) error {
+// refreshEvery) and folds it into the key groups of want without a writer
+// that do not hold it yet. Only want: a node reading (or writing) some key
+// groups of a stream must not import and hydrate the whole stream, which
+// after a rescale would read the state of every other node's key groups
+// from the blob store; the others are folded when a read asks for them.
+func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int, v *pebbleStream, want keygroup.Range) error {
 	v.mu.Lock()
 	v.sizeLocked(keyGroups)
 	check := v.checkedAt.IsZero() || time.Since(v.checkedAt) >= p.refreshEvery
@@ -1070,11 +1100,13 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		if latest != v.checkpoint {
 			v.checkpoint, v.dirty = latest, true
 		}
-		dirty := v.dirty
 		v.mu.Unlock()
-		if !dirty {
-			return nil
-		}
+	}
+	v.mu.Lock()
+	need = v.dirty && v.staleLocked(want)
+	v.mu.Unlock()
+	if !need {
+		return nil
 	}
 
 	v.fold.Lock()
@@ -1092,8 +1124,14 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		from uint64
 	}
 	var runs []run
+	// Key groups outside want that need a fold keep the view dirty.
+	v.dirty = false
 	for kg := 0; kg < keyGroups; kg++ {
 		if v.base[kg] == cp || v.owner(uint16(kg)) != nil {
+			continue
+		}
+		if !want.Contains(uint16(kg)) {
+			v.dirty = true
 			continue
 		}
 		if n := len(runs); n > 0 && int(runs[n-1].r.Hi)+1 == kg && runs[n-1].from == v.base[kg] {
@@ -1102,7 +1140,6 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 			runs = append(runs, run{keygroup.Range{Lo: uint16(kg), Hi: uint16(kg)}, v.base[kg]})
 		}
 	}
-	v.dirty = false
 	v.mu.Unlock()
 
 	for i, rn := range runs {
@@ -1134,6 +1171,17 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		v.mu.Unlock()
 	}
 	return nil
+}
+
+// staleLocked reports whether a key group of want without a writer does
+// not hold the newest checkpoint; the caller holds v.mu.
+func (v *pebbleStream) staleLocked(want keygroup.Range) bool {
+	for kg := int(want.Lo); kg <= int(want.Hi) && kg < len(v.base); kg++ {
+		if v.base[kg] != v.checkpoint && v.owner(uint16(kg)) == nil {
+			return true
+		}
+	}
+	return false
 }
 
 // advance moves key groups r, which hold complete checkpoint from, to the
@@ -1200,7 +1248,8 @@ func (p *PebbleState) restore(ctx context.Context, v *pebbleStream, stream strin
 }
 
 // importSnapshot imports the snapshot part of a plan (its applied SQNs are
-// not: this store numbers its folds itself) and learns its state names.
+// not: this store numbers its folds itself); its state names are learnt by
+// the first scan that needs them (pebbleStream.unnamed).
 func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, stream string, pl changelog.RestorePlan) error {
 	for _, b := range pl.Bases {
 		// Lazy: the range serves reads at once from the snapshot's files
@@ -1211,11 +1260,7 @@ func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, strea
 			return fmt.Errorf("stream %s: %w", stream, err)
 		}
 		for _, r := range b.Ranges {
-			names, err := p.store.StateNames(ctx, stream, r)
-			if err != nil {
-				return err
-			}
-			v.addStateNames(names)
+			v.addUnnamed(r)
 		}
 	}
 	return nil
@@ -1255,7 +1300,7 @@ func (p *PebbleState) Get(ctx context.Context, stream string, kg uint16, state s
 		return nil, false, err
 	}
 	v := p.view(stream)
-	if err := p.refresh(ctx, stream, cfg.KeyGroups, v); err != nil {
+	if err := p.refresh(ctx, stream, cfg.KeyGroups, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
 		return nil, false, err
 	}
 	if err := p.awaitFold(ctx, stream, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
@@ -1277,7 +1322,7 @@ func (p *PebbleState) Scan(ctx context.Context, q ScanQuery) ([]Entry, bool, err
 		return nil, false, err
 	}
 	v := p.view(q.Stream)
-	if err := p.refresh(ctx, q.Stream, cfg.KeyGroups, v); err != nil {
+	if err := p.refresh(ctx, q.Stream, cfg.KeyGroups, v, q.KeyGroups); err != nil {
 		return nil, false, err
 	}
 	if err := p.awaitFold(ctx, q.Stream, v, q.KeyGroups); err != nil {
@@ -1290,7 +1335,9 @@ func (p *PebbleState) Scan(ctx context.Context, q ScanQuery) ([]Entry, bool, err
 	}
 	states := []string{q.State}
 	if q.State == "" {
-		states = v.stateNames()
+		if states, err = p.stateNames(ctx, q.Stream, v); err != nil {
+			return nil, false, err
+		}
 	}
 	want := max(q.Limit, 0) + 1
 	type source struct {

@@ -5,9 +5,11 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -33,7 +35,10 @@ import (
 //
 // The state size defaults to 64 MiB so that a plain -bench run stays
 // short; DSTL_BENCH_BLOB_LATENCY adds a fixed delay to every blob-store
-// request of the restoring node (a real object store's ~20 ms).
+// request of the restoring node (a real object store's ~20 ms);
+// DSTL_BENCH_TARGET_FILE_MB sets the snapshot's SST target size (default
+// the materializer's, 64 MiB), reported with the number of SST objects
+// (sst-files) to weigh objects against read amplification.
 
 const benchValueSize = 1 << 10
 
@@ -47,6 +52,33 @@ func benchStateBytes(b *testing.B) int {
 		mb = n
 	}
 	return mb << 20
+}
+
+func benchTargetFileSize(b *testing.B) int64 {
+	v := os.Getenv("DSTL_BENCH_TARGET_FILE_MB")
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		b.Fatalf("DSTL_BENCH_TARGET_FILE_MB=%q: want a positive integer", v)
+	}
+	return int64(n) << 20
+}
+
+// countSSTs counts the snapshot files under a file blob store's directory.
+func countSSTs(b *testing.B, blobURL string) int {
+	n := 0
+	err := filepath.WalkDir(strings.TrimPrefix(blobURL, "file://"), func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(path, ".sst") {
+			n++
+		}
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return n
 }
 
 func benchBlobLatency(b *testing.B) time.Duration {
@@ -105,7 +137,7 @@ func writeSnapshottedState(b *testing.B, blobURL string, ranges []dstl.KeyGroupR
 			b.Fatal(err)
 		}
 	}
-	mat, err := materializer.New(n.ChangelogNode(), b.TempDir(), materializer.Config{})
+	mat, err := materializer.New(n.ChangelogNode(), b.TempDir(), materializer.Config{Store: materializer.Options{TargetFileSize: benchTargetFileSize(b)}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -264,6 +296,7 @@ func BenchmarkRestore(b *testing.B) {
 		b.ReportMetric(hydrated.Seconds(), "hydrated-s")
 		b.ReportMetric(float64(readAtFirst)/float64(stateBytes), "read-at-first/state")
 		b.ReportMetric(float64(cs.read.Load())/float64(stateBytes), "read/state")
+		b.ReportMetric(float64(countSSTs(b, blobURL)), "sst-files")
 		w.Abort()
 	}
 }
@@ -308,6 +341,7 @@ func BenchmarkRescale(b *testing.B) {
 				b.ReportMetric(worstFirst.Seconds(), "first-read-s")
 				b.ReportMetric(worstHydrated.Seconds(), "hydrated-s")
 				b.ReportMetric(float64(read)/float64(moved), "read/moved")
+				b.ReportMetric(float64(countSSTs(b, blobURL)), "sst-files")
 			}
 		})
 	}
