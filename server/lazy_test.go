@@ -140,7 +140,7 @@ func TestPebbleStateFoldsOnlyWhatItReads(t *testing.T) {
 	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
 		t.Fatalf("materialize: %+v %v", res, err)
 	}
-	ps, err := OpenPebbleState(node, dirs.state, nil)
+	ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
