@@ -11,6 +11,7 @@ import (
 	"connectrpc.com/connect"
 
 	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+	"github.com/dstl-dev/dstl/changelog/keygroup"
 )
 
 // TestLazyRestoreKilledMidHydration: a node with an EMPTY data directory
@@ -23,29 +24,67 @@ import (
 // hydration completes, and what it appended before the kill survives.
 func TestLazyRestoreKilledMidHydration(t *testing.T) {
 	t.Parallel()
+	all := []kgRange{{0, testKeyGroups - 1}}
+	lazyScenario(t, all, all)
+}
+
+// TestLazyRescaleKilledMidHydration is the same with a rescale: two
+// writers (key groups 0..3, 4..7) checkpoint on the first node, three
+// (0..2, 3..5, 6..7) open from it on the second, each range importing
+// only the snapshot files it overlaps, clipped to it.
+func TestLazyRescaleKilledMidHydration(t *testing.T) {
+	t.Parallel()
+	lazyScenario(t, []kgRange{{0, 3}, {4, 7}}, []kgRange{{0, 2}, {3, 5}, {6, 7}})
+}
+
+type kgRange struct{ lo, hi uint32 }
+
+func (r kgRange) has(key string) bool {
+	kg := uint32(keygroup.OfString(key, testKeyGroups))
+	return r.lo <= kg && kg <= r.hi
+}
+
+func (r kgRange) proto() *dstlv1.KeyGroupRange { return &dstlv1.KeyGroupRange{Lo: r.lo, Hi: r.hi} }
+
+func lazyScenario(t *testing.T, from, to []kgRange) {
 	const stream = "lazy"
 	blob := "file://" + t.TempDir()
 	fastMat := []string{"--materialize-interval", "200ms", "--materialize-jitter", "0"}
 	a := startNode(t, "node-a", nodeConfig{dataDir: t.TempDir(), blob: blob, args: fastMat})
 	c := a.clients("connect")
 	createStream(t, c, stream)
-	w := openWriter(t, c, &dstlv1.OpenWriterRequest{Stream: stream})
 	m := model{}
-	var last uint64
+	type writer struct {
+		r    kgRange
+		id   string
+		last uint64
+	}
+	var ws []*writer
+	for _, r := range from {
+		w := openWriter(t, c, &dstlv1.OpenWriterRequest{Stream: stream, KeyGroups: r.proto()})
+		ws = append(ws, &writer{r: r, id: w.GetWriterId()})
+	}
 	// 12 MiB of incompressible values: slow to hydrate at 1 MiB/s.
 	value := make([]byte, 2<<10)
 	for b := range 24 {
-		var batch []*dstlv1.Change
+		batches := make([][]*dstlv1.Change, len(ws))
 		for i := range 256 {
 			_, _ = rand.Read(value)
-			batch = append(batch, put("blob", fmt.Sprintf("k-%02d-%03d", b, i), hex.EncodeToString(value)))
-		}
-		last = appendBatch(t, c, w.GetWriterId(), dstlv1.Durability_DURABILITY_BUFFERED, last, batch)
-		for _, ch := range batch {
+			ch := put("blob", fmt.Sprintf("k-%02d-%03d", b, i), hex.EncodeToString(value))
+			for j, w := range ws {
+				if w.r.has(string(ch.GetKey())) {
+					batches[j] = append(batches[j], ch)
+				}
+			}
 			m.apply(ch)
 		}
+		for j, w := range ws {
+			w.last = appendBatch(t, c, w.id, dstlv1.Durability_DURABILITY_BUFFERED, w.last, batches[j])
+		}
 	}
-	checkpoint(t, c, w.GetWriterId(), 1, "cp1")
+	for _, w := range ws {
+		checkpointPart(t, c, w.id, 1)
+	}
 	waitSnapshotOf(t, a, stream, 1, 60*time.Second)
 	a.Kill()
 
@@ -54,13 +93,19 @@ func TestLazyRestoreKilledMidHydration(t *testing.T) {
 	b := startNode(t, "node-b", nodeConfig{dataDir: dataB, blob: blob, args: slow})
 	cb := b.clients("grpc")
 	began := time.Now()
-	wb := openWriter(t, cb, &dstlv1.OpenWriterRequest{Stream: stream})
-	if wb.GetFromCheckpoint() != 1 {
-		t.Fatalf("node-b opened from checkpoint %d, want 1", wb.GetFromCheckpoint())
+	ws = ws[:0]
+	var epochs []uint64
+	for _, r := range to {
+		w := openWriter(t, cb, &dstlv1.OpenWriterRequest{Stream: stream, KeyGroups: r.proto()})
+		if w.GetFromCheckpoint() != 1 {
+			t.Fatalf("node-b opened %v from checkpoint %d, want 1", r, w.GetFromCheckpoint())
+		}
+		ws = append(ws, &writer{r: r, id: w.GetWriterId(), last: w.GetLastSqn()})
+		epochs = append(epochs, w.GetEpoch())
 	}
 	k := stateKey{"blob", "k-07-123"}
 	checkGets(t, cb, stream, model{k: m[k]})
-	t.Logf("node-b: writer open + first read in %v", time.Since(began).Round(time.Millisecond))
+	t.Logf("node-b: %d writer opens + first read in %v", len(to), time.Since(began).Round(time.Millisecond))
 
 	h := hydrationOf(t, cb, stream)
 	if h == nil || h.GetLocalBytes() >= h.GetTotalBytes() || h.GetTotalBytes() == 0 {
@@ -77,13 +122,21 @@ func TestLazyRestoreKilledMidHydration(t *testing.T) {
 
 	// Appends during hydration, made durable by a checkpoint, then a kill
 	// while files are still remote.
-	lastB := wb.GetLastSqn()
-	more := puts("more", "m", "during-hydration", 50)
-	lastB = appendBatch(t, cb, wb.GetWriterId(), dstlv1.Durability_DURABILITY_LOCAL, lastB, more)
-	for _, ch := range more {
-		m.apply(ch)
+	for j, w := range ws {
+		var more []*dstlv1.Change
+		for _, ch := range puts("more", fmt.Sprintf("m%d", j), "during-hydration", 60) {
+			if w.r.has(string(ch.GetKey())) {
+				more = append(more, ch)
+				m.apply(ch)
+			}
+		}
+		if len(more) > 0 {
+			w.last = appendBatch(t, cb, w.id, dstlv1.Durability_DURABILITY_LOCAL, w.last, more)
+		}
 	}
-	checkpoint(t, cb, wb.GetWriterId(), 2, "cp2")
+	for _, w := range ws {
+		checkpointPart(t, cb, w.id, 2)
+	}
 	if h := hydrationOf(t, cb, stream); h.GetLocalFiles() >= h.GetTotalFiles() {
 		t.Fatalf("hydration finished before the kill (%v): raise the state size or lower --hydrate-bandwidth", h)
 	}
@@ -91,9 +144,11 @@ func TestLazyRestoreKilledMidHydration(t *testing.T) {
 
 	b2 := startNode(t, "node-b-restarted", nodeConfig{dataDir: dataB, blob: blob, args: []string{"--hydrate-bandwidth", "0", "--materialize=false"}})
 	cb = b2.clients("connect")
-	r := openWriter(t, cb, &dstlv1.OpenWriterRequest{Stream: stream, ResumeEpoch: wb.GetEpoch()})
-	if r.GetLastSqn() != lastB {
-		t.Fatalf("resumed writer: last_sqn %d, want %d", r.GetLastSqn(), lastB)
+	for i, w := range ws {
+		r := openWriter(t, cb, &dstlv1.OpenWriterRequest{Stream: stream, KeyGroups: w.r.proto(), ResumeEpoch: epochs[i]})
+		if r.GetLastSqn() != w.last {
+			t.Fatalf("resumed writer %s: last_sqn %d, want %d", w.id, r.GetLastSqn(), w.last)
+		}
 	}
 	checkModel(t, "scan after the kill, hydration restarted", scanAll(t, cb, stream, 500), m)
 	poll(t, 60*time.Second, "hydration after the restart", func() (bool, string) {
@@ -101,6 +156,15 @@ func TestLazyRestoreKilledMidHydration(t *testing.T) {
 		return h == nil || h.GetLocalFiles() == h.GetTotalFiles(), fmt.Sprintf("hydration %v", h)
 	})
 	checkModel(t, "scan after hydration", scanAll(t, cb, stream, 500), m)
+}
+
+// checkpointPart records a writer's part of checkpoint id (complete or
+// not: other writers may still have to record theirs).
+func checkpointPart(t *testing.T, c *apiClients, writer string, id uint64) {
+	t.Helper()
+	if _, err := c.writers.Checkpoint(ctxT(t), connect.NewRequest(&dstlv1.CheckpointRequest{WriterId: writer, CheckpointId: id})); err != nil {
+		t.Fatalf("Checkpoint %d of %s: %v", id, writer, err)
+	}
 }
 
 // hydrationOf returns the stream's hydration on the node (nil: nothing was
