@@ -13,6 +13,7 @@ import (
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/internal/clock"
 	"github.com/dstl-dev/dstl/materializer"
 	"github.com/dstl-dev/dstl/segments"
 	"github.com/dstl-dev/dstl/upload"
@@ -56,14 +57,7 @@ func BenchmarkLazyRestore(b *testing.B) {
 	blob := upload.BlobStore(fx.blob)
 	if latency > 0 {
 		blob = faulty.Wrap(fx.blob, faulty.Options{All: faulty.Faults{Latency: 1}, Sleep: func(ctx context.Context, _ time.Duration) error {
-			t := time.NewTimer(latency)
-			defer t.Stop()
-			select {
-			case <-t.C:
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+			return clock.Sleep(ctx, clock.Real{}, latency) // fixed, not the drawn delay
 		}})
 	}
 	for _, mode := range []string{"eager", "lazy"} {

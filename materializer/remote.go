@@ -12,6 +12,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/objstorage/remote"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
+	"github.com/dstl-dev/dstl/internal/clock"
 	"github.com/dstl-dev/dstl/upload"
 )
 
@@ -87,16 +88,8 @@ func newBlobStorage(blob upload.BlobStore, fs vfs.FS) *blobStorage {
 	}
 }
 
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+// sleepCtx sleeps d on the real clock, or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error { return clock.Sleep(ctx, clock.Real{}, d) }
 
 // setSize records an object's size from a manifest.
 func (b *blobStorage) setSize(name string, size int64) {

@@ -29,49 +29,7 @@ func TestLazyReadUnavailable(t *testing.T) {
 // checkpoint's state from it, before and after hydration.
 func TestPebbleStateLazyBase(t *testing.T) {
 	ctx := context.Background()
-	dirs := newPebbleDirs(t)
-	store, err := file.Open(dirs.blob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	nodeOpts := changelog.Options{Store: store, DataDir: dirs.data, GCInterval: -1}
-	nodeOpts.Scheduler.BatchDelay = time.Millisecond
-	node, err := changelog.Open(ctx, nodeOpts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer node.Close(ctx)
-	if _, err := node.CreateStream(ctx, "s", 4); err != nil {
-		t.Fatal(err)
-	}
-	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var batch []changelog.Change
-	for i := range 500 {
-		batch = append(batch, changelog.Change{KeyGroup: uint16(i % 4), State: "st", Op: changelog.OpPut, Key: fmt.Appendf(nil, "k%04d", i), Value: fmt.Appendf(nil, "v%d", i)})
-	}
-	if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
-		t.Fatal(err)
-	}
-	if res, err := w.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
-		t.Fatalf("checkpoint: %+v %v", res, err)
-	}
-	m, err := materializer.New(node, filepath.Join(dirs.data, "mat"), materializer.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
-		t.Fatalf("materialize: %+v %v", res, err)
-	}
-	ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ps.Close()
+	ps := snapshottedPebbleState(t, 500, func(i int) string { return "st" })
 	check := func(what string) {
 		t.Helper()
 		for i := 0; i < 500; i += 7 {
@@ -102,49 +60,7 @@ func TestPebbleStateLazyBase(t *testing.T) {
 // state, which then sees them all.
 func TestPebbleStateFoldsOnlyWhatItReads(t *testing.T) {
 	ctx := context.Background()
-	dirs := newPebbleDirs(t)
-	store, err := file.Open(dirs.blob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	nodeOpts := changelog.Options{Store: store, DataDir: dirs.data, GCInterval: -1}
-	nodeOpts.Scheduler.BatchDelay = time.Millisecond
-	node, err := changelog.Open(ctx, nodeOpts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer node.Close(ctx)
-	if _, err := node.CreateStream(ctx, "s", 4); err != nil {
-		t.Fatal(err)
-	}
-	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var batch []changelog.Change
-	for i := range 400 {
-		batch = append(batch, changelog.Change{KeyGroup: uint16(i % 4), State: fmt.Sprintf("st%d", i%4), Op: changelog.OpPut, Key: fmt.Appendf(nil, "k%04d", i), Value: fmt.Appendf(nil, "v%d", i)})
-	}
-	if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
-		t.Fatal(err)
-	}
-	if res, err := w.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
-		t.Fatalf("checkpoint: %+v %v", res, err)
-	}
-	m, err := materializer.New(node, filepath.Join(dirs.data, "mat"), materializer.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
-		t.Fatalf("materialize: %+v %v", res, err)
-	}
-	ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ps.Close()
+	ps := snapshottedPebbleState(t, 400, func(i int) string { return fmt.Sprintf("st%d", i%4) })
 
 	if v, ok, err := ps.Get(ctx, "s", 1, "st1", []byte("k0001")); err != nil || !ok || string(v) != "v1" {
 		t.Fatalf("get: %q %v %v", v, ok, err)
@@ -165,4 +81,57 @@ func TestPebbleStateFoldsOnlyWhatItReads(t *testing.T) {
 			t.Fatalf("entry %+v: state %s, want %s", e, e.State, want)
 		}
 	}
+}
+
+// snapshottedPebbleState writes n puts (key k%04d = v%d in key group i%4,
+// state stateOf(i)) to a 4-key-group stream "s", completes checkpoint 1,
+// snapshots it, and opens a read store on the node: it imports the
+// snapshot lazily when a read needs it. Everything closes with the test.
+func snapshottedPebbleState(t *testing.T, n int, stateOf func(i int) string) *PebbleState {
+	t.Helper()
+	ctx := context.Background()
+	dirs := newPebbleDirs(t)
+	store, err := file.Open(dirs.blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	nodeOpts := changelog.Options{Store: store, DataDir: dirs.data, GCInterval: -1}
+	nodeOpts.Scheduler.BatchDelay = time.Millisecond
+	node, err := changelog.Open(ctx, nodeOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close(ctx) })
+	if _, err := node.CreateStream(ctx, "s", 4); err != nil {
+		t.Fatal(err)
+	}
+	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Range{Lo: 0, Hi: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []changelog.Change
+	for i := range n {
+		batch = append(batch, changelog.Change{KeyGroup: uint16(i % 4), State: stateOf(i), Op: changelog.OpPut, Key: fmt.Appendf(nil, "k%04d", i), Value: fmt.Appendf(nil, "v%d", i)})
+	}
+	if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := w.Checkpoint(ctx, 1, nil); err != nil || !res.Complete {
+		t.Fatalf("checkpoint: %+v %v", res, err)
+	}
+	m, err := materializer.New(node, filepath.Join(dirs.data, "mat"), materializer.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if res, err := m.MaterializeStream(ctx, "s", true); err != nil || res.Snapshot == nil {
+		t.Fatalf("materialize: %+v %v", res, err)
+	}
+	ps, err := OpenPebbleState(node, dirs.state, PebbleStateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ps.Close() })
+	return ps
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/internal/clock"
 	"github.com/dstl-dev/dstl/materializer"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/sdk/go/embedded"
@@ -164,14 +165,7 @@ func (s *countingStore) wait(ctx context.Context) error {
 	if s.latency <= 0 {
 		return nil
 	}
-	t := time.NewTimer(s.latency)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return clock.Sleep(ctx, clock.Real{}, s.latency)
 }
 
 func (s *countingStore) Get(ctx context.Context, key string) (io.ReadCloser, error) {
