@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,10 +16,12 @@ import (
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/internal/clock"
+	"github.com/dstl-dev/dstl/internal/s3server"
 	"github.com/dstl-dev/dstl/materializer"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/sdk/go/embedded"
 	"github.com/dstl-dev/dstl/upload"
+	"github.com/dstl-dev/dstl/upload/blobstore"
 )
 
 // Restore and rescale, end to end through the SDK (issue 10): a node
@@ -67,19 +68,48 @@ func benchTargetFileSize(b *testing.B) int64 {
 	return int64(n) << 20
 }
 
-// countSSTs counts the snapshot files under a file blob store's directory.
+// countSSTs counts the snapshot files on the blob store.
 func countSSTs(b *testing.B, blobURL string) int {
-	n := 0
-	err := filepath.WalkDir(strings.TrimPrefix(blobURL, "file://"), func(path string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasSuffix(path, ".sst") {
-			n++
-		}
-		return err
-	})
+	store, err := blobstore.Open(b.Context(), blobURL)
 	if err != nil {
 		b.Fatal(err)
 	}
-	return n
+	defer store.Close()
+	n, after := 0, ""
+	for {
+		page, err := store.List(b.Context(), "streams/", after, 1000)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, o := range page.Objects {
+			if strings.HasSuffix(o.Key, ".sst") {
+				n++
+			}
+		}
+		if page.Next == "" {
+			return n
+		}
+		after = page.Next
+	}
+}
+
+// benchBlobURL is a fresh blob store: a directory, or with
+// DSTL_BENCH_BLOB=s3 a bucket of a versitygw started on loopback (reached
+// through the real AWS SDK).
+func benchBlobURL(b *testing.B) string {
+	switch v := os.Getenv("DSTL_BENCH_BLOB"); v {
+	case "", "file":
+		return "file://" + filepath.Join(b.TempDir(), "blobs")
+	case "s3":
+		srv := s3server.Start(b)
+		b.Setenv("AWS_ACCESS_KEY_ID", srv.AccessKey)
+		b.Setenv("AWS_SECRET_ACCESS_KEY", srv.SecretKey)
+		b.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+		return srv.URL("bench")
+	default:
+		b.Fatalf("DSTL_BENCH_BLOB=%q: want file or s3", v)
+		return ""
+	}
 }
 
 func benchBlobLatency(b *testing.B) time.Duration {
@@ -269,7 +299,7 @@ func BenchmarkRestore(b *testing.B) {
 	const keyGroups = 128
 	stateBytes := benchStateBytes(b)
 	all := dstl.KeyGroupRange{Lo: 0, Hi: keyGroups - 1}
-	blobURL := "file://" + filepath.Join(b.TempDir(), "blobs")
+	blobURL := benchBlobURL(b)
 	writeSnapshottedState(b, blobURL, []dstl.KeyGroupRange{all}, keyGroups, stateBytes)
 	for b.Loop() {
 		n, cs := openRestoring(b, blobURL)
@@ -307,7 +337,7 @@ func BenchmarkRescale(b *testing.B) {
 	}
 	for _, tc := range []struct{ from, to int }{{2, 3}, {4, 2}} {
 		b.Run(fmt.Sprintf("%dto%d", tc.from, tc.to), func(b *testing.B) {
-			blobURL := "file://" + filepath.Join(b.TempDir(), "blobs")
+			blobURL := benchBlobURL(b)
 			perKG := writeSnapshottedState(b, blobURL, split(tc.from), keyGroups, stateBytes)
 			for b.Loop() {
 				// Each new range on its own node: the bytes it reads are its
