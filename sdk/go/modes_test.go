@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"testing"
 
+	"connectrpc.com/connect"
+
 	"github.com/dstl-dev/dstl/changelog"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/sdk/go/embedded"
@@ -54,5 +56,29 @@ func bothModes(t *testing.T, f func(t *testing.T, c *dstl.Client)) {
 func bothModesWith(t *testing.T, nodeOpts func(*changelog.Options), f func(t *testing.T, c *dstl.Client)) {
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) { f(t, clientIn(t, mode, nodeOpts)) })
+	}
+}
+
+// interceptedModes runs f with a client whose Append calls counter sees:
+// the embedded node over its HTTP transport (connect interceptors need the
+// wire path; the in-process transport calls the handlers directly) and a
+// remote node.
+func interceptedModes(t *testing.T, f func(t *testing.T, c *dstl.Client, counter *appendCounter)) {
+	for _, mode := range []string{"embedded-http", "remote"} {
+		t.Run(mode, func(t *testing.T) {
+			counter := &appendCounter{}
+			opt := dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor()))
+			var c *dstl.Client
+			if mode == "remote" {
+				var err error
+				if c, err = dstl.Dial(t.Context(), serveTCP(t, func(h http.Handler) http.Handler { return h }), opt); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = c.Close() })
+			} else {
+				c = open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{opt}}).Client()
+			}
+			f(t, c, counter)
+		})
 	}
 }

@@ -332,140 +332,134 @@ func TestStateSurvivesRestart(t *testing.T) {
 }
 
 func TestBatching(t *testing.T) {
-	ctx := t.Context()
-	var counter appendCounter
-	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
-		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
-	}}).Client()
-	mustCreate(t, c, "batch", 16)
+	interceptedModes(t, func(t *testing.T, c *dstl.Client, counter *appendCounter) {
+		ctx := t.Context()
+		mustCreate(t, c, "batch", 16)
 
-	// Size-triggered batches only.
-	w := openWriter(t, c, "batch", dstl.WriterOptions{BatchChanges: 100, Linger: -1})
-	for i := range 1000 {
-		if err := w.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), []byte("value")); err != nil {
+		// Size-triggered batches only.
+		w := openWriter(t, c, "batch", dstl.WriterOptions{BatchChanges: 100, Linger: -1})
+		for i := range 1000 {
+			if err := w.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), []byte("value")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		last, err := w.Flush(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	last, err := w.Flush(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if last != 1000 || counter.calls.Load() != 10 || counter.changes.Load() != 1000 {
-		t.Fatalf("1000 puts in batches of 100: last SQN %d, %d appends of %d changes", last, counter.calls.Load(), counter.changes.Load())
-	}
-	if last, err := w.Flush(ctx); err != nil || last != 1000 || counter.calls.Load() != 10 {
-		t.Fatalf("empty flush sent something: %d %v", last, err)
-	}
-	if err := w.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-
-	// Default options: linger and size limits together still batch.
-	counter.calls.Store(0)
-	counter.changes.Store(0)
-	w = openWriter(t, c, "batch", dstl.WriterOptions{})
-	for i := range 5000 {
-		if err := w.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), []byte("value")); err != nil {
+		if last != 1000 || counter.calls.Load() != 10 || counter.changes.Load() != 1000 {
+			t.Fatalf("1000 puts in batches of 100: last SQN %d, %d appends of %d changes", last, counter.calls.Load(), counter.changes.Load())
+		}
+		if last, err := w.Flush(ctx); err != nil || last != 1000 || counter.calls.Load() != 10 {
+			t.Fatalf("empty flush sent something: %d %v", last, err)
+		}
+		if err := w.Close(ctx); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if _, err := w.Persist(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if counter.changes.Load() != 5000 || counter.calls.Load() > 100 {
-		t.Fatalf("5000 puts: %d appends of %d changes", counter.calls.Load(), counter.changes.Load())
-	}
-	t.Logf("5000 puts with default batching: %d appends", counter.calls.Load())
 
-	// Byte-triggered batches.
-	counter.calls.Store(0)
-	w2 := openWriter(t, c, "batch", dstl.WriterOptions{BatchBytes: 10 << 10, Linger: -1})
-	defer w2.Close(ctx)
-	value := make([]byte, 1000)
-	for i := range 100 {
-		if err := w2.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), value); err != nil {
+		// Default options: linger and size limits together still batch.
+		counter.calls.Store(0)
+		counter.changes.Store(0)
+		w = openWriter(t, c, "batch", dstl.WriterOptions{})
+		for i := range 5000 {
+			if err := w.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), []byte("value")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := w.Persist(ctx); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if _, err := w2.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if n := counter.calls.Load(); n < 9 || n > 12 {
-		t.Fatalf("100 KB in 10 KB batches took %d appends", n)
-	}
-	// The first writer was fenced by the later ones of the same range.
-	if err := w.Close(ctx); err == nil {
-		t.Log("closing a fenced writer succeeded")
-	}
+		if counter.changes.Load() != 5000 || counter.calls.Load() > 100 {
+			t.Fatalf("5000 puts: %d appends of %d changes", counter.calls.Load(), counter.changes.Load())
+		}
+		t.Logf("5000 puts with default batching: %d appends", counter.calls.Load())
+
+		// Byte-triggered batches.
+		counter.calls.Store(0)
+		w2 := openWriter(t, c, "batch", dstl.WriterOptions{BatchBytes: 10 << 10, Linger: -1})
+		defer w2.Close(ctx)
+		value := make([]byte, 1000)
+		for i := range 100 {
+			if err := w2.Put(ctx, "s", fmt.Appendf(nil, "key-%d", i), value); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := w2.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if n := counter.calls.Load(); n < 9 || n > 12 {
+			t.Fatalf("100 KB in 10 KB batches took %d appends", n)
+		}
+		// The first writer was fenced by the later ones of the same range.
+		if err := w.Close(ctx); err == nil {
+			t.Log("closing a fenced writer succeeded")
+		}
+	})
 }
 
 func TestLinger(t *testing.T) {
-	ctx := t.Context()
-	var counter appendCounter
-	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
-		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
-	}}).Client()
-	mustCreate(t, c, "linger", 4)
-	w := openWriter(t, c, "linger", dstl.WriterOptions{Linger: 20 * time.Millisecond})
-	defer w.Close(ctx)
-	for i := range 3 {
-		if err := w.Put(ctx, "s", []byte{byte(i)}, nil); err != nil {
-			t.Fatal(err)
+	interceptedModes(t, func(t *testing.T, c *dstl.Client, counter *appendCounter) {
+		ctx := t.Context()
+		mustCreate(t, c, "linger", 4)
+		w := openWriter(t, c, "linger", dstl.WriterOptions{Linger: 20 * time.Millisecond})
+		defer w.Close(ctx)
+		for i := range 3 {
+			if err := w.Put(ctx, "s", []byte{byte(i)}, nil); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for counter.changes.Load() < 3 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if counter.calls.Load() != 1 || counter.changes.Load() != 3 {
-		t.Fatalf("after the linger: %d appends of %d changes, want 1 of 3", counter.calls.Load(), counter.changes.Load())
-	}
+		deadline := time.Now().Add(5 * time.Second)
+		for counter.changes.Load() < 3 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if counter.calls.Load() != 1 || counter.changes.Load() != 3 {
+			t.Fatalf("after the linger: %d appends of %d changes, want 1 of 3", counter.calls.Load(), counter.changes.Load())
+		}
+	})
 }
 
 func TestBackpressure(t *testing.T) {
-	ctx := t.Context()
-	var counter appendCounter
-	c := open(t, embedded.Options{Transport: embedded.HTTP, ClientOptions: []dstl.Option{
-		dstl.WithConnectOptions(connect.WithInterceptors(counter.interceptor())),
-	}}).Client()
-	mustCreate(t, c, "bp", 4)
-	hold := make(chan struct{})
-	counter.mu.Lock()
-	counter.hold = hold
-	counter.mu.Unlock()
-	w := openWriter(t, c, "bp", dstl.WriterOptions{BufferChanges: 4, BatchChanges: 2, Linger: -1})
-	defer w.Close(ctx)
-	for i := range 4 {
-		if err := w.Put(ctx, "s", []byte{byte(i)}, nil); err != nil {
+	interceptedModes(t, func(t *testing.T, c *dstl.Client, counter *appendCounter) {
+		ctx := t.Context()
+		mustCreate(t, c, "bp", 4)
+		hold := make(chan struct{})
+		counter.mu.Lock()
+		counter.hold = hold
+		counter.mu.Unlock()
+		w := openWriter(t, c, "bp", dstl.WriterOptions{BufferChanges: 4, BatchChanges: 2, Linger: -1})
+		defer w.Close(ctx)
+		for i := range 4 {
+			if err := w.Put(ctx, "s", []byte{byte(i)}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The buffer (2 in flight, held by the server, + 2 pending) is full.
+		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		if err := w.Put(short, "s", []byte{4}, nil); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Put into a full buffer: %v, want context.DeadlineExceeded", err)
+		}
+		if time.Since(start) < 40*time.Millisecond {
+			t.Fatal("Put into a full buffer did not block")
+		}
+		// A blocked Put proceeds once the server takes the batch.
+		done := make(chan error, 1)
+		go func() { done <- w.Put(ctx, "s", []byte{5}, nil) }()
+		select {
+		case err := <-done:
+			t.Fatalf("Put returned while the buffer was full: %v", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		close(hold)
+		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
-	}
-	// The buffer (2 in flight, held by the server, + 2 pending) is full.
-	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	if err := w.Put(short, "s", []byte{4}, nil); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Put into a full buffer: %v, want context.DeadlineExceeded", err)
-	}
-	if time.Since(start) < 40*time.Millisecond {
-		t.Fatal("Put into a full buffer did not block")
-	}
-	// A blocked Put proceeds once the server takes the batch.
-	done := make(chan error, 1)
-	go func() { done <- w.Put(ctx, "s", []byte{5}, nil) }()
-	select {
-	case err := <-done:
-		t.Fatalf("Put returned while the buffer was full: %v", err)
-	case <-time.After(50 * time.Millisecond):
-	}
-	close(hold)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	last, err := w.Flush(ctx)
-	if err != nil || last != 5 {
-		t.Fatalf("flush: %d %v, want 5", last, err)
-	}
+		last, err := w.Flush(ctx)
+		if err != nil || last != 5 {
+			t.Fatalf("flush: %d %v, want 5", last, err)
+		}
+	})
 }
 
 func TestFencedOnSameNode(t *testing.T) {
