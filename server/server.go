@@ -273,7 +273,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // compressMinBytes: responses smaller than this are sent uncompressed even
-// to a client that accepts gzip. Resetting a flate compressor costs ~20 µs
-// per response (measured with BenchmarkCounter's remote Gets), more than a
-// small message saves on any network.
+// to a client that accepts gzip. Resetting a flate compressor cost ~20 µs
+// per response (a CPU profile of a loop of remote Gets: 0.18 s in
+// compressor.reset over 8,648 calls), more than a small message saves on
+// any network.
 const compressMinBytes = 4 << 10
