@@ -423,11 +423,7 @@ func TestFoldRandomized(t *testing.T) {
 // randomWriter appends random batches to writer id over key groups r and
 // checks after each that reads return its map model.
 func randomWriter(ctx context.Context, n *pebbleNode, id string, r keygroup.Range, rng *rand.Rand, steps int) error {
-	type mk struct {
-		kg         uint16
-		state, key string
-	}
-	model := map[mk]string{}
+	model := stateModel{}
 	states := []string{"", "a", "bb"}
 	keys := []string{"k", "k1", "p/x", "p/y", "z"}
 	for step := range steps {
@@ -445,28 +441,14 @@ func randomWriter(ctx context.Context, n *pebbleNode, id string, r keygroup.Rang
 			return err
 		}
 		for _, c := range changes {
-			k := mk{uint16(c.KeyGroup), c.State, string(c.Key)}
-			switch c.Op {
-			case dstlv1.Op_OP_PUT:
-				model[k] = string(c.Value)
-			case dstlv1.Op_OP_DELETE:
-				delete(model, k)
-			case dstlv1.Op_OP_MERGE:
-				model[k] += string(c.Value)
-			case dstlv1.Op_OP_CLEAR:
-				for o := range model {
-					if o.kg == k.kg && o.state == k.state {
-						delete(model, o)
-					}
-				}
-			}
+			model.apply(c)
 		}
 		// A get of a key just written, or of any key.
-		k := mk{uint16(changes[0].KeyGroup), changes[0].State, string(changes[0].Key)}
+		k := modelKey{changes[0].KeyGroup, changes[0].State, string(changes[0].Key)}
 		if rng.IntN(2) == 0 {
-			k = mk{r.Lo + uint16(rng.IntN(int(r.Hi-r.Lo)+1)), states[rng.IntN(len(states))], keys[rng.IntN(len(keys))]}
+			k = modelKey{uint32(r.Lo) + uint32(rng.IntN(int(r.Hi-r.Lo)+1)), states[rng.IntN(len(states))], keys[rng.IntN(len(keys))]}
 		}
-		kg := uint32(k.kg)
+		kg := k.kg
 		res, err := n.state.Get(ctx, connect.NewRequest(&dstlv1.GetRequest{Stream: "s", KeyGroup: &kg, State: k.state, Key: []byte(k.key)}))
 		if err != nil {
 			return err
@@ -479,7 +461,7 @@ func randomWriter(ctx context.Context, n *pebbleNode, id string, r keygroup.Rang
 		}
 		var want []Entry
 		for k, v := range model {
-			want = append(want, Entry{KeyGroup: k.kg, State: k.state, Key: []byte(k.key), Value: []byte(v)})
+			want = append(want, Entry{KeyGroup: uint16(k.kg), State: k.state, Key: []byte(k.key), Value: []byte(v)})
 		}
 		slices.SortFunc(want, func(a, b Entry) int { return compareEntries(&a, &b) })
 		got, _, err := n.ps.Scan(ctx, ScanQuery{Stream: "s", KeyGroups: r, Limit: 1 << 20})
@@ -561,12 +543,8 @@ func TestPebbleStateCheckpointAdvanceModel(t *testing.T) {
 	const keyGroups = 8
 	a.create(t, "s", keyGroups)
 	ctx := context.Background()
-	type mk struct {
-		kg         uint32
-		state, key string
-	}
-	model := map[mk]string{}
-	cps := map[uint64]map[mk]string{0: {}}
+	model := stateModel{}
+	cps := map[uint64]stateModel{0: {}}
 	var cpIDs []uint64
 	type writer struct {
 		id string
@@ -616,21 +594,7 @@ func TestPebbleStateCheckpointAdvanceModel(t *testing.T) {
 					kg := uint32(w.r.Lo) + uint32(rng.IntN(int(w.r.Hi-w.r.Lo)+1))
 					c := change(op, kg, []string{"a", "b"}[rng.IntN(2)], []string{"k", "k1", "z"}[rng.IntN(3)], strconv.Itoa(rng.IntN(100)))
 					changes = append(changes, c)
-					k := mk{c.KeyGroup, c.State, string(c.Key)}
-					switch op {
-					case dstlv1.Op_OP_PUT:
-						model[k] = string(c.Value)
-					case dstlv1.Op_OP_DELETE:
-						delete(model, k)
-					case dstlv1.Op_OP_MERGE:
-						model[k] += string(c.Value)
-					case dstlv1.Op_OP_CLEAR:
-						for o := range model {
-							if o.kg == k.kg && o.state == k.state {
-								delete(model, o)
-							}
-						}
-					}
+					model.apply(c)
 				}
 				a.append(t, w.id, changes...)
 			}

@@ -467,29 +467,7 @@ func TestPebbleStateRandomized(t *testing.T) {
 	keys := []string{"k", "k1", "k2", "p/x", "p/y", "z"}
 
 	// model: the state one writer of every key group sees.
-	type mk struct {
-		kg    uint32
-		state string
-		key   string
-	}
-	model := map[mk]string{}
-	applyModel := func(c *dstlv1.Change) {
-		k := mk{c.KeyGroup, c.State, string(c.Key)}
-		switch c.Op {
-		case dstlv1.Op_OP_PUT:
-			model[k] = string(c.Value)
-		case dstlv1.Op_OP_DELETE:
-			delete(model, k)
-		case dstlv1.Op_OP_MERGE:
-			model[k] += string(c.Value)
-		case dstlv1.Op_OP_CLEAR:
-			for o := range model {
-				if o.kg == c.KeyGroup && o.state == c.State {
-					delete(model, o)
-				}
-			}
-		}
-	}
+	model := stateModel{}
 	randChange := func() *dstlv1.Change {
 		op := []dstlv1.Op{dstlv1.Op_OP_PUT, dstlv1.Op_OP_PUT, dstlv1.Op_OP_MERGE, dstlv1.Op_OP_MERGE, dstlv1.Op_OP_DELETE, dstlv1.Op_OP_CLEAR}[rng.IntN(6)]
 		c := change(op, rng.Uint32N(keyGroups), states[rng.IntN(len(states))], keys[rng.IntN(len(keys))], strconv.Itoa(rng.IntN(100)))
@@ -525,7 +503,7 @@ func TestPebbleStateRandomized(t *testing.T) {
 		gotF := n.scan(t, &dstlv1.ScanRequest{Stream: "s", State: st, Prefix: []byte("p/"), KeyGroups: &dstlv1.KeyGroupRange{Lo: lo, Hi: hi}, PageSize: int32(1 + rng.IntN(3))})
 		wantScan(t, what+fmt.Sprintf(" (state %q, key groups %d..%d, prefix p/)", st, lo, hi), gotF, wantF...)
 		for range 5 {
-			k := mk{rng.Uint32N(keyGroups), states[rng.IntN(len(states))], keys[rng.IntN(len(keys))]}
+			k := modelKey{rng.Uint32N(keyGroups), states[rng.IntN(len(states))], keys[rng.IntN(len(keys))]}
 			v, ok := model[k]
 			wantGet(t, n, "s", k.kg, k.state, k.key, v, ok)
 		}
@@ -543,7 +521,7 @@ func TestPebbleStateRandomized(t *testing.T) {
 		return writer{w.WriterId, w.Epoch, keygroup.Range{Lo: lo, Hi: hi}}
 	}
 	writers := []writer{open(0, keyGroups-1, 0)}
-	var cpModel map[mk]string // the model at the newest complete checkpoint
+	var cpModel stateModel // the model at the newest complete checkpoint
 	cpID := uint64(0)
 
 	for step := range 60 {
@@ -593,7 +571,7 @@ func TestPebbleStateRandomized(t *testing.T) {
 			slices.SortFunc(res, func(a, b done) int { return int(a.first) - int(b.first) })
 			for _, d := range res {
 				for _, c := range d.changes {
-					applyModel(c)
+					model.apply(c)
 				}
 			}
 		case x < 16: // checkpoint every writer
@@ -637,4 +615,32 @@ func splitEntry(s string) Entry {
 	key, _, _ := bytes.Cut(rest, []byte("="))
 	kg, _ := strconv.Atoi(string(kgs))
 	return Entry{KeyGroup: uint16(kg), State: string(state), Key: key}
+}
+
+// modelKey is a key of the tests' map models of a stream's state.
+type modelKey struct {
+	kg         uint32
+	state, key string
+}
+
+// stateModel is a map model of a stream's state: changes folded as the
+// server folds them.
+type stateModel map[modelKey]string
+
+func (m stateModel) apply(c *dstlv1.Change) {
+	k := modelKey{c.KeyGroup, c.State, string(c.Key)}
+	switch c.Op {
+	case dstlv1.Op_OP_PUT:
+		m[k] = string(c.Value)
+	case dstlv1.Op_OP_DELETE:
+		delete(m, k)
+	case dstlv1.Op_OP_MERGE:
+		m[k] += string(c.Value)
+	case dstlv1.Op_OP_CLEAR:
+		for o := range m {
+			if o.kg == k.kg && o.state == k.state {
+				delete(m, o)
+			}
+		}
+	}
 }
