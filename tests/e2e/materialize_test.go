@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -520,7 +521,22 @@ func checkRestored(t *testing.T, n *node, stream string, id, lastSQN uint64, wan
 	if t.Failed() {
 		return
 	}
-	w := openWriter(t, c, &dstlv1.OpenWriterRequest{Stream: stream, FromCheckpoint: id})
+	// An open from a given checkpoint first waits for the garbage
+	// collection rounds in progress: a round of the killed node (it
+	// collects every second here) counts until it is older than
+	// GCMaxRound + the clock-skew margin (3 min), since nothing tells this
+	// node that the other one is dead.
+	began := time.Now()
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	res, err := c.writers.OpenWriter(ctx, connect.NewRequest(&dstlv1.OpenWriterRequest{Stream: stream, FromCheckpoint: id}))
+	if err != nil {
+		t.Fatalf("OpenWriter %s from checkpoint %d: %v", stream, id, err)
+	}
+	w := res.Msg
+	if d := time.Since(began); d > 10*time.Second {
+		t.Logf("OpenWriter %s from checkpoint %d waited %v (a garbage collection round of the killed node)", stream, id, d.Round(time.Second))
+	}
 	if md := w.GetRestoredMetadata(); len(md) != 1 || string(md[0]) != metadata {
 		t.Errorf("OpenWriter %s from checkpoint %d: restored_metadata %q, want [%s]", stream, id, md, metadata)
 	}
