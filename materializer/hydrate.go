@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
 	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -268,7 +267,7 @@ func (s *Store) skipPastRange(ctx context.Context, name string) error {
 		}
 	}
 	size := es[0].Size
-	rd, err := sstable.NewReader(ctx, objstorageprovider.NewRemoteReadable(&remoteReader{b: s.remote, name: name, size: size}, size), sstable.ReaderOptions{})
+	rd, err := sstable.NewReader(ctx, remoteTable{&remoteReader{b: s.remote, name: name, size: size}}, sstable.ReaderOptions{})
 	if err != nil {
 		return fmt.Errorf("read table: %w", err)
 	}

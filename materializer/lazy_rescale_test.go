@@ -14,6 +14,7 @@ import (
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/segments"
 	"github.com/dstl-dev/dstl/upload"
+	"github.com/dstl-dev/dstl/upload/faulty"
 )
 
 // countingBlob counts the bytes of snapshot files read by ranged reads.
@@ -270,4 +271,34 @@ func TestLazyClippedRestart(t *testing.T) {
 	diff(t, "reopened", dump(t, s), want)
 	waitHydrated(t, s)
 	diff(t, "hydrated after the restart", dump(t, s), want)
+}
+
+// TestLazyClippedReadErrors: reads of a clipped file that fail while the
+// hydrator looks for the range's last block are reported as the stream's
+// hydration error (they used to panic in Pebble's remote readable, whose
+// not-exist classifier is nil outside its provider), and hydration
+// completes once the store heals.
+func TestLazyClippedReadErrors(t *testing.T) {
+	ctx := context.Background()
+	inner := fileBlob(t)
+	man, all := baseFixture(t, inner)
+	r := KeyGroupRange{Lo: 1, Hi: 6}
+	want := restrictTo(t, all, "st", r)
+	fs := faulty.Wrap(inner, faulty.Options{Seed: 1})
+	s := lazyStore(t, fs, "", Options{})
+	defer s.Close()
+	fs.SetFaults(faulty.OpGetRange, faulty.Faults{Transient: 1})
+	if err := s.ImportRange(ctx, man, r, nil, ImportOptions{Lazy: true, Incarnation: lazyInc}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for statusErr(s) == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("hydration never reported the failing reads: %+v", s.Hydration())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	fs.SetFaults(faulty.OpGetRange, faulty.Faults{})
+	waitHydrated(t, s)
+	diff(t, "hydrated after the reads healed", dump(t, s), want)
 }

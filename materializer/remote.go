@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/objstorage"
 	"github.com/cockroachdb/pebble/v2/objstorage/remote"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -355,3 +356,21 @@ func (r *remoteReader) fetch(ctx context.Context, p []byte, off int64) error {
 }
 
 func (r *remoteReader) Close() error { return nil }
+
+// remoteTable is an objstorage.Readable over a remoteReader, for the
+// sstable.Readers the hydrator opens itself. Not objstorageprovider's
+// NewRemoteReadable: the Readable it returns calls a nil not-exist
+// classifier on the first failed read (a nil-pointer panic, seen when a
+// store closed under a hydration).
+type remoteTable struct{ *remoteReader }
+
+var _ objstorage.Readable = remoteTable{}
+
+func (t remoteTable) Size() int64 { return t.size }
+
+// NewReadHandle implements objstorage.Readable, without read-ahead: every
+// read is one ranged read of the blob store.
+func (t remoteTable) NewReadHandle(objstorage.ReadBeforeSize) objstorage.ReadHandle {
+	h := objstorage.MakeNoopReadHandle(t)
+	return &h
+}
