@@ -174,17 +174,10 @@ func runLazyModel(t *testing.T, rng *rand.Rand, target int64) {
 		checkLazyImport(t, rng, blob, files, c, r)
 	}
 	for {
-		var open []int
-		for i, l := range logs {
-			if m.applied[l.stream+"\x00"+l.id] < uint64(len(l.changes)) {
-				open = append(open, i)
-			}
-		}
-		if len(open) == 0 {
+		l, applied, ok := m.unfinished(rng, logs)
+		if !ok {
 			break
 		}
-		l := logs[open[rng.IntN(len(open))]]
-		applied := m.applied[l.stream+"\x00"+l.id]
 		to := min(int(applied)+1+rng.IntN(25), len(l.changes))
 		batch := l.changes[applied:to]
 		for _, c := range batch {

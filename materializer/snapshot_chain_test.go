@@ -365,17 +365,10 @@ func runChainModel(t *testing.T, rng *rand.Rand, target int64, st *importStats) 
 		}
 	}
 	for step := 0; ; step++ {
-		var open []int
-		for i, l := range logs {
-			if m.applied[l.stream+"\x00"+l.id] < uint64(len(l.changes)) {
-				open = append(open, i)
-			}
-		}
-		if len(open) == 0 {
+		l, applied, ok := m.unfinished(rng, logs)
+		if !ok {
 			break
 		}
-		l := logs[open[rng.IntN(len(open))]]
-		applied := m.applied[l.stream+"\x00"+l.id]
 		from := max(int(applied)-rng.IntN(4), 0)
 		if rng.IntN(8) == 0 {
 			from = rng.IntN(int(applied) + 1)

@@ -154,6 +154,23 @@ func diff(t testing.TB, what string, got, want map[string]string) {
 	t.Fatalf("%s: %d keys, want %d", what, len(got), len(want))
 }
 
+// unfinished picks at random a log of logs with changes the model has not
+// applied yet, and how many it has applied; ok is false once every log is
+// applied.
+func (m *model) unfinished(rng *rand.Rand, logs []testLog) (l testLog, applied uint64, ok bool) {
+	var open []int
+	for i, l := range logs {
+		if m.applied[l.stream+"\x00"+l.id] < uint64(len(l.changes)) {
+			open = append(open, i)
+		}
+	}
+	if len(open) == 0 {
+		return testLog{}, 0, false
+	}
+	l = logs[open[rng.IntN(len(open))]]
+	return l, m.applied[l.stream+"\x00"+l.id], true
+}
+
 type testLog struct {
 	stream, id string
 	changes    []segments.Change
@@ -254,18 +271,10 @@ func runModel(t *testing.T, rng *rand.Rand, syncWrites bool) {
 	history := []*model{m.clone()}
 	crashes, exports := 0, 0
 	for step := 0; ; step++ {
-		// Pick a log that is not finished.
-		var open []int
-		for i, l := range logs {
-			if m.applied[l.stream+"\x00"+l.id] < uint64(len(l.changes)) {
-				open = append(open, i)
-			}
-		}
-		if len(open) == 0 {
+		l, applied, ok := m.unfinished(rng, logs)
+		if !ok {
 			break
 		}
-		l := logs[open[rng.IntN(len(open))]]
-		applied := m.applied[l.stream+"\x00"+l.id]
 		// A batch from somewhat before the applied point (a replay) to a
 		// bit after it; sometimes a pure replay of old changes.
 		from := int(applied) - rng.IntN(4)
