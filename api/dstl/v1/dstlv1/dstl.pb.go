@@ -152,6 +152,187 @@ func (Durability) EnumDescriptor() ([]byte, []int) {
 	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{1}
 }
 
+// EventForm is how a subscription reports a change (docs/cdc.md).
+type EventForm int32
+
+const (
+	// The upsert form.
+	EventForm_EVENT_FORM_UNSPECIFIED EventForm = 0
+	// One event per changed key: PUT with the key's new value, or DELETE.
+	EventForm_EVENT_FORM_UPSERT EventForm = 1
+	// Retractions: INSERT (+I) for a new key, UPDATE_BEFORE (-U) with the old
+	// value followed by UPDATE_AFTER (+U) with the new one for a changed key,
+	// DELETE (-D) with the old value for a removed key.
+	EventForm_EVENT_FORM_RETRACT EventForm = 2
+)
+
+// Enum value maps for EventForm.
+var (
+	EventForm_name = map[int32]string{
+		0: "EVENT_FORM_UNSPECIFIED",
+		1: "EVENT_FORM_UPSERT",
+		2: "EVENT_FORM_RETRACT",
+	}
+	EventForm_value = map[string]int32{
+		"EVENT_FORM_UNSPECIFIED": 0,
+		"EVENT_FORM_UPSERT":      1,
+		"EVENT_FORM_RETRACT":     2,
+	}
+)
+
+func (x EventForm) Enum() *EventForm {
+	p := new(EventForm)
+	*p = x
+	return p
+}
+
+func (x EventForm) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EventForm) Descriptor() protoreflect.EnumDescriptor {
+	return file_dstl_v1_dstl_proto_enumTypes[2].Descriptor()
+}
+
+func (EventForm) Type() protoreflect.EnumType {
+	return &file_dstl_v1_dstl_proto_enumTypes[2]
+}
+
+func (x EventForm) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EventForm.Descriptor instead.
+func (EventForm) EnumDescriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{2}
+}
+
+// EventKind is what an event says about its key.
+type EventKind int32
+
+const (
+	EventKind_EVENT_KIND_UNSPECIFIED EventKind = 0
+	// Upsert form: the key now holds value.
+	EventKind_EVENT_KIND_PUT EventKind = 1
+	// The key was removed. Retract form (-D): value is the removed value;
+	// upsert form: value is empty.
+	EventKind_EVENT_KIND_DELETE EventKind = 2
+	// Retract form (+I): a key that did not exist now holds value.
+	EventKind_EVENT_KIND_INSERT EventKind = 3
+	// Retract form (-U): the key's value before an update.
+	EventKind_EVENT_KIND_UPDATE_BEFORE EventKind = 4
+	// Retract form (+U): the key's value after an update; always right after
+	// its UPDATE_BEFORE.
+	EventKind_EVENT_KIND_UPDATE_AFTER EventKind = 5
+)
+
+// Enum value maps for EventKind.
+var (
+	EventKind_name = map[int32]string{
+		0: "EVENT_KIND_UNSPECIFIED",
+		1: "EVENT_KIND_PUT",
+		2: "EVENT_KIND_DELETE",
+		3: "EVENT_KIND_INSERT",
+		4: "EVENT_KIND_UPDATE_BEFORE",
+		5: "EVENT_KIND_UPDATE_AFTER",
+	}
+	EventKind_value = map[string]int32{
+		"EVENT_KIND_UNSPECIFIED":   0,
+		"EVENT_KIND_PUT":           1,
+		"EVENT_KIND_DELETE":        2,
+		"EVENT_KIND_INSERT":        3,
+		"EVENT_KIND_UPDATE_BEFORE": 4,
+		"EVENT_KIND_UPDATE_AFTER":  5,
+	}
+)
+
+func (x EventKind) Enum() *EventKind {
+	p := new(EventKind)
+	*p = x
+	return p
+}
+
+func (x EventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_dstl_v1_dstl_proto_enumTypes[3].Descriptor()
+}
+
+func (EventKind) Type() protoreflect.EnumType {
+	return &file_dstl_v1_dstl_proto_enumTypes[3]
+}
+
+func (x EventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EventKind.Descriptor instead.
+func (EventKind) EnumDescriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{3}
+}
+
+// StartFrom is where a subscription without a token begins.
+type StartFrom int32
+
+const (
+	// START_FROM_EARLIEST.
+	StartFrom_START_FROM_UNSPECIFIED StartFrom = 0
+	// From the empty state: every committed change of every checkpoint. If the
+	// changelog from the beginning is no longer on the blob store, the
+	// subscription starts with a snapshot instead (reset set).
+	StartFrom_START_FROM_EARLIEST StartFrom = 1
+	// A consistent scan of the newest complete checkpoint (reset set, events
+	// INSERT/PUT), then the changes of every later checkpoint.
+	StartFrom_START_FROM_SNAPSHOT StartFrom = 2
+	// After the newest complete checkpoint: only the changes of later ones.
+	StartFrom_START_FROM_LATEST StartFrom = 3
+)
+
+// Enum value maps for StartFrom.
+var (
+	StartFrom_name = map[int32]string{
+		0: "START_FROM_UNSPECIFIED",
+		1: "START_FROM_EARLIEST",
+		2: "START_FROM_SNAPSHOT",
+		3: "START_FROM_LATEST",
+	}
+	StartFrom_value = map[string]int32{
+		"START_FROM_UNSPECIFIED": 0,
+		"START_FROM_EARLIEST":    1,
+		"START_FROM_SNAPSHOT":    2,
+		"START_FROM_LATEST":      3,
+	}
+)
+
+func (x StartFrom) Enum() *StartFrom {
+	p := new(StartFrom)
+	*p = x
+	return p
+}
+
+func (x StartFrom) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (StartFrom) Descriptor() protoreflect.EnumDescriptor {
+	return file_dstl_v1_dstl_proto_enumTypes[4].Descriptor()
+}
+
+func (StartFrom) Type() protoreflect.EnumType {
+	return &file_dstl_v1_dstl_proto_enumTypes[4]
+}
+
+func (x StartFrom) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use StartFrom.Descriptor instead.
+func (StartFrom) EnumDescriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{4}
+}
+
 // KeyGroupRange is an inclusive range of key groups [lo, hi].
 type KeyGroupRange struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2848,6 +3029,960 @@ func (x *RetainCheckpointResponse) GetCheckpoint() *Checkpoint {
 	return nil
 }
 
+type SubscribeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	// Resume after this token (a token of an event or of a message). Empty:
+	// start as start says, or from the registered subscription's committed
+	// token.
+	FromToken []byte    `protobuf:"bytes,2,opt,name=from_token,json=fromToken,proto3" json:"from_token,omitempty"`
+	Start     StartFrom `protobuf:"varint,3,opt,name=start,proto3,enum=dstl.v1.StartFrom" json:"start,omitempty"`
+	// Only these key groups; absent means all. A token is valid only with the
+	// key groups it was issued for.
+	KeyGroups *KeyGroupRange `protobuf:"bytes,4,opt,name=key_groups,json=keyGroups,proto3" json:"key_groups,omitempty"`
+	// Only events of this state; empty means every state.
+	State string `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
+	// Only events of keys starting with this prefix.
+	KeyPrefix []byte    `protobuf:"bytes,6,opt,name=key_prefix,json=keyPrefix,proto3" json:"key_prefix,omitempty"`
+	Form      EventForm `protobuf:"varint,7,opt,name=form,proto3,enum=dstl.v1.EventForm" json:"form,omitempty"`
+	// A registered subscription (CreateSubscription): with an empty
+	// from_token, resume from its committed token. Its position is never
+	// replaced by a snapshot silently: a position no longer replayable is
+	// FAILED_PRECONDITION.
+	Subscription string `protobuf:"bytes,8,opt,name=subscription,proto3" json:"subscription,omitempty"`
+	// At most this many events per message; 0 means 4096, the maximum is
+	// 65536.
+	MaxEvents uint32 `protobuf:"varint,9,opt,name=max_events,json=maxEvents,proto3" json:"max_events,omitempty"`
+	// End the stream (OK) once every complete checkpoint is delivered,
+	// instead of waiting for new ones.
+	NoFollow      bool `protobuf:"varint,10,opt,name=no_follow,json=noFollow,proto3" json:"no_follow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubscribeRequest) Reset() {
+	*x = SubscribeRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubscribeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubscribeRequest) ProtoMessage() {}
+
+func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
+func (*SubscribeRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *SubscribeRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *SubscribeRequest) GetFromToken() []byte {
+	if x != nil {
+		return x.FromToken
+	}
+	return nil
+}
+
+func (x *SubscribeRequest) GetStart() StartFrom {
+	if x != nil {
+		return x.Start
+	}
+	return StartFrom_START_FROM_UNSPECIFIED
+}
+
+func (x *SubscribeRequest) GetKeyGroups() *KeyGroupRange {
+	if x != nil {
+		return x.KeyGroups
+	}
+	return nil
+}
+
+func (x *SubscribeRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *SubscribeRequest) GetKeyPrefix() []byte {
+	if x != nil {
+		return x.KeyPrefix
+	}
+	return nil
+}
+
+func (x *SubscribeRequest) GetForm() EventForm {
+	if x != nil {
+		return x.Form
+	}
+	return EventForm_EVENT_FORM_UNSPECIFIED
+}
+
+func (x *SubscribeRequest) GetSubscription() string {
+	if x != nil {
+		return x.Subscription
+	}
+	return ""
+}
+
+func (x *SubscribeRequest) GetMaxEvents() uint32 {
+	if x != nil {
+		return x.MaxEvents
+	}
+	return 0
+}
+
+func (x *SubscribeRequest) GetNoFollow() bool {
+	if x != nil {
+		return x.NoFollow
+	}
+	return false
+}
+
+type SubscribeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Events in delivery order. Each event's resume token is token_base with
+	// the event's ordinal (the SDK's Change.Token computes it).
+	Events []*ChangeEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// The checkpoint the events belong to.
+	Checkpoint uint64 `protobuf:"varint,2,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	// Every event of checkpoint is delivered with this message: a consumer
+	// can commit its output for the checkpoint (and store token).
+	CheckpointComplete bool `protobuf:"varint,3,opt,name=checkpoint_complete,json=checkpointComplete,proto3" json:"checkpoint_complete,omitempty"`
+	// Opaque; see events.
+	TokenBase []byte `protobuf:"bytes,4,opt,name=token_base,json=tokenBase,proto3" json:"token_base,omitempty"`
+	// Resume after this message (every event of it, and any filtered out
+	// before the next message).
+	Token []byte `protobuf:"bytes,5,opt,name=token,proto3" json:"token,omitempty"`
+	// The events are a consistent scan of checkpoint (INSERT/PUT only).
+	Snapshot bool `protobuf:"varint,6,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// Before these events the consumer must discard its state of the
+	// subscribed key groups: a snapshot begins.
+	Reset_ bool `protobuf:"varint,7,opt,name=reset,proto3" json:"reset,omitempty"`
+	// The newest complete checkpoint the node knew when it sent the message.
+	NewestCheckpoint uint64 `protobuf:"varint,8,opt,name=newest_checkpoint,json=newestCheckpoint,proto3" json:"newest_checkpoint,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *SubscribeResponse) Reset() {
+	*x = SubscribeResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubscribeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubscribeResponse) ProtoMessage() {}
+
+func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
+func (*SubscribeResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *SubscribeResponse) GetEvents() []*ChangeEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *SubscribeResponse) GetCheckpoint() uint64 {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return 0
+}
+
+func (x *SubscribeResponse) GetCheckpointComplete() bool {
+	if x != nil {
+		return x.CheckpointComplete
+	}
+	return false
+}
+
+func (x *SubscribeResponse) GetTokenBase() []byte {
+	if x != nil {
+		return x.TokenBase
+	}
+	return nil
+}
+
+func (x *SubscribeResponse) GetToken() []byte {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *SubscribeResponse) GetSnapshot() bool {
+	if x != nil {
+		return x.Snapshot
+	}
+	return false
+}
+
+func (x *SubscribeResponse) GetReset_() bool {
+	if x != nil {
+		return x.Reset_
+	}
+	return false
+}
+
+func (x *SubscribeResponse) GetNewestCheckpoint() uint64 {
+	if x != nil {
+		return x.NewestCheckpoint
+	}
+	return 0
+}
+
+// ChangeEvent is one row-level change.
+type ChangeEvent struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Kind     EventKind              `protobuf:"varint,1,opt,name=kind,proto3,enum=dstl.v1.EventKind" json:"kind,omitempty"`
+	KeyGroup uint32                 `protobuf:"varint,2,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
+	State    string                 `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	Key      []byte                 `protobuf:"bytes,4,opt,name=key,proto3" json:"key,omitempty"`
+	// See EventKind.
+	Value []byte `protobuf:"bytes,5,opt,name=value,proto3" json:"value,omitempty"`
+	// Position within the checkpoint's events (see SubscribeResponse.events).
+	Ordinal uint64 `protobuf:"varint,6,opt,name=ordinal,proto3" json:"ordinal,omitempty"`
+	// The change's timestamp as appended (0 for snapshot and diff events).
+	TimestampMs   int64 `protobuf:"varint,7,opt,name=timestamp_ms,json=timestampMs,proto3" json:"timestamp_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangeEvent) Reset() {
+	*x = ChangeEvent{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangeEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangeEvent) ProtoMessage() {}
+
+func (x *ChangeEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangeEvent.ProtoReflect.Descriptor instead.
+func (*ChangeEvent) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ChangeEvent) GetKind() EventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return EventKind_EVENT_KIND_UNSPECIFIED
+}
+
+func (x *ChangeEvent) GetKeyGroup() uint32 {
+	if x != nil {
+		return x.KeyGroup
+	}
+	return 0
+}
+
+func (x *ChangeEvent) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ChangeEvent) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *ChangeEvent) GetOrdinal() uint64 {
+	if x != nil {
+		return x.Ordinal
+	}
+	return 0
+}
+
+func (x *ChangeEvent) GetTimestampMs() int64 {
+	if x != nil {
+		return x.TimestampMs
+	}
+	return 0
+}
+
+// Subscription is a registered subscription and how far behind it is.
+type Subscription struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Name   string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The committed token (empty: from the start it was created with).
+	Token []byte `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	// Every change of this checkpoint and before is consumed.
+	Checkpoint  uint64 `protobuf:"varint,4,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	UpdatedAtMs int64  `protobuf:"varint,5,opt,name=updated_at_ms,json=updatedAtMs,proto3" json:"updated_at_ms,omitempty"`
+	// Complete checkpoints newer than checkpoint.
+	LagCheckpoints uint64 `protobuf:"varint,6,opt,name=lag_checkpoints,json=lagCheckpoints,proto3" json:"lag_checkpoints,omitempty"`
+	// Changes and changelog bytes of those checkpoints (estimated from the
+	// parts: SQN ranges and block sizes).
+	LagChanges uint64 `protobuf:"varint,7,opt,name=lag_changes,json=lagChanges,proto3" json:"lag_changes,omitempty"`
+	LagBytes   uint64 `protobuf:"varint,8,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
+	// Time between the completion of checkpoint and of the newest one.
+	LagSeconds float64 `protobuf:"fixed64,9,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
+	// Held back past the node's retention cap: truncation no longer waits
+	// for it, and Subscribe with it is FAILED_PRECONDITION until it
+	// resnapshots.
+	Expired       bool `protobuf:"varint,10,opt,name=expired,proto3" json:"expired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Subscription) Reset() {
+	*x = Subscription{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Subscription) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Subscription) ProtoMessage() {}
+
+func (x *Subscription) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Subscription.ProtoReflect.Descriptor instead.
+func (*Subscription) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *Subscription) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *Subscription) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Subscription) GetToken() []byte {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *Subscription) GetCheckpoint() uint64 {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return 0
+}
+
+func (x *Subscription) GetUpdatedAtMs() int64 {
+	if x != nil {
+		return x.UpdatedAtMs
+	}
+	return 0
+}
+
+func (x *Subscription) GetLagCheckpoints() uint64 {
+	if x != nil {
+		return x.LagCheckpoints
+	}
+	return 0
+}
+
+func (x *Subscription) GetLagChanges() uint64 {
+	if x != nil {
+		return x.LagChanges
+	}
+	return 0
+}
+
+func (x *Subscription) GetLagBytes() uint64 {
+	if x != nil {
+		return x.LagBytes
+	}
+	return 0
+}
+
+func (x *Subscription) GetLagSeconds() float64 {
+	if x != nil {
+		return x.LagSeconds
+	}
+	return 0
+}
+
+func (x *Subscription) GetExpired() bool {
+	if x != nil {
+		return x.Expired
+	}
+	return false
+}
+
+type CreateSubscriptionRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Name   string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The position to start at; empty: start.
+	Token         []byte    `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	Start         StartFrom `protobuf:"varint,4,opt,name=start,proto3,enum=dstl.v1.StartFrom" json:"start,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSubscriptionRequest) Reset() {
+	*x = CreateSubscriptionRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSubscriptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSubscriptionRequest) ProtoMessage() {}
+
+func (x *CreateSubscriptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSubscriptionRequest.ProtoReflect.Descriptor instead.
+func (*CreateSubscriptionRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *CreateSubscriptionRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *CreateSubscriptionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateSubscriptionRequest) GetToken() []byte {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *CreateSubscriptionRequest) GetStart() StartFrom {
+	if x != nil {
+		return x.Start
+	}
+	return StartFrom_START_FROM_UNSPECIFIED
+}
+
+type CreateSubscriptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Subscription  *Subscription          `protobuf:"bytes,1,opt,name=subscription,proto3" json:"subscription,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSubscriptionResponse) Reset() {
+	*x = CreateSubscriptionResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSubscriptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSubscriptionResponse) ProtoMessage() {}
+
+func (x *CreateSubscriptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSubscriptionResponse.ProtoReflect.Descriptor instead.
+func (*CreateSubscriptionResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *CreateSubscriptionResponse) GetSubscription() *Subscription {
+	if x != nil {
+		return x.Subscription
+	}
+	return nil
+}
+
+type CommitSubscriptionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Token         []byte                 `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitSubscriptionRequest) Reset() {
+	*x = CommitSubscriptionRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitSubscriptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitSubscriptionRequest) ProtoMessage() {}
+
+func (x *CommitSubscriptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitSubscriptionRequest.ProtoReflect.Descriptor instead.
+func (*CommitSubscriptionRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *CommitSubscriptionRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *CommitSubscriptionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CommitSubscriptionRequest) GetToken() []byte {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+type CommitSubscriptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Subscription  *Subscription          `protobuf:"bytes,1,opt,name=subscription,proto3" json:"subscription,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitSubscriptionResponse) Reset() {
+	*x = CommitSubscriptionResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitSubscriptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitSubscriptionResponse) ProtoMessage() {}
+
+func (x *CommitSubscriptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitSubscriptionResponse.ProtoReflect.Descriptor instead.
+func (*CommitSubscriptionResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *CommitSubscriptionResponse) GetSubscription() *Subscription {
+	if x != nil {
+		return x.Subscription
+	}
+	return nil
+}
+
+type GetSubscriptionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSubscriptionRequest) Reset() {
+	*x = GetSubscriptionRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSubscriptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSubscriptionRequest) ProtoMessage() {}
+
+func (x *GetSubscriptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSubscriptionRequest.ProtoReflect.Descriptor instead.
+func (*GetSubscriptionRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *GetSubscriptionRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *GetSubscriptionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type GetSubscriptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Subscription  *Subscription          `protobuf:"bytes,1,opt,name=subscription,proto3" json:"subscription,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSubscriptionResponse) Reset() {
+	*x = GetSubscriptionResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSubscriptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSubscriptionResponse) ProtoMessage() {}
+
+func (x *GetSubscriptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSubscriptionResponse.ProtoReflect.Descriptor instead.
+func (*GetSubscriptionResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *GetSubscriptionResponse) GetSubscription() *Subscription {
+	if x != nil {
+		return x.Subscription
+	}
+	return nil
+}
+
+type ListSubscriptionsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSubscriptionsRequest) Reset() {
+	*x = ListSubscriptionsRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSubscriptionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSubscriptionsRequest) ProtoMessage() {}
+
+func (x *ListSubscriptionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSubscriptionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSubscriptionsRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *ListSubscriptionsRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+type ListSubscriptionsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Subscriptions []*Subscription        `protobuf:"bytes,1,rep,name=subscriptions,proto3" json:"subscriptions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSubscriptionsResponse) Reset() {
+	*x = ListSubscriptionsResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSubscriptionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSubscriptionsResponse) ProtoMessage() {}
+
+func (x *ListSubscriptionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSubscriptionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSubscriptionsResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *ListSubscriptionsResponse) GetSubscriptions() []*Subscription {
+	if x != nil {
+		return x.Subscriptions
+	}
+	return nil
+}
+
+type DeleteSubscriptionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSubscriptionRequest) Reset() {
+	*x = DeleteSubscriptionRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSubscriptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSubscriptionRequest) ProtoMessage() {}
+
+func (x *DeleteSubscriptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSubscriptionRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSubscriptionRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *DeleteSubscriptionRequest) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *DeleteSubscriptionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DeleteSubscriptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSubscriptionResponse) Reset() {
+	*x = DeleteSubscriptionResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSubscriptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSubscriptionResponse) ProtoMessage() {}
+
+func (x *DeleteSubscriptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSubscriptionResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSubscriptionResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{56}
+}
+
 var File_dstl_v1_dstl_proto protoreflect.FileDescriptor
 
 const file_dstl_v1_dstl_proto_rawDesc = "" +
@@ -3061,7 +4196,85 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x18RetainCheckpointResponse\x123\n" +
 	"\n" +
 	"checkpoint\x18\x01 \x01(\v2\x13.dstl.v1.CheckpointR\n" +
-	"checkpoint*O\n" +
+	"checkpoint\"\xe7\x02\n" +
+	"\x10SubscribeRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x1d\n" +
+	"\n" +
+	"from_token\x18\x02 \x01(\fR\tfromToken\x12(\n" +
+	"\x05start\x18\x03 \x01(\x0e2\x12.dstl.v1.StartFromR\x05start\x125\n" +
+	"\n" +
+	"key_groups\x18\x04 \x01(\v2\x16.dstl.v1.KeyGroupRangeR\tkeyGroups\x12\x14\n" +
+	"\x05state\x18\x05 \x01(\tR\x05state\x12\x1d\n" +
+	"\n" +
+	"key_prefix\x18\x06 \x01(\fR\tkeyPrefix\x12&\n" +
+	"\x04form\x18\a \x01(\x0e2\x12.dstl.v1.EventFormR\x04form\x12\"\n" +
+	"\fsubscription\x18\b \x01(\tR\fsubscription\x12\x1d\n" +
+	"\n" +
+	"max_events\x18\t \x01(\rR\tmaxEvents\x12\x1b\n" +
+	"\tno_follow\x18\n" +
+	" \x01(\bR\bnoFollow\"\xa6\x02\n" +
+	"\x11SubscribeResponse\x12,\n" +
+	"\x06events\x18\x01 \x03(\v2\x14.dstl.v1.ChangeEventR\x06events\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x02 \x01(\x04R\n" +
+	"checkpoint\x12/\n" +
+	"\x13checkpoint_complete\x18\x03 \x01(\bR\x12checkpointComplete\x12\x1d\n" +
+	"\n" +
+	"token_base\x18\x04 \x01(\fR\ttokenBase\x12\x14\n" +
+	"\x05token\x18\x05 \x01(\fR\x05token\x12\x1a\n" +
+	"\bsnapshot\x18\x06 \x01(\bR\bsnapshot\x12\x14\n" +
+	"\x05reset\x18\a \x01(\bR\x05reset\x12+\n" +
+	"\x11newest_checkpoint\x18\b \x01(\x04R\x10newestCheckpoint\"\xcd\x01\n" +
+	"\vChangeEvent\x12&\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x12.dstl.v1.EventKindR\x04kind\x12\x1b\n" +
+	"\tkey_group\x18\x02 \x01(\rR\bkeyGroup\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x10\n" +
+	"\x03key\x18\x04 \x01(\fR\x03key\x12\x14\n" +
+	"\x05value\x18\x05 \x01(\fR\x05value\x12\x18\n" +
+	"\aordinal\x18\x06 \x01(\x04R\aordinal\x12!\n" +
+	"\ftimestamp_ms\x18\a \x01(\x03R\vtimestampMs\"\xb6\x02\n" +
+	"\fSubscription\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05token\x18\x03 \x01(\fR\x05token\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x04 \x01(\x04R\n" +
+	"checkpoint\x12\"\n" +
+	"\rupdated_at_ms\x18\x05 \x01(\x03R\vupdatedAtMs\x12'\n" +
+	"\x0flag_checkpoints\x18\x06 \x01(\x04R\x0elagCheckpoints\x12\x1f\n" +
+	"\vlag_changes\x18\a \x01(\x04R\n" +
+	"lagChanges\x12\x1b\n" +
+	"\tlag_bytes\x18\b \x01(\x04R\blagBytes\x12\x1f\n" +
+	"\vlag_seconds\x18\t \x01(\x01R\n" +
+	"lagSeconds\x12\x18\n" +
+	"\aexpired\x18\n" +
+	" \x01(\bR\aexpired\"\x87\x01\n" +
+	"\x19CreateSubscriptionRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05token\x18\x03 \x01(\fR\x05token\x12(\n" +
+	"\x05start\x18\x04 \x01(\x0e2\x12.dstl.v1.StartFromR\x05start\"W\n" +
+	"\x1aCreateSubscriptionResponse\x129\n" +
+	"\fsubscription\x18\x01 \x01(\v2\x15.dstl.v1.SubscriptionR\fsubscription\"]\n" +
+	"\x19CommitSubscriptionRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05token\x18\x03 \x01(\fR\x05token\"W\n" +
+	"\x1aCommitSubscriptionResponse\x129\n" +
+	"\fsubscription\x18\x01 \x01(\v2\x15.dstl.v1.SubscriptionR\fsubscription\"D\n" +
+	"\x16GetSubscriptionRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"T\n" +
+	"\x17GetSubscriptionResponse\x129\n" +
+	"\fsubscription\x18\x01 \x01(\v2\x15.dstl.v1.SubscriptionR\fsubscription\"2\n" +
+	"\x18ListSubscriptionsRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\"X\n" +
+	"\x19ListSubscriptionsResponse\x12;\n" +
+	"\rsubscriptions\x18\x01 \x03(\v2\x15.dstl.v1.SubscriptionR\rsubscriptions\"G\n" +
+	"\x19DeleteSubscriptionRequest\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x1c\n" +
+	"\x1aDeleteSubscriptionResponse*O\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
@@ -3074,7 +4287,23 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x16DURABILITY_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13DURABILITY_BUFFERED\x10\x01\x12\x14\n" +
 	"\x10DURABILITY_LOCAL\x10\x02\x12\x19\n" +
-	"\x15DURABILITY_REPLICATED\x10\x032\xb7\x02\n" +
+	"\x15DURABILITY_REPLICATED\x10\x03*V\n" +
+	"\tEventForm\x12\x1a\n" +
+	"\x16EVENT_FORM_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11EVENT_FORM_UPSERT\x10\x01\x12\x16\n" +
+	"\x12EVENT_FORM_RETRACT\x10\x02*\xa4\x01\n" +
+	"\tEventKind\x12\x1a\n" +
+	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eEVENT_KIND_PUT\x10\x01\x12\x15\n" +
+	"\x11EVENT_KIND_DELETE\x10\x02\x12\x15\n" +
+	"\x11EVENT_KIND_INSERT\x10\x03\x12\x1c\n" +
+	"\x18EVENT_KIND_UPDATE_BEFORE\x10\x04\x12\x1b\n" +
+	"\x17EVENT_KIND_UPDATE_AFTER\x10\x05*p\n" +
+	"\tStartFrom\x12\x1a\n" +
+	"\x16START_FROM_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13START_FROM_EARLIEST\x10\x01\x12\x17\n" +
+	"\x13START_FROM_SNAPSHOT\x10\x02\x12\x15\n" +
+	"\x11START_FROM_LATEST\x10\x032\xb7\x02\n" +
 	"\rStreamService\x12K\n" +
 	"\fCreateStream\x12\x1c.dstl.v1.CreateStreamRequest\x1a\x1d.dstl.v1.CreateStreamResponse\x12B\n" +
 	"\tGetStream\x12\x19.dstl.v1.GetStreamRequest\x1a\x1a.dstl.v1.GetStreamResponse\x12H\n" +
@@ -3096,7 +4325,15 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x10CreateCheckpoint\x12 .dstl.v1.CreateCheckpointRequest\x1a!.dstl.v1.CreateCheckpointResponse\x12T\n" +
 	"\x0fListCheckpoints\x12\x1f.dstl.v1.ListCheckpointsRequest\x1a .dstl.v1.ListCheckpointsResponse\x12N\n" +
 	"\rGetCheckpoint\x12\x1d.dstl.v1.GetCheckpointRequest\x1a\x1e.dstl.v1.GetCheckpointResponse\x12W\n" +
-	"\x10RetainCheckpoint\x12 .dstl.v1.RetainCheckpointRequest\x1a!.dstl.v1.RetainCheckpointResponseB-Z+github.com/dstl-dev/dstl/api/dstl/v1/dstlv1b\x06proto3"
+	"\x10RetainCheckpoint\x12 .dstl.v1.RetainCheckpointRequest\x1a!.dstl.v1.RetainCheckpointResponse2\xa1\x04\n" +
+	"\n" +
+	"CDCService\x12D\n" +
+	"\tSubscribe\x12\x19.dstl.v1.SubscribeRequest\x1a\x1a.dstl.v1.SubscribeResponse0\x01\x12]\n" +
+	"\x12CreateSubscription\x12\".dstl.v1.CreateSubscriptionRequest\x1a#.dstl.v1.CreateSubscriptionResponse\x12]\n" +
+	"\x12CommitSubscription\x12\".dstl.v1.CommitSubscriptionRequest\x1a#.dstl.v1.CommitSubscriptionResponse\x12T\n" +
+	"\x0fGetSubscription\x12\x1f.dstl.v1.GetSubscriptionRequest\x1a .dstl.v1.GetSubscriptionResponse\x12Z\n" +
+	"\x11ListSubscriptions\x12!.dstl.v1.ListSubscriptionsRequest\x1a\".dstl.v1.ListSubscriptionsResponse\x12]\n" +
+	"\x12DeleteSubscription\x12\".dstl.v1.DeleteSubscriptionRequest\x1a#.dstl.v1.DeleteSubscriptionResponseB-Z+github.com/dstl-dev/dstl/api/dstl/v1/dstlv1b\x06proto3"
 
 var (
 	file_dstl_v1_dstl_proto_rawDescOnce sync.Once
@@ -3110,116 +4347,155 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 	return file_dstl_v1_dstl_proto_rawDescData
 }
 
-var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
 var file_dstl_v1_dstl_proto_goTypes = []any{
-	(Op)(0),                          // 0: dstl.v1.Op
-	(Durability)(0),                  // 1: dstl.v1.Durability
-	(*KeyGroupRange)(nil),            // 2: dstl.v1.KeyGroupRange
-	(*Stream)(nil),                   // 3: dstl.v1.Stream
-	(*Hydration)(nil),                // 4: dstl.v1.Hydration
-	(*CreateStreamRequest)(nil),      // 5: dstl.v1.CreateStreamRequest
-	(*CreateStreamResponse)(nil),     // 6: dstl.v1.CreateStreamResponse
-	(*GetStreamRequest)(nil),         // 7: dstl.v1.GetStreamRequest
-	(*GetStreamResponse)(nil),        // 8: dstl.v1.GetStreamResponse
-	(*ListStreamsRequest)(nil),       // 9: dstl.v1.ListStreamsRequest
-	(*ListStreamsResponse)(nil),      // 10: dstl.v1.ListStreamsResponse
-	(*DeleteStreamRequest)(nil),      // 11: dstl.v1.DeleteStreamRequest
-	(*DeleteStreamResponse)(nil),     // 12: dstl.v1.DeleteStreamResponse
-	(*Change)(nil),                   // 13: dstl.v1.Change
-	(*OpenWriterRequest)(nil),        // 14: dstl.v1.OpenWriterRequest
-	(*OpenWriterResponse)(nil),       // 15: dstl.v1.OpenWriterResponse
-	(*AppendRequest)(nil),            // 16: dstl.v1.AppendRequest
-	(*ReadAfterAppend)(nil),          // 17: dstl.v1.ReadAfterAppend
-	(*AppendResponse)(nil),           // 18: dstl.v1.AppendResponse
-	(*ReadResult)(nil),               // 19: dstl.v1.ReadResult
-	(*AppendStreamResponse)(nil),     // 20: dstl.v1.AppendStreamResponse
-	(*SegmentBlocks)(nil),            // 21: dstl.v1.SegmentBlocks
-	(*BlockSpan)(nil),                // 22: dstl.v1.BlockSpan
-	(*PersistRequest)(nil),           // 23: dstl.v1.PersistRequest
-	(*PersistResponse)(nil),          // 24: dstl.v1.PersistResponse
-	(*CheckpointRequest)(nil),        // 25: dstl.v1.CheckpointRequest
-	(*CheckpointResponse)(nil),       // 26: dstl.v1.CheckpointResponse
-	(*CloseWriterRequest)(nil),       // 27: dstl.v1.CloseWriterRequest
-	(*CloseWriterResponse)(nil),      // 28: dstl.v1.CloseWriterResponse
-	(*GetRequest)(nil),               // 29: dstl.v1.GetRequest
-	(*GetResponse)(nil),              // 30: dstl.v1.GetResponse
-	(*ScanRequest)(nil),              // 31: dstl.v1.ScanRequest
-	(*KeyValue)(nil),                 // 32: dstl.v1.KeyValue
-	(*ScanResponse)(nil),             // 33: dstl.v1.ScanResponse
-	(*CheckpointPart)(nil),           // 34: dstl.v1.CheckpointPart
-	(*Checkpoint)(nil),               // 35: dstl.v1.Checkpoint
-	(*Materialization)(nil),          // 36: dstl.v1.Materialization
-	(*CreateCheckpointRequest)(nil),  // 37: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil), // 38: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),   // 39: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),  // 40: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),     // 41: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),    // 42: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),  // 43: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil), // 44: dstl.v1.RetainCheckpointResponse
+	(Op)(0),                            // 0: dstl.v1.Op
+	(Durability)(0),                    // 1: dstl.v1.Durability
+	(EventForm)(0),                     // 2: dstl.v1.EventForm
+	(EventKind)(0),                     // 3: dstl.v1.EventKind
+	(StartFrom)(0),                     // 4: dstl.v1.StartFrom
+	(*KeyGroupRange)(nil),              // 5: dstl.v1.KeyGroupRange
+	(*Stream)(nil),                     // 6: dstl.v1.Stream
+	(*Hydration)(nil),                  // 7: dstl.v1.Hydration
+	(*CreateStreamRequest)(nil),        // 8: dstl.v1.CreateStreamRequest
+	(*CreateStreamResponse)(nil),       // 9: dstl.v1.CreateStreamResponse
+	(*GetStreamRequest)(nil),           // 10: dstl.v1.GetStreamRequest
+	(*GetStreamResponse)(nil),          // 11: dstl.v1.GetStreamResponse
+	(*ListStreamsRequest)(nil),         // 12: dstl.v1.ListStreamsRequest
+	(*ListStreamsResponse)(nil),        // 13: dstl.v1.ListStreamsResponse
+	(*DeleteStreamRequest)(nil),        // 14: dstl.v1.DeleteStreamRequest
+	(*DeleteStreamResponse)(nil),       // 15: dstl.v1.DeleteStreamResponse
+	(*Change)(nil),                     // 16: dstl.v1.Change
+	(*OpenWriterRequest)(nil),          // 17: dstl.v1.OpenWriterRequest
+	(*OpenWriterResponse)(nil),         // 18: dstl.v1.OpenWriterResponse
+	(*AppendRequest)(nil),              // 19: dstl.v1.AppendRequest
+	(*ReadAfterAppend)(nil),            // 20: dstl.v1.ReadAfterAppend
+	(*AppendResponse)(nil),             // 21: dstl.v1.AppendResponse
+	(*ReadResult)(nil),                 // 22: dstl.v1.ReadResult
+	(*AppendStreamResponse)(nil),       // 23: dstl.v1.AppendStreamResponse
+	(*SegmentBlocks)(nil),              // 24: dstl.v1.SegmentBlocks
+	(*BlockSpan)(nil),                  // 25: dstl.v1.BlockSpan
+	(*PersistRequest)(nil),             // 26: dstl.v1.PersistRequest
+	(*PersistResponse)(nil),            // 27: dstl.v1.PersistResponse
+	(*CheckpointRequest)(nil),          // 28: dstl.v1.CheckpointRequest
+	(*CheckpointResponse)(nil),         // 29: dstl.v1.CheckpointResponse
+	(*CloseWriterRequest)(nil),         // 30: dstl.v1.CloseWriterRequest
+	(*CloseWriterResponse)(nil),        // 31: dstl.v1.CloseWriterResponse
+	(*GetRequest)(nil),                 // 32: dstl.v1.GetRequest
+	(*GetResponse)(nil),                // 33: dstl.v1.GetResponse
+	(*ScanRequest)(nil),                // 34: dstl.v1.ScanRequest
+	(*KeyValue)(nil),                   // 35: dstl.v1.KeyValue
+	(*ScanResponse)(nil),               // 36: dstl.v1.ScanResponse
+	(*CheckpointPart)(nil),             // 37: dstl.v1.CheckpointPart
+	(*Checkpoint)(nil),                 // 38: dstl.v1.Checkpoint
+	(*Materialization)(nil),            // 39: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),    // 40: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil),   // 41: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),     // 42: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),    // 43: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),       // 44: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),      // 45: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),    // 46: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil),   // 47: dstl.v1.RetainCheckpointResponse
+	(*SubscribeRequest)(nil),           // 48: dstl.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),          // 49: dstl.v1.SubscribeResponse
+	(*ChangeEvent)(nil),                // 50: dstl.v1.ChangeEvent
+	(*Subscription)(nil),               // 51: dstl.v1.Subscription
+	(*CreateSubscriptionRequest)(nil),  // 52: dstl.v1.CreateSubscriptionRequest
+	(*CreateSubscriptionResponse)(nil), // 53: dstl.v1.CreateSubscriptionResponse
+	(*CommitSubscriptionRequest)(nil),  // 54: dstl.v1.CommitSubscriptionRequest
+	(*CommitSubscriptionResponse)(nil), // 55: dstl.v1.CommitSubscriptionResponse
+	(*GetSubscriptionRequest)(nil),     // 56: dstl.v1.GetSubscriptionRequest
+	(*GetSubscriptionResponse)(nil),    // 57: dstl.v1.GetSubscriptionResponse
+	(*ListSubscriptionsRequest)(nil),   // 58: dstl.v1.ListSubscriptionsRequest
+	(*ListSubscriptionsResponse)(nil),  // 59: dstl.v1.ListSubscriptionsResponse
+	(*DeleteSubscriptionRequest)(nil),  // 60: dstl.v1.DeleteSubscriptionRequest
+	(*DeleteSubscriptionResponse)(nil), // 61: dstl.v1.DeleteSubscriptionResponse
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
-	4,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
-	3,  // 1: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
-	3,  // 2: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
-	3,  // 3: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
+	7,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
+	6,  // 1: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
+	6,  // 2: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
+	6,  // 3: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
 	0,  // 4: dstl.v1.Change.op:type_name -> dstl.v1.Op
-	2,  // 5: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	2,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
-	13, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
+	5,  // 5: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	5,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
+	16, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
 	1,  // 8: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
-	17, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
-	19, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
-	22, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
-	21, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
-	2,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	32, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
-	2,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
-	34, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	36, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
-	35, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	35, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	35, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	4,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
-	35, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	5,  // 23: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
-	7,  // 24: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
-	9,  // 25: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
-	11, // 26: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
-	14, // 27: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	16, // 28: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	16, // 29: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	23, // 30: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	25, // 31: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	27, // 32: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	29, // 33: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	31, // 34: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	37, // 35: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	39, // 36: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	41, // 37: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	43, // 38: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	6,  // 39: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
-	8,  // 40: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
-	10, // 41: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
-	12, // 42: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	15, // 43: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	18, // 44: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	20, // 45: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	24, // 46: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	26, // 47: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	28, // 48: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	30, // 49: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	33, // 50: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	38, // 51: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	40, // 52: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	42, // 53: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	44, // 54: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	39, // [39:55] is the sub-list for method output_type
-	23, // [23:39] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	20, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
+	22, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
+	25, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
+	24, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
+	5,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	35, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
+	5,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
+	37, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
+	39, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	38, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	38, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	38, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	7,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
+	38, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	4,  // 23: dstl.v1.SubscribeRequest.start:type_name -> dstl.v1.StartFrom
+	5,  // 24: dstl.v1.SubscribeRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	2,  // 25: dstl.v1.SubscribeRequest.form:type_name -> dstl.v1.EventForm
+	50, // 26: dstl.v1.SubscribeResponse.events:type_name -> dstl.v1.ChangeEvent
+	3,  // 27: dstl.v1.ChangeEvent.kind:type_name -> dstl.v1.EventKind
+	4,  // 28: dstl.v1.CreateSubscriptionRequest.start:type_name -> dstl.v1.StartFrom
+	51, // 29: dstl.v1.CreateSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	51, // 30: dstl.v1.CommitSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	51, // 31: dstl.v1.GetSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	51, // 32: dstl.v1.ListSubscriptionsResponse.subscriptions:type_name -> dstl.v1.Subscription
+	8,  // 33: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
+	10, // 34: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
+	12, // 35: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
+	14, // 36: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
+	17, // 37: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
+	19, // 38: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	19, // 39: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	26, // 40: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	28, // 41: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	30, // 42: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	32, // 43: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	34, // 44: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	40, // 45: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	42, // 46: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	44, // 47: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	46, // 48: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	48, // 49: dstl.v1.CDCService.Subscribe:input_type -> dstl.v1.SubscribeRequest
+	52, // 50: dstl.v1.CDCService.CreateSubscription:input_type -> dstl.v1.CreateSubscriptionRequest
+	54, // 51: dstl.v1.CDCService.CommitSubscription:input_type -> dstl.v1.CommitSubscriptionRequest
+	56, // 52: dstl.v1.CDCService.GetSubscription:input_type -> dstl.v1.GetSubscriptionRequest
+	58, // 53: dstl.v1.CDCService.ListSubscriptions:input_type -> dstl.v1.ListSubscriptionsRequest
+	60, // 54: dstl.v1.CDCService.DeleteSubscription:input_type -> dstl.v1.DeleteSubscriptionRequest
+	9,  // 55: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
+	11, // 56: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
+	13, // 57: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
+	15, // 58: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
+	18, // 59: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	21, // 60: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	23, // 61: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	27, // 62: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	29, // 63: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	31, // 64: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	33, // 65: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	36, // 66: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	41, // 67: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	43, // 68: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	45, // 69: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	47, // 70: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	49, // 71: dstl.v1.CDCService.Subscribe:output_type -> dstl.v1.SubscribeResponse
+	53, // 72: dstl.v1.CDCService.CreateSubscription:output_type -> dstl.v1.CreateSubscriptionResponse
+	55, // 73: dstl.v1.CDCService.CommitSubscription:output_type -> dstl.v1.CommitSubscriptionResponse
+	57, // 74: dstl.v1.CDCService.GetSubscription:output_type -> dstl.v1.GetSubscriptionResponse
+	59, // 75: dstl.v1.CDCService.ListSubscriptions:output_type -> dstl.v1.ListSubscriptionsResponse
+	61, // 76: dstl.v1.CDCService.DeleteSubscription:output_type -> dstl.v1.DeleteSubscriptionResponse
+	55, // [55:77] is the sub-list for method output_type
+	33, // [33:55] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_dstl_v1_dstl_proto_init() }
@@ -3233,10 +4509,10 @@ func file_dstl_v1_dstl_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   43,
+			NumEnums:      5,
+			NumMessages:   57,
 			NumExtensions: 0,
-			NumServices:   4,
+			NumServices:   5,
 		},
 		GoTypes:           file_dstl_v1_dstl_proto_goTypes,
 		DependencyIndexes: file_dstl_v1_dstl_proto_depIdxs,

@@ -43,6 +43,8 @@ const (
 	StateServiceName = "dstl.v1.StateService"
 	// CheckpointServiceName is the fully-qualified name of the CheckpointService service.
 	CheckpointServiceName = "dstl.v1.CheckpointService"
+	// CDCServiceName is the fully-qualified name of the CDCService service.
+	CDCServiceName = "dstl.v1.CDCService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -96,6 +98,23 @@ const (
 	// CheckpointServiceRetainCheckpointProcedure is the fully-qualified name of the CheckpointService's
 	// RetainCheckpoint RPC.
 	CheckpointServiceRetainCheckpointProcedure = "/dstl.v1.CheckpointService/RetainCheckpoint"
+	// CDCServiceSubscribeProcedure is the fully-qualified name of the CDCService's Subscribe RPC.
+	CDCServiceSubscribeProcedure = "/dstl.v1.CDCService/Subscribe"
+	// CDCServiceCreateSubscriptionProcedure is the fully-qualified name of the CDCService's
+	// CreateSubscription RPC.
+	CDCServiceCreateSubscriptionProcedure = "/dstl.v1.CDCService/CreateSubscription"
+	// CDCServiceCommitSubscriptionProcedure is the fully-qualified name of the CDCService's
+	// CommitSubscription RPC.
+	CDCServiceCommitSubscriptionProcedure = "/dstl.v1.CDCService/CommitSubscription"
+	// CDCServiceGetSubscriptionProcedure is the fully-qualified name of the CDCService's
+	// GetSubscription RPC.
+	CDCServiceGetSubscriptionProcedure = "/dstl.v1.CDCService/GetSubscription"
+	// CDCServiceListSubscriptionsProcedure is the fully-qualified name of the CDCService's
+	// ListSubscriptions RPC.
+	CDCServiceListSubscriptionsProcedure = "/dstl.v1.CDCService/ListSubscriptions"
+	// CDCServiceDeleteSubscriptionProcedure is the fully-qualified name of the CDCService's
+	// DeleteSubscription RPC.
+	CDCServiceDeleteSubscriptionProcedure = "/dstl.v1.CDCService/DeleteSubscription"
 )
 
 // StreamServiceClient is a client for the dstl.v1.StreamService service.
@@ -744,4 +763,234 @@ func (UnimplementedCheckpointServiceHandler) GetCheckpoint(context.Context, *con
 
 func (UnimplementedCheckpointServiceHandler) RetainCheckpoint(context.Context, *connect.Request[dstlv1.RetainCheckpointRequest]) (*connect.Response[dstlv1.RetainCheckpointResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CheckpointService.RetainCheckpoint is not implemented"))
+}
+
+// CDCServiceClient is a client for the dstl.v1.CDCService service.
+type CDCServiceClient interface {
+	// Streams the committed changes of a stream: the changes of each complete
+	// checkpoint, checkpoint after checkpoint in the stream's journal order,
+	// then waits for more (unless no_follow). Errors: NOT_FOUND (stream or
+	// subscription), INVALID_ARGUMENT (malformed or corrupt token, a token of
+	// another stream or of other key groups or form), OUT_OF_RANGE (a token
+	// naming a checkpoint that is not complete: from the future),
+	// FAILED_PRECONDITION (a registered subscription whose position is no
+	// longer replayable, or held back past the retention cap: it must
+	// resnapshot; the message says so).
+	Subscribe(context.Context, *connect.Request[dstlv1.SubscribeRequest]) (*connect.ServerStreamForClient[dstlv1.SubscribeResponse], error)
+	// Registers a named subscription of a stream at a token (or a start).
+	// While registered, garbage collection and truncation keep what it has
+	// not consumed, up to the node's retention cap. ALREADY_EXISTS if the
+	// name is taken.
+	CreateSubscription(context.Context, *connect.Request[dstlv1.CreateSubscriptionRequest]) (*connect.Response[dstlv1.CreateSubscriptionResponse], error)
+	// Records the token a registered subscription has consumed through.
+	CommitSubscription(context.Context, *connect.Request[dstlv1.CommitSubscriptionRequest]) (*connect.Response[dstlv1.CommitSubscriptionResponse], error)
+	GetSubscription(context.Context, *connect.Request[dstlv1.GetSubscriptionRequest]) (*connect.Response[dstlv1.GetSubscriptionResponse], error)
+	ListSubscriptions(context.Context, *connect.Request[dstlv1.ListSubscriptionsRequest]) (*connect.Response[dstlv1.ListSubscriptionsResponse], error)
+	// Unregisters a subscription: it no longer holds anything back.
+	DeleteSubscription(context.Context, *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error)
+}
+
+// NewCDCServiceClient constructs a client for the dstl.v1.CDCService service. By default, it uses
+// the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and sends
+// uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC() or
+// connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewCDCServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) CDCServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	cDCServiceMethods := dstlv1.File_dstl_v1_dstl_proto.Services().ByName("CDCService").Methods()
+	return &cDCServiceClient{
+		subscribe: connect.NewClient[dstlv1.SubscribeRequest, dstlv1.SubscribeResponse](
+			httpClient,
+			baseURL+CDCServiceSubscribeProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("Subscribe")),
+			connect.WithClientOptions(opts...),
+		),
+		createSubscription: connect.NewClient[dstlv1.CreateSubscriptionRequest, dstlv1.CreateSubscriptionResponse](
+			httpClient,
+			baseURL+CDCServiceCreateSubscriptionProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("CreateSubscription")),
+			connect.WithClientOptions(opts...),
+		),
+		commitSubscription: connect.NewClient[dstlv1.CommitSubscriptionRequest, dstlv1.CommitSubscriptionResponse](
+			httpClient,
+			baseURL+CDCServiceCommitSubscriptionProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("CommitSubscription")),
+			connect.WithClientOptions(opts...),
+		),
+		getSubscription: connect.NewClient[dstlv1.GetSubscriptionRequest, dstlv1.GetSubscriptionResponse](
+			httpClient,
+			baseURL+CDCServiceGetSubscriptionProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("GetSubscription")),
+			connect.WithClientOptions(opts...),
+		),
+		listSubscriptions: connect.NewClient[dstlv1.ListSubscriptionsRequest, dstlv1.ListSubscriptionsResponse](
+			httpClient,
+			baseURL+CDCServiceListSubscriptionsProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("ListSubscriptions")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteSubscription: connect.NewClient[dstlv1.DeleteSubscriptionRequest, dstlv1.DeleteSubscriptionResponse](
+			httpClient,
+			baseURL+CDCServiceDeleteSubscriptionProcedure,
+			connect.WithSchema(cDCServiceMethods.ByName("DeleteSubscription")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// cDCServiceClient implements CDCServiceClient.
+type cDCServiceClient struct {
+	subscribe          *connect.Client[dstlv1.SubscribeRequest, dstlv1.SubscribeResponse]
+	createSubscription *connect.Client[dstlv1.CreateSubscriptionRequest, dstlv1.CreateSubscriptionResponse]
+	commitSubscription *connect.Client[dstlv1.CommitSubscriptionRequest, dstlv1.CommitSubscriptionResponse]
+	getSubscription    *connect.Client[dstlv1.GetSubscriptionRequest, dstlv1.GetSubscriptionResponse]
+	listSubscriptions  *connect.Client[dstlv1.ListSubscriptionsRequest, dstlv1.ListSubscriptionsResponse]
+	deleteSubscription *connect.Client[dstlv1.DeleteSubscriptionRequest, dstlv1.DeleteSubscriptionResponse]
+}
+
+// Subscribe calls dstl.v1.CDCService.Subscribe.
+func (c *cDCServiceClient) Subscribe(ctx context.Context, req *connect.Request[dstlv1.SubscribeRequest]) (*connect.ServerStreamForClient[dstlv1.SubscribeResponse], error) {
+	return c.subscribe.CallServerStream(ctx, req)
+}
+
+// CreateSubscription calls dstl.v1.CDCService.CreateSubscription.
+func (c *cDCServiceClient) CreateSubscription(ctx context.Context, req *connect.Request[dstlv1.CreateSubscriptionRequest]) (*connect.Response[dstlv1.CreateSubscriptionResponse], error) {
+	return c.createSubscription.CallUnary(ctx, req)
+}
+
+// CommitSubscription calls dstl.v1.CDCService.CommitSubscription.
+func (c *cDCServiceClient) CommitSubscription(ctx context.Context, req *connect.Request[dstlv1.CommitSubscriptionRequest]) (*connect.Response[dstlv1.CommitSubscriptionResponse], error) {
+	return c.commitSubscription.CallUnary(ctx, req)
+}
+
+// GetSubscription calls dstl.v1.CDCService.GetSubscription.
+func (c *cDCServiceClient) GetSubscription(ctx context.Context, req *connect.Request[dstlv1.GetSubscriptionRequest]) (*connect.Response[dstlv1.GetSubscriptionResponse], error) {
+	return c.getSubscription.CallUnary(ctx, req)
+}
+
+// ListSubscriptions calls dstl.v1.CDCService.ListSubscriptions.
+func (c *cDCServiceClient) ListSubscriptions(ctx context.Context, req *connect.Request[dstlv1.ListSubscriptionsRequest]) (*connect.Response[dstlv1.ListSubscriptionsResponse], error) {
+	return c.listSubscriptions.CallUnary(ctx, req)
+}
+
+// DeleteSubscription calls dstl.v1.CDCService.DeleteSubscription.
+func (c *cDCServiceClient) DeleteSubscription(ctx context.Context, req *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error) {
+	return c.deleteSubscription.CallUnary(ctx, req)
+}
+
+// CDCServiceHandler is an implementation of the dstl.v1.CDCService service.
+type CDCServiceHandler interface {
+	// Streams the committed changes of a stream: the changes of each complete
+	// checkpoint, checkpoint after checkpoint in the stream's journal order,
+	// then waits for more (unless no_follow). Errors: NOT_FOUND (stream or
+	// subscription), INVALID_ARGUMENT (malformed or corrupt token, a token of
+	// another stream or of other key groups or form), OUT_OF_RANGE (a token
+	// naming a checkpoint that is not complete: from the future),
+	// FAILED_PRECONDITION (a registered subscription whose position is no
+	// longer replayable, or held back past the retention cap: it must
+	// resnapshot; the message says so).
+	Subscribe(context.Context, *connect.Request[dstlv1.SubscribeRequest], *connect.ServerStream[dstlv1.SubscribeResponse]) error
+	// Registers a named subscription of a stream at a token (or a start).
+	// While registered, garbage collection and truncation keep what it has
+	// not consumed, up to the node's retention cap. ALREADY_EXISTS if the
+	// name is taken.
+	CreateSubscription(context.Context, *connect.Request[dstlv1.CreateSubscriptionRequest]) (*connect.Response[dstlv1.CreateSubscriptionResponse], error)
+	// Records the token a registered subscription has consumed through.
+	CommitSubscription(context.Context, *connect.Request[dstlv1.CommitSubscriptionRequest]) (*connect.Response[dstlv1.CommitSubscriptionResponse], error)
+	GetSubscription(context.Context, *connect.Request[dstlv1.GetSubscriptionRequest]) (*connect.Response[dstlv1.GetSubscriptionResponse], error)
+	ListSubscriptions(context.Context, *connect.Request[dstlv1.ListSubscriptionsRequest]) (*connect.Response[dstlv1.ListSubscriptionsResponse], error)
+	// Unregisters a subscription: it no longer holds anything back.
+	DeleteSubscription(context.Context, *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error)
+}
+
+// NewCDCServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewCDCServiceHandler(svc CDCServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	cDCServiceMethods := dstlv1.File_dstl_v1_dstl_proto.Services().ByName("CDCService").Methods()
+	cDCServiceSubscribeHandler := connect.NewServerStreamHandler(
+		CDCServiceSubscribeProcedure,
+		svc.Subscribe,
+		connect.WithSchema(cDCServiceMethods.ByName("Subscribe")),
+		connect.WithHandlerOptions(opts...),
+	)
+	cDCServiceCreateSubscriptionHandler := connect.NewUnaryHandler(
+		CDCServiceCreateSubscriptionProcedure,
+		svc.CreateSubscription,
+		connect.WithSchema(cDCServiceMethods.ByName("CreateSubscription")),
+		connect.WithHandlerOptions(opts...),
+	)
+	cDCServiceCommitSubscriptionHandler := connect.NewUnaryHandler(
+		CDCServiceCommitSubscriptionProcedure,
+		svc.CommitSubscription,
+		connect.WithSchema(cDCServiceMethods.ByName("CommitSubscription")),
+		connect.WithHandlerOptions(opts...),
+	)
+	cDCServiceGetSubscriptionHandler := connect.NewUnaryHandler(
+		CDCServiceGetSubscriptionProcedure,
+		svc.GetSubscription,
+		connect.WithSchema(cDCServiceMethods.ByName("GetSubscription")),
+		connect.WithHandlerOptions(opts...),
+	)
+	cDCServiceListSubscriptionsHandler := connect.NewUnaryHandler(
+		CDCServiceListSubscriptionsProcedure,
+		svc.ListSubscriptions,
+		connect.WithSchema(cDCServiceMethods.ByName("ListSubscriptions")),
+		connect.WithHandlerOptions(opts...),
+	)
+	cDCServiceDeleteSubscriptionHandler := connect.NewUnaryHandler(
+		CDCServiceDeleteSubscriptionProcedure,
+		svc.DeleteSubscription,
+		connect.WithSchema(cDCServiceMethods.ByName("DeleteSubscription")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/dstl.v1.CDCService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case CDCServiceSubscribeProcedure:
+			cDCServiceSubscribeHandler.ServeHTTP(w, r)
+		case CDCServiceCreateSubscriptionProcedure:
+			cDCServiceCreateSubscriptionHandler.ServeHTTP(w, r)
+		case CDCServiceCommitSubscriptionProcedure:
+			cDCServiceCommitSubscriptionHandler.ServeHTTP(w, r)
+		case CDCServiceGetSubscriptionProcedure:
+			cDCServiceGetSubscriptionHandler.ServeHTTP(w, r)
+		case CDCServiceListSubscriptionsProcedure:
+			cDCServiceListSubscriptionsHandler.ServeHTTP(w, r)
+		case CDCServiceDeleteSubscriptionProcedure:
+			cDCServiceDeleteSubscriptionHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedCDCServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedCDCServiceHandler struct{}
+
+func (UnimplementedCDCServiceHandler) Subscribe(context.Context, *connect.Request[dstlv1.SubscribeRequest], *connect.ServerStream[dstlv1.SubscribeResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.Subscribe is not implemented"))
+}
+
+func (UnimplementedCDCServiceHandler) CreateSubscription(context.Context, *connect.Request[dstlv1.CreateSubscriptionRequest]) (*connect.Response[dstlv1.CreateSubscriptionResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.CreateSubscription is not implemented"))
+}
+
+func (UnimplementedCDCServiceHandler) CommitSubscription(context.Context, *connect.Request[dstlv1.CommitSubscriptionRequest]) (*connect.Response[dstlv1.CommitSubscriptionResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.CommitSubscription is not implemented"))
+}
+
+func (UnimplementedCDCServiceHandler) GetSubscription(context.Context, *connect.Request[dstlv1.GetSubscriptionRequest]) (*connect.Response[dstlv1.GetSubscriptionResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.GetSubscription is not implemented"))
+}
+
+func (UnimplementedCDCServiceHandler) ListSubscriptions(context.Context, *connect.Request[dstlv1.ListSubscriptionsRequest]) (*connect.Response[dstlv1.ListSubscriptionsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.ListSubscriptions is not implemented"))
+}
+
+func (UnimplementedCDCServiceHandler) DeleteSubscription(context.Context, *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.DeleteSubscription is not implemented"))
 }
