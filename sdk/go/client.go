@@ -128,6 +128,9 @@ type Client struct {
 	writers     writerCalls
 	state       stateCalls
 	checkpoints checkpointCalls
+	cdc         cdcCalls
+	// subscribe opens one Subscribe stream (cdc.go).
+	subscribe func(context.Context, *dstlv1.SubscribeRequest) (eventStream, error)
 }
 
 // Dial returns a client of the node at rawURL: http://host:port speaks
@@ -164,6 +167,15 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	c.writers = dstlv1connect.NewWriterServiceClient(hc, c.baseURL, o.connectOpts...)
 	c.state = dstlv1connect.NewStateServiceClient(hc, c.baseURL, o.connectOpts...)
 	c.checkpoints = dstlv1connect.NewCheckpointServiceClient(hc, c.baseURL, o.connectOpts...)
+	cdcClient := dstlv1connect.NewCDCServiceClient(hc, c.baseURL, o.connectOpts...)
+	c.cdc = cdcClient
+	c.subscribe = func(ctx context.Context, req *dstlv1.SubscribeRequest) (eventStream, error) {
+		s, err := cdcClient.Subscribe(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return remoteStream{s}, nil
+	}
 	return c, nil
 }
 

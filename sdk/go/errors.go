@@ -33,6 +33,19 @@ var (
 	// ErrClosed: the Writer (or Client) was closed or aborted by this
 	// process; returned without contacting the server.
 	ErrClosed = errors.New("dstl: writer closed")
+	// ErrBadToken: a CDC resume token that is malformed or corrupt, of
+	// another stream, form or key-group range (INVALID_ARGUMENT, checked
+	// by the SDK before anything is sent where it can be), or naming a
+	// checkpoint that is not complete (OUT_OF_RANGE: from the future, or
+	// of a recreated stream). Such an error also matches
+	// ErrInvalidArgument when its code is INVALID_ARGUMENT.
+	ErrBadToken = errors.New("dstl: bad resume token")
+	// ErrResnapshot: a subscription's position can no longer be replayed
+	// (FAILED_PRECONDITION from Subscribe): the changelog it needs is
+	// gone, or a registered subscription was held back past the node's
+	// retention cap. Start again from a snapshot (StartSnapshot). It also
+	// matches ErrFenced, the sentinel of its code.
+	ErrResnapshot = errors.New("dstl: subscription must resnapshot")
 )
 
 // Error is a failed call: its RPC code and the server's message.
@@ -43,6 +56,9 @@ type Error struct {
 	// Message is the server's (or transport's) message.
 	Message string
 	err     *connect.Error
+	// also is a second sentinel the error matches, decided by the call
+	// that failed (ErrBadToken, ErrResnapshot); nil if none.
+	also error
 }
 
 func (e *Error) Error() string {
@@ -55,6 +71,9 @@ func (e *Error) Unwrap() error { return e.err }
 // Is matches the sentinel of e's code (and context.Canceled /
 // context.DeadlineExceeded for CANCELED / DEADLINE_EXCEEDED).
 func (e *Error) Is(target error) bool {
+	if e.also != nil && target == e.also {
+		return true
+	}
 	switch e.Code {
 	case connect.CodeNotFound:
 		return target == ErrNotFound
@@ -90,6 +109,18 @@ func wrapErr(op string, err error) error {
 		ce = connect.NewError(connect.CodeOf(err), err)
 	}
 	return &Error{Op: op, Code: ce.Code(), Message: ce.Message(), err: ce}
+}
+
+// withSentinel returns err (an *Error from wrapErr) also matching
+// sentinel; other errors are returned as they are.
+func withSentinel(err, sentinel error) error {
+	var e *Error
+	if !errors.As(err, &e) {
+		return err
+	}
+	c := *e
+	c.also = sentinel
+	return &c
 }
 
 // invalid returns a client-side INVALID_ARGUMENT error.

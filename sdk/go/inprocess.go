@@ -20,6 +20,19 @@ type Handlers struct {
 	Writers     dstlv1connect.WriterServiceHandler
 	State       dstlv1connect.StateServiceHandler
 	Checkpoints dstlv1connect.CheckpointServiceHandler
+	// CDC serves the registered subscriptions' unary methods (its
+	// Subscribe is not called: see the Subscribe field). Optional: without
+	// it those calls fail with UNIMPLEMENTED.
+	CDC dstlv1connect.CDCServiceHandler
+	// Subscribe runs CDCService.Subscribe for an in-process caller: it
+	// calls send with each message, in order, and returns when the
+	// subscription ends (nil once a no_follow subscription delivered
+	// everything), when send fails (it then returns send's error or one of
+	// its own), or when ctx ends. send blocks until the client takes the
+	// message, and hands it over: the server must not touch a message
+	// (nor the byte slices in it) after send returns. Optional: without it
+	// Subscribe fails with UNIMPLEMENTED.
+	Subscribe func(ctx context.Context, req *dstlv1.SubscribeRequest, send func(*dstlv1.SubscribeResponse) error) error
 }
 
 // The unary methods a Client calls: both a connect client over the network
@@ -47,6 +60,13 @@ type (
 		GetCheckpoint(context.Context, *connect.Request[dstlv1.GetCheckpointRequest]) (*connect.Response[dstlv1.GetCheckpointResponse], error)
 		RetainCheckpoint(context.Context, *connect.Request[dstlv1.RetainCheckpointRequest]) (*connect.Response[dstlv1.RetainCheckpointResponse], error)
 	}
+	cdcCalls interface {
+		CreateSubscription(context.Context, *connect.Request[dstlv1.CreateSubscriptionRequest]) (*connect.Response[dstlv1.CreateSubscriptionResponse], error)
+		CommitSubscription(context.Context, *connect.Request[dstlv1.CommitSubscriptionRequest]) (*connect.Response[dstlv1.CommitSubscriptionResponse], error)
+		GetSubscription(context.Context, *connect.Request[dstlv1.GetSubscriptionRequest]) (*connect.Response[dstlv1.GetSubscriptionResponse], error)
+		ListSubscriptions(context.Context, *connect.Request[dstlv1.ListSubscriptionsRequest]) (*connect.Response[dstlv1.ListSubscriptionsResponse], error)
+		DeleteSubscription(context.Context, *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error)
+	}
 )
 
 // NewInProcessClient returns a client that calls h directly, in this
@@ -65,10 +85,21 @@ func NewInProcessClient(h Handlers, opts ...Option) (*Client, error) {
 	for _, opt := range opts {
 		opt(&o)
 	}
-	return &Client{
-		opts: o, baseURL: "in-process", gate: &callGate{},
+	c := &Client{
+		opts: o, baseURL: "in-process", gate: &callGate{done: make(chan struct{})},
 		streams: h.Streams, writers: h.Writers, state: h.State, checkpoints: h.Checkpoints,
-	}, nil
+		cdc: noCDC{},
+	}
+	if h.CDC != nil {
+		c.cdc = h.CDC
+	}
+	c.subscribe = c.subscribeUnimplemented
+	if h.Subscribe != nil {
+		c.subscribe = func(ctx context.Context, req *dstlv1.SubscribeRequest) (eventStream, error) {
+			return openInProcessStream(ctx, c.gate, h.Subscribe, req)
+		}
+	}
+	return c, nil
 }
 
 // callGate counts the calls of an in-process client in flight, so that
@@ -78,6 +109,9 @@ type callGate struct {
 	mu     sync.Mutex
 	closed bool
 	calls  sync.WaitGroup
+	// done is closed by close: subscriptions in flight end on it, since
+	// close waits for them.
+	done chan struct{}
 }
 
 // errClientClosed: a call on an in-process client after Close.
@@ -97,9 +131,18 @@ func (g *callGate) exit() { g.calls.Done() }
 
 func (g *callGate) close() {
 	g.mu.Lock()
-	g.closed = true
+	if !g.closed {
+		g.closed = true
+		close(g.done)
+	}
 	g.mu.Unlock()
 	g.calls.Wait()
+}
+
+func (g *callGate) isClosed() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.closed
 }
 
 // inProcess is an error of the node's own making: there is no connection
