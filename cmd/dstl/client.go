@@ -54,6 +54,8 @@ func newCLICommands(root *cobra.Command) []*cobra.Command {
 		newScanCommand(cli),
 		newCheckpointCommand(cli),
 		newSegmentCommand(cli),
+		newTailCommand(cli),
+		newSubscriptionCommand(cli),
 	}
 }
 
@@ -78,7 +80,7 @@ func commandContext(cmd *cobra.Command) (context.Context, context.CancelFunc) {
 	return context.WithCancel(ctx)
 }
 
-// clients are connect clients of the four services of one node.
+// clients are connect clients of the services of one node.
 type clients struct {
 	server      string
 	timeout     string
@@ -86,6 +88,7 @@ type clients struct {
 	writers     dstlv1connect.WriterServiceClient
 	state       dstlv1connect.StateServiceClient
 	checkpoints dstlv1connect.CheckpointServiceClient
+	cdc         dstlv1connect.CDCServiceClient
 }
 
 // serverURL normalizes --server: a bare host:port means http://host:port.
@@ -146,6 +149,7 @@ func (o *cliOptions) dial(cmd *cobra.Command) (*clients, error) {
 		writers:     dstlv1connect.NewWriterServiceClient(hc, base),
 		state:       dstlv1connect.NewStateServiceClient(hc, base),
 		checkpoints: dstlv1connect.NewCheckpointServiceClient(hc, base),
+		cdc:         dstlv1connect.NewCDCServiceClient(hc, base),
 	}, nil
 }
 
