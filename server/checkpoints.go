@@ -62,6 +62,7 @@ func (s *Server) checkpoint(ctx context.Context, stream string, id uint64) (*dst
 // under the id after the newest complete one.
 func (x *checkpointService) CreateCheckpoint(ctx context.Context, req *connect.Request[dstlv1.CreateCheckpointRequest]) (*connect.Response[dstlv1.CreateCheckpointResponse], error) {
 	s := x.s
+	defer s.cpSignal.notify() // the checkpoint may be complete: wake the CDC feeds
 	stream := req.Msg.GetStream()
 	cps, err := s.node.Checkpoints(ctx, stream)
 	if err != nil {

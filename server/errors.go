@@ -6,6 +6,8 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/dstl-dev/dstl/cdc"
+	"github.com/dstl-dev/dstl/cdc/feed"
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/materializer"
@@ -31,6 +33,14 @@ func toConnect(err error) error {
 
 func codeOf(err error) connect.Code {
 	switch {
+	// CDC first: a resnapshot error wraps the cause (a checkpoint not
+	// found, a truncated log) that would map to another code.
+	case errors.Is(err, feed.ErrMustResnapshot):
+		return connect.CodeFailedPrecondition
+	case errors.Is(err, feed.ErrTokenFuture):
+		return connect.CodeOutOfRange
+	case errors.Is(err, cdc.ErrBadToken), errors.Is(err, feed.ErrTokenMismatch), errors.Is(err, feed.ErrInvalidRequest):
+		return connect.CodeInvalidArgument
 	case errors.Is(err, upload.ErrBackpressure):
 		return connect.CodeResourceExhausted
 	case errors.Is(err, context.Canceled):

@@ -1,6 +1,11 @@
 package server
 
-import "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
+import (
+	"context"
+
+	dstlv1 "github.com/dstl-dev/dstl/api/dstl/v1/dstlv1"
+	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
+)
 
 // InProcessHandlers are the server's service implementations, for a client
 // in the same process (sdk/go/embedded) that calls them directly instead
@@ -18,6 +23,12 @@ type InProcessHandlers struct {
 	Writers     dstlv1connect.WriterServiceHandler
 	State       dstlv1connect.StateServiceHandler
 	Checkpoints dstlv1connect.CheckpointServiceHandler
+	// CDC's unary methods (its Subscribe needs a connect stream: use
+	// Subscribe below).
+	CDC dstlv1connect.CDCServiceHandler
+	// Subscribe is Server.Subscribe: each message is the receiver's (its
+	// keys and values are not reused).
+	Subscribe func(ctx context.Context, req *dstlv1.SubscribeRequest, send func(*dstlv1.SubscribeResponse) error) error
 }
 
 // InProcess returns the server's handlers for in-process callers.
@@ -27,5 +38,7 @@ func (s *Server) InProcess() InProcessHandlers {
 		Writers:     &writerService{s},
 		State:       &stateService{s},
 		Checkpoints: &checkpointService{s},
+		CDC:         &cdcService{s: s},
+		Subscribe:   s.Subscribe,
 	}
 }

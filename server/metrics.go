@@ -19,6 +19,13 @@ type metrics struct {
 	checkpointSeconds prometheus.Histogram
 	fenced            prometheus.Counter
 	requests          *prometheus.CounterVec
+
+	// CDC (dstl_cdc_*).
+	cdcFeeds       prometheus.Gauge
+	cdcEvents      prometheus.Counter
+	cdcBytes       prometheus.Counter
+	cdcMessages    prometheus.Counter
+	cdcCheckpoints prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -31,11 +38,17 @@ func newMetrics() *metrics {
 		checkpointSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "dstl_server_checkpoint_seconds", Help: "Latency of successful writer checkpoints.", Buckets: latency}),
 		fenced:            prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_server_fenced_writers_total", Help: "Writers found fenced by a newer epoch."}),
 		requests:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "dstl_server_requests_total", Help: "RPCs by procedure and result code."}, []string{"procedure", "code"}),
+		cdcFeeds:          prometheus.NewGauge(prometheus.GaugeOpts{Name: "dstl_cdc_feeds", Help: "CDC subscriptions being served by this node."}),
+		cdcEvents:         prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_cdc_events_total", Help: "CDC events delivered."}),
+		cdcBytes:          prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_cdc_event_bytes_total", Help: "Key and value bytes of the CDC events delivered."}),
+		cdcMessages:       prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_cdc_messages_total", Help: "CDC messages (batches of events) delivered."}),
+		cdcCheckpoints:    prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_cdc_checkpoints_total", Help: "Checkpoints whose events were delivered completely to a subscription."}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.requests}
+	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.requests,
+		m.cdcFeeds, m.cdcEvents, m.cdcBytes, m.cdcMessages, m.cdcCheckpoints}
 }
 
 // foldCollectors are the metrics of a PebbleState's fold: how far it is

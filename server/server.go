@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -64,6 +65,14 @@ type Options struct {
 	// from the blob store to make lazily restored snapshot files local (0:
 	// 64 MiB/s; negative: unbounded). StateDir only.
 	HydrateBandwidth int64
+	// CDCDir holds the stores of CDC feeds (one per subscription being
+	// served, removed when it ends; the directory is emptied by New).
+	// Default: a temporary directory removed by Close.
+	CDCDir string
+	// CDCPollInterval is how often a caught-up subscription reads the
+	// stream's journal for a new complete checkpoint (default 200ms); a
+	// checkpoint call on this node wakes it at once.
+	CDCPollInterval time.Duration
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -83,6 +92,13 @@ type Server struct {
 
 	mu      sync.Mutex
 	writers map[string]*changelog.Writer
+
+	// CDC: the feeds' directory (cdcDir) and the checkpoint signal.
+	cdcOnce  sync.Once
+	cdcPath  string
+	cdcErr   error
+	cdcTemp  bool
+	cpSignal checkpointSignal
 }
 
 // New returns a server for node.
@@ -111,6 +127,12 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 	s := &Server{
 		node: node, opts: opts, log: opts.Logger, writers: map[string]*changelog.Writer{}, state: opts.State,
 		admit: newAdmission(opts.MaxRequestMemory, opts.MaxMessageBytes, opts.MaxBatchChanges, opts.BackpressureWait),
+	}
+	if opts.CDCDir != "" {
+		// Feeds' stores left by a crash: nothing in them is needed.
+		if err := os.RemoveAll(opts.CDCDir); err != nil {
+			return nil, fmt.Errorf("server: cdc dir: %w", err)
+		}
 	}
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
@@ -180,10 +202,15 @@ var (
 // Close releases what New opened (the PebbleState of Options.StateDir).
 // Call it after Shutdown, once no request is served any more.
 func (s *Server) Close() error {
+	var err error
 	if s.owned != nil {
-		return s.owned.Close()
+		err = s.owned.Close()
 	}
-	return nil
+	s.cdcOnce.Do(func() {}) // orders the reads below after a feed's cdcDir
+	if s.cdcTemp {
+		err = errors.Join(err, os.RemoveAll(s.cdcPath))
+	}
+	return err
 }
 
 // Handler returns the HTTP handler serving every service, reflection and
@@ -199,6 +226,7 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(dstlv1connect.NewWriterServiceHandler(&writerService{s}, opts...))
 	mux.Handle(dstlv1connect.NewStateServiceHandler(&stateService{s}, opts...))
 	mux.Handle(dstlv1connect.NewCheckpointServiceHandler(&checkpointService{s}, opts...))
+	mux.Handle(dstlv1connect.NewCDCServiceHandler(&cdcService{s: s}, opts...))
 	services := []string{
 		dstlv1connect.StreamServiceName, dstlv1connect.WriterServiceName,
 		dstlv1connect.StateServiceName, dstlv1connect.CheckpointServiceName,

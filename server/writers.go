@@ -216,6 +216,7 @@ func segmentBlocksProto(sb changelog.SegmentBlocks) *dstlv1.SegmentBlocks {
 }
 
 func (x *writerService) Checkpoint(ctx context.Context, req *connect.Request[dstlv1.CheckpointRequest]) (*connect.Response[dstlv1.CheckpointResponse], error) {
+	defer x.s.cpSignal.notify() // the checkpoint may be complete: wake the CDC feeds
 	w, err := x.s.writer(req.Msg.GetWriterId())
 	if err != nil {
 		return nil, toConnect(err)

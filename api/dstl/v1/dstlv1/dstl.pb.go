@@ -281,9 +281,9 @@ const (
 	StartFrom_START_FROM_UNSPECIFIED StartFrom = 0
 	// From the empty state: every committed change of every checkpoint. If the
 	// changelog from the beginning is no longer on the blob store, the
-	// subscription starts with a snapshot instead (reset set).
+	// subscription starts with a snapshot instead (snapshot_start set).
 	StartFrom_START_FROM_EARLIEST StartFrom = 1
-	// A consistent scan of the newest complete checkpoint (reset set, events
+	// A consistent scan of the newest complete checkpoint (snapshot_start set, events
 	// INSERT/PUT), then the changes of every later checkpoint.
 	StartFrom_START_FROM_SNAPSHOT StartFrom = 2
 	// After the newest complete checkpoint: only the changes of later ones.
@@ -3177,9 +3177,9 @@ type SubscribeResponse struct {
 	Token []byte `protobuf:"bytes,5,opt,name=token,proto3" json:"token,omitempty"`
 	// The events are a consistent scan of checkpoint (INSERT/PUT only).
 	Snapshot bool `protobuf:"varint,6,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
-	// Before these events the consumer must discard its state of the
-	// subscribed key groups: a snapshot begins.
-	Reset_ bool `protobuf:"varint,7,opt,name=reset,proto3" json:"reset,omitempty"`
+	// A snapshot begins with this message: before its events the consumer
+	// must discard its state of the subscribed key groups.
+	SnapshotStart bool `protobuf:"varint,7,opt,name=snapshot_start,json=snapshotStart,proto3" json:"snapshot_start,omitempty"`
 	// The newest complete checkpoint the node knew when it sent the message.
 	NewestCheckpoint uint64 `protobuf:"varint,8,opt,name=newest_checkpoint,json=newestCheckpoint,proto3" json:"newest_checkpoint,omitempty"`
 	unknownFields    protoimpl.UnknownFields
@@ -3258,9 +3258,9 @@ func (x *SubscribeResponse) GetSnapshot() bool {
 	return false
 }
 
-func (x *SubscribeResponse) GetReset_() bool {
+func (x *SubscribeResponse) GetSnapshotStart() bool {
 	if x != nil {
-		return x.Reset_
+		return x.SnapshotStart
 	}
 	return false
 }
@@ -4212,7 +4212,7 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\n" +
 	"max_events\x18\t \x01(\rR\tmaxEvents\x12\x1b\n" +
 	"\tno_follow\x18\n" +
-	" \x01(\bR\bnoFollow\"\xa6\x02\n" +
+	" \x01(\bR\bnoFollow\"\xb7\x02\n" +
 	"\x11SubscribeResponse\x12,\n" +
 	"\x06events\x18\x01 \x03(\v2\x14.dstl.v1.ChangeEventR\x06events\x12\x1e\n" +
 	"\n" +
@@ -4222,8 +4222,8 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\n" +
 	"token_base\x18\x04 \x01(\fR\ttokenBase\x12\x14\n" +
 	"\x05token\x18\x05 \x01(\fR\x05token\x12\x1a\n" +
-	"\bsnapshot\x18\x06 \x01(\bR\bsnapshot\x12\x14\n" +
-	"\x05reset\x18\a \x01(\bR\x05reset\x12+\n" +
+	"\bsnapshot\x18\x06 \x01(\bR\bsnapshot\x12%\n" +
+	"\x0esnapshot_start\x18\a \x01(\bR\rsnapshotStart\x12+\n" +
 	"\x11newest_checkpoint\x18\b \x01(\x04R\x10newestCheckpoint\"\xcd\x01\n" +
 	"\vChangeEvent\x12&\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x12.dstl.v1.EventKindR\x04kind\x12\x1b\n" +

@@ -1,0 +1,213 @@
+package feed
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/materializer"
+	"github.com/dstl-dev/dstl/segments"
+)
+
+// foldLog is the one log id a feed store folds everything under: its own
+// SQNs (seq) number what it applied, whatever logs the changes came from.
+const foldLog = "cdc-feed"
+
+// overlayLimit bounds the changes kept in memory before they are applied
+// to Pebble.
+const (
+	overlayLimitEntries = 64 << 10
+	overlayLimitBytes   = 32 << 20
+)
+
+// state is the folded state of a feed's key groups at one checkpoint plus
+// the changes applied since (in the overlay until flushed to Pebble): where
+// before-images and the rows of a CLEAR come from.
+type state struct {
+	cfg     *Config
+	stream  string
+	r       keygroup.Range
+	dir     string
+	store   *materializer.Store
+	seq     uint64
+	overlay map[string]*overlayEntry
+	ovBytes int
+	keyBuf  []byte
+}
+
+type overlayEntry struct {
+	kg      uint16
+	state   string
+	key     []byte
+	value   []byte
+	deleted bool
+}
+
+func openState(cfg *Config, stream string, r keygroup.Range) (*state, error) {
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("cdc: feed dir: %w", err)
+	}
+	dir, err := os.MkdirTemp(cfg.Dir, "feed-")
+	if err != nil {
+		return nil, fmt.Errorf("cdc: feed dir: %w", err)
+	}
+	store, err := materializer.Open(dir, materializer.Options{
+		Logger: materializer.SlogLogger(cfg.Logger.With("component", "pebble")), Remote: cfg.Node.BlobStore(),
+		RefOwner: cfg.Node.ID() + "-cdc", CacheSize: cfg.CacheSize,
+		// The store is this feed's alone and removed when it ends.
+		NoWAL: true,
+	})
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("cdc: feed store: %w", err)
+	}
+	return &state{cfg: cfg, stream: stream, r: r, dir: dir, store: store, overlay: map[string]*overlayEntry{}}, nil
+}
+
+func (s *state) close() error {
+	err := s.store.Close()
+	if rerr := os.RemoveAll(s.dir); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	return err
+}
+
+// restore folds the state of the feed's key groups at complete checkpoint
+// cp (0: empty) into the (new, empty) store: its snapshot bases imported
+// lazily, then the changelog after them.
+func (s *state) restore(ctx context.Context, cp uint64) error {
+	if cp == 0 {
+		return nil
+	}
+	node := s.cfg.Node
+	pl, err := node.PlanRestore(ctx, s.stream, cp, s.r)
+	if err != nil {
+		return err
+	}
+	for _, b := range pl.Bases {
+		if err := s.store.ImportSnapshot(ctx, node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true, Lazy: true}); err != nil {
+			return fmt.Errorf("stream %s: restore checkpoint %d: %w", s.stream, cp, err)
+		}
+	}
+	var (
+		batch []segments.Change
+		arena []byte
+	)
+	flush := func() error {
+		err := s.store.Apply(s.stream, foldLog, batch)
+		batch, arena = batch[:0], arena[:0]
+		return err
+	}
+	for c, err := range node.ReplayPlan(ctx, pl) {
+		if err != nil {
+			return err
+		}
+		s.seq++
+		c.SQN, c.LogID = s.seq, ""
+		arena = append(arena, c.Key...)
+		c.Key = arena[len(arena)-len(c.Key) : len(arena) : len(arena)]
+		arena = append(arena, c.Value...)
+		c.Value = arena[len(arena)-len(c.Value) : len(arena) : len(arena)]
+		batch = append(batch, c)
+		if len(batch) >= 4096 || len(arena) >= 4<<20 {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	if len(batch) > 0 {
+		return flush()
+	}
+	return nil
+}
+
+// overlayKey is key group | len(state) | state | key: the data key's order
+// without the stream prefix.
+func (s *state) overlayKey(kg uint16, st string, key []byte) []byte {
+	b := binary.BigEndian.AppendUint16(s.keyBuf[:0], kg)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(st)))
+	b = append(b, st...)
+	s.keyBuf = append(b, key...)
+	return s.keyBuf
+}
+
+// get returns the key's current value (after the changes applied so far).
+// The value is valid until the next set or flush.
+func (s *state) get(kg uint16, st string, key []byte) ([]byte, bool, error) {
+	if e, ok := s.overlay[string(s.overlayKey(kg, st, key))]; ok {
+		return e.value, !e.deleted, nil
+	}
+	return s.store.Get(s.stream, kg, st, key)
+}
+
+// set records the key's new value (deleted: removed).
+func (s *state) set(ctx context.Context, kg uint16, st string, key, value []byte, deleted bool) error {
+	k := s.overlayKey(kg, st, key)
+	e, ok := s.overlay[string(k)]
+	if !ok {
+		e = &overlayEntry{kg: kg, state: st, key: append([]byte(nil), key...)}
+		s.overlay[string(k)] = e
+		s.ovBytes += 2*len(key) + len(st) + 64
+	}
+	s.ovBytes += len(value) - len(e.value)
+	e.value = append(e.value[:0], value...)
+	e.deleted = deleted
+	if len(s.overlay) >= overlayLimitEntries || s.ovBytes >= overlayLimitBytes {
+		return s.flush(ctx)
+	}
+	return nil
+}
+
+// flush applies the overlay to Pebble.
+func (s *state) flush(ctx context.Context) error {
+	if len(s.overlay) == 0 {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	batch := make([]segments.Change, 0, len(s.overlay))
+	for _, e := range s.overlay {
+		s.seq++
+		c := segments.Change{SQN: s.seq, KeyGroup: e.kg, State: e.state, Op: segments.OpPut, Key: e.key, Value: e.value}
+		if e.deleted {
+			c.Op, c.Value = segments.OpDelete, nil
+		}
+		batch = append(batch, c)
+	}
+	if err := s.store.Apply(s.stream, foldLog, batch); err != nil {
+		return err
+	}
+	clear(s.overlay)
+	s.ovBytes = 0
+	return nil
+}
+
+// clearState removes every key of (kg, st), calling removed for each in key
+// order first (key and value valid during the call only).
+func (s *state) clearState(ctx context.Context, kg uint16, st string, ts int64, removed func(key, value []byte) error) error {
+	if err := s.flush(ctx); err != nil {
+		return err
+	}
+	for e, err := range s.store.Scan(ctx, s.stream, keygroup.Range{Lo: kg, Hi: kg}, st, materializer.ScanOptions{}) {
+		if err != nil {
+			return err
+		}
+		if err := removed(e.Key, e.Value); err != nil {
+			return err
+		}
+	}
+	s.seq++
+	return s.store.Apply(s.stream, foldLog, []segments.Change{{SQN: s.seq, KeyGroup: kg, State: st, Op: segments.OpClear, TimestampMs: ts}})
+}
+
+// isLost reports whether err means a position's data is gone from the blob
+// store (truncated, forgotten, collected): the feed cannot replay it.
+func isLost(err error) bool {
+	return errors.Is(err, changelog.ErrLogTruncated) || errors.Is(err, changelog.ErrCheckpointNotRestorable) ||
+		errors.Is(err, changelog.ErrCheckpointNotFound) || errors.Is(err, changelog.ErrSnapshotFilesMissing)
+}
