@@ -517,7 +517,7 @@ func (s *Subscription) deliver(msg *dstlv1.SubscribeResponse, yield func(Event, 
 	s.mu.Unlock()
 
 	n := len(msg.GetEvents())
-	if msg.GetReset_() {
+	if msg.GetSnapshotStart() {
 		n++
 	}
 	if msg.GetCheckpointComplete() {
@@ -540,7 +540,7 @@ func (s *Subscription) deliver(msg *dstlv1.SubscribeResponse, yield func(Event, 
 		return nil
 	}
 	cp, snap := msg.GetCheckpoint(), msg.GetSnapshot()
-	if msg.GetReset_() {
+	if msg.GetSnapshotStart() {
 		if err := emit(Event{Kind: EventReset, Checkpoint: cp, Snapshot: true, pos: s.currentPos()}); err != nil {
 			return err
 		}

@@ -333,7 +333,7 @@ func TestSubscriptionMarkers(t *testing.T) {
 	after := before
 	after.After = 7
 	msg := &dstlv1.SubscribeResponse{
-		Checkpoint: 7, Snapshot: true, Reset_: true, CheckpointComplete: true, TokenBase: base.Encode(), Token: after.Encode(), NewestCheckpoint: 9,
+		Checkpoint: 7, Snapshot: true, SnapshotStart: true, CheckpointComplete: true, TokenBase: base.Encode(), Token: after.Encode(), NewestCheckpoint: 9,
 		Events: []*dstlv1.ChangeEvent{
 			{Kind: dstlv1.EventKind_EVENT_KIND_PUT, Key: []byte("a"), Value: []byte("1"), Ordinal: 1},
 			{Kind: dstlv1.EventKind_EVENT_KIND_PUT, Key: []byte("b"), Value: []byte("2"), Ordinal: 2, TimestampMs: 1000},
@@ -355,7 +355,7 @@ func TestSubscriptionMarkers(t *testing.T) {
 		t.Fatalf("%+v, newest %d", got, s.NewestCheckpoint())
 	}
 	// Without a complete marker, the last event's token is the message's.
-	msg.CheckpointComplete, msg.Reset_ = false, false
+	msg.CheckpointComplete, msg.SnapshotStart = false, false
 	mid := base.WithOrdinal(5)
 	msg.Token = mid.Encode()
 	got = nil

@@ -176,7 +176,10 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	}
 	if opts.Transport == InProcess {
 		h := api.InProcess()
-		n.client, err = dstl.NewInProcessClient(dstl.Handlers{Streams: h.Streams, Writers: h.Writers, State: h.State, Checkpoints: h.Checkpoints}, opts.ClientOptions...)
+		n.client, err = dstl.NewInProcessClient(dstl.Handlers{
+			Streams: h.Streams, Writers: h.Writers, State: h.State, Checkpoints: h.Checkpoints,
+			CDC: h.CDC, Subscribe: h.Subscribe,
+		}, opts.ClientOptions...)
 	} else {
 		n.client, err = n.serveHTTP(ctx, opts)
 	}
