@@ -20,7 +20,7 @@ import (
 // fakeFeed serves scripted Subscribe streams: checkpoint i (1..cps) has
 // per events, sent perMsg at a time, as the server's feed does (the token
 // of a message is its base with the last ordinal, a boundary after the
-// checkpoint's complete message). breakAfter[n] breaks the n-th stream
+// checkpoint's complete message). breaks[n] breaks the n-th stream
 // (0-based) with err after that many messages.
 type fakeFeed struct {
 	cps, per, perMsg int
@@ -85,10 +85,9 @@ func (f *fakeFeed) messages(from *cdc.Token) []*dstlv1.SubscribeResponse {
 }
 
 type scripted struct {
-	msgs  []*dstlv1.SubscribeResponse
-	brk   *breakAt
-	n     int
-	close func()
+	msgs []*dstlv1.SubscribeResponse
+	brk  *breakAt
+	n    int
 }
 
 func (s *scripted) Receive() (*dstlv1.SubscribeResponse, error) {
