@@ -32,12 +32,12 @@ const (
 // the changes applied since (in the overlay until flushed to Pebble): where
 // before-images and the rows of a CLEAR come from.
 type state struct {
-	cfg     *Config
-	stream  string
-	r       keygroup.Range
-	dir     string
-	store   *materializer.Store
-	seq     uint64
+	cfg        *Config
+	stream     string
+	r          keygroup.Range
+	dir        string
+	store      *materializer.Store
+	seq        uint64
 	overlay    map[string]*overlayEntry
 	ovBytes    int
 	dirtyBytes int
