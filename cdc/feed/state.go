@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
@@ -245,6 +246,29 @@ func (s *state) clearState(ctx context.Context, kg uint16, st string, ts int64, 
 	}
 	s.seq++
 	return s.store.Apply(s.stream, foldLog, []segments.Change{{SQN: s.seq, KeyGroup: kg, State: st, Op: segments.OpClear, TimestampMs: ts}})
+}
+
+// fold applies one change without events (materialize).
+func (s *state) fold(ctx context.Context, c segments.Change) error {
+	switch c.Op {
+	case segments.OpPut:
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, c.Value, false)
+	case segments.OpDelete:
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, nil, true)
+	case segments.OpMerge:
+		old, ok, err := s.get(c.KeyGroup, c.State, c.Key)
+		if err != nil {
+			return err
+		}
+		v := c.Value
+		if ok {
+			v = append(slices.Clip(old), c.Value...)
+		}
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, v, false)
+	case segments.OpClear:
+		return s.clearState(ctx, c.KeyGroup, c.State, c.TimestampMs, func(_, _ []byte) error { return nil })
+	}
+	return fmt.Errorf("cdc: change SQN %d of log %s: unknown op %v", c.SQN, c.LogID, c.Op)
 }
 
 // isLost reports whether err means a position's data is gone from the blob
