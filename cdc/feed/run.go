@@ -162,9 +162,12 @@ func (f *feed) begin(ctx context.Context) (uint64, error) {
 			return 0, fmt.Errorf("%w: token of stream %q", ErrTokenMismatch, tok.Stream)
 		case tok.Incarnation != f.inc:
 			return 0, fmt.Errorf("%w: token of an earlier incarnation of stream %q (deleted and created again)", ErrTokenMismatch, tok.Stream)
-		case tok.KeyGroups != f.r:
+		// Ordinals count the events of the token's key groups in its form;
+		// a boundary, or the start of a snapshot, is the same position in
+		// any.
+		case tok.Ordinal != 0 && tok.KeyGroups != f.r:
 			return 0, fmt.Errorf("%w: token of key groups %s, subscription has %s", ErrTokenMismatch, tok.KeyGroups, f.r)
-		case tok.Form != f.req.Form:
+		case tok.Ordinal != 0 && tok.Form != f.req.Form:
 			return 0, fmt.Errorf("%w: token of the %s form, subscription asks for %s", ErrTokenMismatch, tok.Form, f.req.Form)
 		}
 		if err := errors.Join(complete(tok.After), complete(tok.Checkpoint)); err != nil {
