@@ -47,7 +47,11 @@ type GCStats struct {
 //     restore needs them);
 //   - the final part of every closed, still live epoch, the checkpoint every
 //     live epoch started from, and every part of a checkpoint not complete
-//     yet (it may complete later) reference their segments.
+//     yet (it may complete later) reference their segments;
+//   - every registered CDC subscription that is not expired holds the
+//     checkpoint of its position and every complete checkpoint after it
+//     (their plans, snapshots and every segment their parts list; see
+//     subscription.go).
 //
 // Invariant (brief invariant 5): an object is deleted only when none of
 // these references it, its flush has settled (the scheduler has delivered
@@ -286,6 +290,17 @@ func (n *Node) checkpointReferences(ctx context.Context, stream string, refs, ow
 		if err := addCheckpoint(cp.ID, all); err != nil {
 			return err
 		}
+	}
+	// Registered subscriptions (subscription.go): the checkpoint each one
+	// holds and every complete checkpoint after it, with every segment
+	// their parts list. Listed after the journal was read: a subscription
+	// created later waits for this round before it checks its data.
+	held, err := n.subscriptionHolds(ctx, h, &js, true)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
+	if err := n.markHeldCheckpoints(ctx, stream, &js, held, all, refs, addCheckpoint); err != nil {
+		return err
 	}
 	for _, ep := range js.live {
 		owners[ep.Node] = true

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -52,8 +53,10 @@ import (
 // Garbage collection appends a checkpoints-forget entry for those nothing
 // needs (see forgettable): the newest JournalKeepCheckpoints (at least
 // RetainCheckpoints), those marked retained, those with a snapshot record,
-// those a live epoch or a closed epoch's final part starts from, the bases
-// of all of those (recursively), and any completed within GCGrace are kept.
+// those a registered CDC subscription holds (its hold point and every later
+// one), those a live epoch or a closed epoch's final part starts from, the
+// bases of all of those (recursively), and any completed within GCGrace are
+// kept.
 // The forget entry is folded like any other, so every node agrees on which
 // records exist. Restore, retain or open-from of a forgotten checkpoint fails
 // with ErrCheckpointNotFound: its segments are not protected any more.
@@ -454,8 +457,23 @@ func (n *Node) forgetCheckpoints(ctx context.Context, h *streamHandle) error {
 	for _, id := range marked {
 		keep[id] = true
 	}
+	// Registered subscriptions keep their hold point and every checkpoint
+	// after it (subscription.go). A subscription created after this
+	// listing waits for the round and then finds its hold forgotten
+	// (expired): it is refused.
+	st := h.journal.snapshot()
+	held, err := n.subscriptionHolds(ctx, h, &st, false)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
 	young := n.clock.Now().Add(-n.opts.GCGrace).UnixMilli()
 	_, err = h.journal.append(ctx, func(s *journalState) (JournalEntry, error) {
+		keep := maps.Clone(keep)
+		for _, cp := range s.checkpoints {
+			if held.covers(cp.ID) {
+				keep[cp.ID] = true
+			}
+		}
 		ids := forgettable(s, n.journalKeep(), keep, young)
 		if len(ids) < forgetMin {
 			return JournalEntry{}, errNothingToAppend

@@ -69,7 +69,13 @@ type Options struct {
 	// JournalRefresh is how often writers re-read their streams' journals
 	// to learn that another node fenced them (default 1s).
 	JournalRefresh time.Duration
-	Logger         *slog.Logger
+	// SubscriptionMaxHold caps how far back a registered CDC subscription
+	// holds truncation and garbage collection: once the oldest complete
+	// checkpoint it has not consumed completed longer ago than this, the
+	// subscription is expired and holds nothing (subscription.go; default
+	// DefaultSubscriptionMaxHold, 24h; negative: no cap).
+	SubscriptionMaxHold time.Duration
+	Logger              *slog.Logger
 }
 
 // ErrClosed: the node or writer was closed.
@@ -174,6 +180,9 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 	}
 	if opts.JournalRefresh <= 0 {
 		opts.JournalRefresh = time.Second
+	}
+	if opts.SubscriptionMaxHold == 0 {
+		opts.SubscriptionMaxHold = DefaultSubscriptionMaxHold
 	}
 	opts.Limits = opts.Limits.withDefaults()
 	if err := os.MkdirAll(opts.DataDir, 0o755); err != nil {

@@ -500,6 +500,11 @@ func newestSnapshotWithLog(snaps []Snapshot, logID string) (Snapshot, uint64, bo
 // garbage collection; snapshots published by another process (a remote
 // materializer) are adopted the same way.
 //
+// A registered CDC subscription that is not expired holds truncation back
+// (subscription.go): a log with a part in the subscription's hold
+// checkpoint is truncated at most up to that part's SQN + 1, a log without
+// one (opened after it) and every log of a subscription at 0 not at all.
+//
 // Invariant (brief invariants 1 and 4): a writer is truncated only below a
 // record of its own stream incarnation whose files were all found stored
 // (Stat, with their sizes) before the truncation. A record with a file
@@ -525,6 +530,15 @@ func (n *Node) AdoptSnapshots(ctx context.Context) (int, error) {
 			errs = append(errs, err)
 			continue
 		}
+		// Registered CDC subscriptions hold the logs back to what their
+		// hold point needs (subscription.go); if they cannot be read,
+		// truncate nothing.
+		js := h.journal.snapshot()
+		held, err := n.subscriptionHolds(ctx, h, &js, false)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("adopt snapshot: %w", err))
+			continue
+		}
 		for _, w := range ws {
 			_, sqn, ok := newestSnapshotWithLog(snaps, w.logID)
 			w.mu.Lock()
@@ -538,10 +552,17 @@ func (n *Node) AdoptSnapshots(ctx context.Context) (int, error) {
 			if !ok || sqn == 0 {
 				continue
 			}
-			if sqn+1 <= current {
+			before := sqn + 1
+			limit, err := n.truncationLimit(ctx, h.cfg.Name, &js, held, w.epoch)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("adopt snapshot: %w", err))
 				continue
 			}
-			err := w.Truncate(ctx, sqn+1)
+			before = min(before, limit)
+			if before <= current {
+				continue
+			}
+			err = w.Truncate(ctx, before)
 			if errors.Is(err, ErrFenced) || errors.Is(err, ErrClosed) {
 				continue
 			}

@@ -25,7 +25,10 @@ type cdcService struct {
 
 // Subscribe implements dstlv1connect.CDCServiceHandler.
 func (x *cdcService) Subscribe(ctx context.Context, req *connect.Request[dstlv1.SubscribeRequest], stream *connect.ServerStream[dstlv1.SubscribeResponse]) error {
-	return x.s.Subscribe(ctx, req.Msg, stream.Send)
+	// The response headers go out once the request is validated, so that a
+	// client's call returns (connect clients wait for them) before the
+	// first event, which may be far off on a caught-up stream.
+	return x.s.subscribe(ctx, req.Msg, func() error { return stream.Send(nil) }, stream.Send)
 }
 
 // checkpointSignal wakes caught-up feeds when a checkpoint call of this
@@ -73,9 +76,20 @@ func (s *Server) cdcDir() (string, error) {
 // The in-process client calls it directly; the RPC handler wraps it.
 // Errors are *connect.Error.
 func (s *Server) Subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, send func(*dstlv1.SubscribeResponse) error) error {
+	return s.subscribe(ctx, msg, nil, send)
+}
+
+// subscribe is Subscribe with ready (if set) called once the request is
+// valid, before the feed starts.
+func (s *Server) subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, ready func() error, send func(*dstlv1.SubscribeResponse) error) error {
 	req, err := s.feedRequest(ctx, msg)
 	if err != nil {
 		return toConnect(err)
+	}
+	if ready != nil {
+		if err := ready(); err != nil {
+			return err
+		}
 	}
 	dir, err := s.cdcDir()
 	if err != nil {

@@ -50,15 +50,19 @@ func codeOf(err error) connect.Code {
 	case errors.Is(err, errInvalid),
 		errors.Is(err, changelog.ErrInvalidChange),
 		errors.Is(err, changelog.ErrInvalidStreamName),
+		errors.Is(err, changelog.ErrInvalidSubscriptionName),
+		errors.Is(err, cdc.ErrBadToken),
 		errors.Is(err, keygroup.ErrInvalidCount),
 		errors.Is(err, keygroup.ErrInvalidRange):
 		return connect.CodeInvalidArgument
 	case errors.Is(err, changelog.ErrStreamNotFound),
 		errors.Is(err, changelog.ErrCheckpointNotFound),
 		errors.Is(err, changelog.ErrWriterNotFound),
+		errors.Is(err, changelog.ErrSubscriptionNotFound),
 		errors.Is(err, errWriterUnknown):
 		return connect.CodeNotFound
-	case errors.Is(err, changelog.ErrStreamExists):
+	case errors.Is(err, changelog.ErrStreamExists),
+		errors.Is(err, changelog.ErrSubscriptionExists):
 		return connect.CodeAlreadyExists
 	case errors.Is(err, ErrFoldBehind):
 		// The fold is catching up: a retry may succeed.
@@ -76,6 +80,7 @@ func codeOf(err error) connect.Code {
 		errors.Is(err, changelog.ErrStreamBusy),
 		errors.Is(err, changelog.ErrLogTruncated),
 		errors.Is(err, changelog.ErrCheckpointNotRestorable),
+		errors.Is(err, changelog.ErrSubscriptionExpired),
 		errors.Is(err, changelog.ErrClosed),
 		errors.Is(err, changelog.ErrClosing),
 		errors.Is(err, errNoWriters):

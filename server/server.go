@@ -136,7 +136,7 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 	}
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
-		for _, c := range s.metrics.collectors() {
+		for _, c := range append(s.metrics.collectors(), newSubscriptionCollector(node, opts.Logger)) {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("server: register metrics: %w", err)
 			}

@@ -46,7 +46,7 @@ type workload struct {
 	ids       []uint64
 }
 
-func openNode(t *testing.T) *changelog.Node {
+func openNode(t testing.TB) *changelog.Node {
 	t.Helper()
 	store, err := file.Open(t.TempDir())
 	if err != nil {

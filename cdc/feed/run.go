@@ -162,9 +162,12 @@ func (f *feed) begin(ctx context.Context) (uint64, error) {
 			return 0, fmt.Errorf("%w: token of stream %q", ErrTokenMismatch, tok.Stream)
 		case tok.Incarnation != f.inc:
 			return 0, fmt.Errorf("%w: token of an earlier incarnation of stream %q (deleted and created again)", ErrTokenMismatch, tok.Stream)
-		case tok.KeyGroups != f.r:
+		// Ordinals count the events of the token's key groups in its form;
+		// a boundary, or the start of a snapshot, is the same position in
+		// any.
+		case tok.Ordinal != 0 && tok.KeyGroups != f.r:
 			return 0, fmt.Errorf("%w: token of key groups %s, subscription has %s", ErrTokenMismatch, tok.KeyGroups, f.r)
-		case tok.Form != f.req.Form:
+		case tok.Ordinal != 0 && tok.Form != f.req.Form:
 			return 0, fmt.Errorf("%w: token of the %s form, subscription asks for %s", ErrTokenMismatch, tok.Form, f.req.Form)
 		}
 		if err := errors.Join(complete(tok.After), complete(tok.Checkpoint)); err != nil {
@@ -180,7 +183,7 @@ func (f *feed) begin(ctx context.Context) (uint64, error) {
 			}
 			return tok.Checkpoint, err
 		}
-		if err := f.fresh(ctx, tok.After); err != nil {
+		if err := f.at(ctx, tok.After); err != nil {
 			if isLost(err) {
 				return f.lost(ctx, err)
 			}
@@ -199,9 +202,18 @@ func (f *feed) begin(ctx context.Context) (uint64, error) {
 	case StartSnapshot:
 		return f.snapshotNewest(ctx)
 	case StartLatest:
-		return f.newest, f.fresh(ctx, f.newest)
+		return f.newest, f.at(ctx, f.newest)
 	}
-	return 0, f.fresh(ctx, 0)
+	return 0, f.at(ctx, 0)
+}
+
+// at positions the feed at the state of checkpoint cp: restored, or, in
+// the upsert form, not at all until a change needs it (materialize).
+func (f *feed) at(ctx context.Context, cp uint64) error {
+	if f.req.Form == cdc.FormUpsert {
+		return nil
+	}
+	return f.fresh(ctx, cp)
 }
 
 // lost handles a position that cannot be replayed: a snapshot of the newest
@@ -219,7 +231,7 @@ func (f *feed) lost(ctx context.Context, cause error) (uint64, error) {
 
 func (f *feed) snapshotNewest(ctx context.Context) (uint64, error) {
 	if f.newest == 0 {
-		return 0, f.fresh(ctx, 0)
+		return 0, f.at(ctx, 0)
 	}
 	return f.newest, f.snapshot(ctx, f.newest, 0)
 }
@@ -326,36 +338,91 @@ func (f *feed) snapshot(ctx context.Context, cp uint64, skip uint64) error {
 // (the feed's state), skipping the first skip, and leaves the state at cp.
 func (f *feed) deliver(ctx context.Context, after, cp, skip uint64) error {
 	f.startCheckpoint(f.token(false, after, cp, 0), skip)
-	steps, ok, err := f.lineage(ctx, after, cp)
+	pl, ok, err := f.lineage(ctx, after, cp)
 	if err != nil {
 		return err
 	}
-	if ok {
-		for c, err := range steps {
-			if err != nil {
-				return err
-			}
-			if err := f.apply(ctx, c); err != nil {
+	if !ok {
+		if f.st == nil {
+			if err := f.fresh(ctx, after); err != nil {
 				return err
 			}
 		}
-	} else if err := f.diff(ctx, cp); err != nil {
-		return err
+		if err := f.diff(ctx, cp); err != nil {
+			return err
+		}
+		return f.flush(ctx, true, f.token(false, cp, 0, 0))
+	}
+	var n uint64 // changes of the plan seen
+	for c, err := range f.cfg.Node.ReplayPlan(ctx, pl) {
+		if err != nil {
+			return err
+		}
+		if f.st == nil {
+			// Stateless (upsert form): a PUT or DELETE needs no state.
+			if c.Op == segments.OpPut || c.Op == segments.OpDelete {
+				if err := f.emitUpsert(ctx, c); err != nil {
+					return err
+				}
+				n++
+				continue
+			}
+			if err := f.materialize(ctx, after, pl, n); err != nil {
+				return err
+			}
+		}
+		if err := f.apply(ctx, c); err != nil {
+			return err
+		}
+		n++
 	}
 	return f.flush(ctx, true, f.token(false, cp, 0, 0))
 }
 
-// lineage returns the changes between checkpoints after and cp when every
-// key group of the feed reached cp by appending to its state at after (no
-// rollback to an older checkpoint, no log truncated in between): the
-// restore plan of cp with after's state as its only base.
-func (f *feed) lineage(ctx context.Context, after, cp uint64) (iter.Seq2[segments.Change, error], bool, error) {
+// emitUpsert emits the upsert event of a PUT or DELETE.
+func (f *feed) emitUpsert(ctx context.Context, c segments.Change) error {
+	if c.Op == segments.OpPut {
+		return f.emit(ctx, KindPut, c.KeyGroup, c.State, c.Key, c.Value, c.TimestampMs)
+	}
+	return f.emit(ctx, KindDelete, c.KeyGroup, c.State, c.Key, nil, c.TimestampMs)
+}
+
+// materialize builds the state a stateless feed needs from here on (a
+// MERGE or CLEAR needs the key's or the state's rows): the state at after
+// plus the first n changes of plan pl. The feed stays stateful afterwards.
+func (f *feed) materialize(ctx context.Context, after uint64, pl changelog.RestorePlan, n uint64) error {
+	if err := f.fresh(ctx, after); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	var i uint64
+	for c, err := range f.cfg.Node.ReplayPlan(ctx, pl) {
+		if err != nil {
+			return err
+		}
+		if err := f.st.fold(ctx, c); err != nil {
+			return err
+		}
+		if i++; i == n {
+			break
+		}
+	}
+	return nil
+}
+
+// lineage returns the plan of the changes between checkpoints after and cp
+// when every key group of the feed reached cp by appending to its state at
+// after (no rollback to an older checkpoint, no log truncated in between):
+// the restore plan of cp with after's state as its only base.
+func (f *feed) lineage(ctx context.Context, after, cp uint64) (changelog.RestorePlan, bool, error) {
 	node := f.cfg.Node
 	var base *changelog.Snapshot
 	if after != 0 {
 		parts, err := node.CheckpointParts(ctx, f.req.Stream, after)
 		if err != nil {
-			return nil, false, err
+			return changelog.RestorePlan{}, false, err
 		}
 		base = &changelog.Snapshot{Stream: f.req.Stream, Checkpoint: after, Logs: make(map[string]uint64, len(parts))}
 		for _, pt := range parts {
@@ -364,24 +431,24 @@ func (f *feed) lineage(ctx context.Context, after, cp uint64) (iter.Seq2[segment
 	}
 	pl, err := node.PlanRestoreFrom(ctx, f.req.Stream, cp, f.r, base)
 	if errors.Is(err, changelog.ErrLogTruncated) {
-		return nil, false, nil
+		return changelog.RestorePlan{}, false, nil
 	}
 	if err != nil {
-		return nil, false, err
+		return changelog.RestorePlan{}, false, err
 	}
 	covered := 0
 	for _, b := range pl.Bases {
 		if b.Snapshot.Checkpoint != after {
-			return nil, false, nil
+			return changelog.RestorePlan{}, false, nil
 		}
 		for _, br := range b.Ranges {
 			covered += int(br.Hi) - int(br.Lo) + 1
 		}
 	}
 	if after != 0 && covered != int(f.r.Hi)-int(f.r.Lo)+1 {
-		return nil, false, nil // some key groups do not continue from after
+		return changelog.RestorePlan{}, false, nil // some key groups do not continue from after
 	}
-	return node.ReplayPlan(ctx, pl), true, nil
+	return pl, true, nil
 }
 
 // apply folds one change into the state and emits the events it causes.

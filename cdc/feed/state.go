@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
@@ -17,26 +18,32 @@ import (
 // SQNs (seq) number what it applied, whatever logs the changes came from.
 const foldLog = "cdc-feed"
 
-// overlayLimit bounds the changes kept in memory before they are applied
-// to Pebble.
+// The overlay holds the values of recently changed or read keys: changed
+// ones until they are applied to Pebble (dirty), then as a cache of the
+// state, bounded by overlayLimitBytes. Before-images of hot keys are then
+// a map lookup, not a Pebble read.
 const (
-	overlayLimitEntries = 64 << 10
-	overlayLimitBytes   = 32 << 20
+	overlayLimitBytes = 64 << 20
+	// overlayDirtyBytes: dirty entries are applied to Pebble when they
+	// reach this.
+	overlayDirtyBytes = 16 << 20
 )
 
 // state is the folded state of a feed's key groups at one checkpoint plus
 // the changes applied since (in the overlay until flushed to Pebble): where
 // before-images and the rows of a CLEAR come from.
 type state struct {
-	cfg     *Config
-	stream  string
-	r       keygroup.Range
-	dir     string
-	store   *materializer.Store
-	seq     uint64
-	overlay map[string]*overlayEntry
-	ovBytes int
-	keyBuf  []byte
+	cfg        *Config
+	stream     string
+	r          keygroup.Range
+	dir        string
+	store      *materializer.Store
+	seq        uint64
+	overlay    map[string]*overlayEntry
+	ovBytes    int
+	dirtyBytes int
+	dirty      []*overlayEntry
+	keyBuf     []byte
 }
 
 type overlayEntry struct {
@@ -45,7 +52,10 @@ type overlayEntry struct {
 	key     []byte
 	value   []byte
 	deleted bool
+	dirty   bool
 }
+
+func (e *overlayEntry) size() int { return 2*len(e.key) + len(e.state) + cap(e.value) + 96 }
 
 func openState(cfg *Config, stream string, r keygroup.Range) (*state, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
@@ -138,10 +148,20 @@ func (s *state) overlayKey(kg uint16, st string, key []byte) []byte {
 // get returns the key's current value (after the changes applied so far).
 // The value is valid until the next set or flush.
 func (s *state) get(kg uint16, st string, key []byte) ([]byte, bool, error) {
-	if e, ok := s.overlay[string(s.overlayKey(kg, st, key))]; ok {
+	k := s.overlayKey(kg, st, key)
+	if e, ok := s.overlay[string(k)]; ok {
 		return e.value, !e.deleted, nil
 	}
-	return s.store.Get(s.stream, kg, st, key)
+	v, ok, err := s.store.Get(s.stream, kg, st, key)
+	if err != nil {
+		return nil, false, err
+	}
+	// Cached: the key is likely to change again (its set below reuses the
+	// entry).
+	e := &overlayEntry{kg: kg, state: st, key: append([]byte(nil), key...), value: v, deleted: !ok}
+	s.overlay[string(k)] = e
+	s.ovBytes += e.size()
+	return e.value, ok, nil
 }
 
 // set records the key's new value (deleted: removed).
@@ -151,39 +171,55 @@ func (s *state) set(ctx context.Context, kg uint16, st string, key, value []byte
 	if !ok {
 		e = &overlayEntry{kg: kg, state: st, key: append([]byte(nil), key...)}
 		s.overlay[string(k)] = e
-		s.ovBytes += 2*len(key) + len(st) + 64
+	} else {
+		s.ovBytes -= e.size()
 	}
-	s.ovBytes += len(value) - len(e.value)
 	e.value = append(e.value[:0], value...)
 	e.deleted = deleted
-	if len(s.overlay) >= overlayLimitEntries || s.ovBytes >= overlayLimitBytes {
+	s.ovBytes += e.size()
+	if !e.dirty {
+		e.dirty = true
+		s.dirty = append(s.dirty, e)
+	}
+	s.dirtyBytes += len(key) + len(value) + 32
+	if s.dirtyBytes >= overlayDirtyBytes || s.ovBytes >= overlayLimitBytes {
 		return s.flush(ctx)
 	}
 	return nil
 }
 
-// flush applies the overlay to Pebble.
+// flush applies the dirty entries to Pebble, and trims the cache of clean
+// ones to half its bound once it is full.
 func (s *state) flush(ctx context.Context) error {
-	if len(s.overlay) == 0 {
-		return nil
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	batch := make([]segments.Change, 0, len(s.overlay))
-	for _, e := range s.overlay {
-		s.seq++
-		c := segments.Change{SQN: s.seq, KeyGroup: e.kg, State: e.state, Op: segments.OpPut, Key: e.key, Value: e.value}
-		if e.deleted {
-			c.Op, c.Value = segments.OpDelete, nil
+	if len(s.dirty) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
 		}
-		batch = append(batch, c)
+		batch := make([]segments.Change, 0, len(s.dirty))
+		for _, e := range s.dirty {
+			s.seq++
+			c := segments.Change{SQN: s.seq, KeyGroup: e.kg, State: e.state, Op: segments.OpPut, Key: e.key, Value: e.value}
+			if e.deleted {
+				c.Op, c.Value = segments.OpDelete, nil
+			}
+			batch = append(batch, c)
+			e.dirty = false
+		}
+		if err := s.store.Apply(s.stream, foldLog, batch); err != nil {
+			return err
+		}
+		clear(s.dirty)
+		s.dirty, s.dirtyBytes = s.dirty[:0], 0
 	}
-	if err := s.store.Apply(s.stream, foldLog, batch); err != nil {
-		return err
+	if s.ovBytes >= overlayLimitBytes {
+		for k, e := range s.overlay { // map order: a random eviction
+			s.ovBytes -= e.size()
+			delete(s.overlay, k)
+			if s.ovBytes < overlayLimitBytes/2 {
+				break
+			}
+		}
 	}
-	clear(s.overlay)
-	s.ovBytes = 0
 	return nil
 }
 
@@ -192,6 +228,13 @@ func (s *state) flush(ctx context.Context) error {
 func (s *state) clearState(ctx context.Context, kg uint16, st string, ts int64, removed func(key, value []byte) error) error {
 	if err := s.flush(ctx); err != nil {
 		return err
+	}
+	// Cached values of the state are about to be wrong (all flushed now).
+	for k, e := range s.overlay {
+		if e.kg == kg && e.state == st {
+			s.ovBytes -= e.size()
+			delete(s.overlay, k)
+		}
 	}
 	for e, err := range s.store.Scan(ctx, s.stream, keygroup.Range{Lo: kg, Hi: kg}, st, materializer.ScanOptions{}) {
 		if err != nil {
@@ -203,6 +246,29 @@ func (s *state) clearState(ctx context.Context, kg uint16, st string, ts int64, 
 	}
 	s.seq++
 	return s.store.Apply(s.stream, foldLog, []segments.Change{{SQN: s.seq, KeyGroup: kg, State: st, Op: segments.OpClear, TimestampMs: ts}})
+}
+
+// fold applies one change without events (materialize).
+func (s *state) fold(ctx context.Context, c segments.Change) error {
+	switch c.Op {
+	case segments.OpPut:
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, c.Value, false)
+	case segments.OpDelete:
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, nil, true)
+	case segments.OpMerge:
+		old, ok, err := s.get(c.KeyGroup, c.State, c.Key)
+		if err != nil {
+			return err
+		}
+		v := c.Value
+		if ok {
+			v = append(slices.Clip(old), c.Value...)
+		}
+		return s.set(ctx, c.KeyGroup, c.State, c.Key, v, false)
+	case segments.OpClear:
+		return s.clearState(ctx, c.KeyGroup, c.State, c.TimestampMs, func(_, _ []byte) error { return nil })
+	}
+	return fmt.Errorf("cdc: change SQN %d of log %s: unknown op %v", c.SQN, c.LogID, c.Op)
 }
 
 // isLost reports whether err means a position's data is gone from the blob

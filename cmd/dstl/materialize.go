@@ -61,6 +61,7 @@ type materializeOptions struct {
 	logFormat  string
 	logLevel   string
 	gcInterval time.Duration
+	cdcMaxHold time.Duration
 	mat        materializeFlags
 }
 
@@ -99,6 +100,7 @@ download of the newest snapshot.`,
 	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of snapshot garbage collection (negative disables it)")
+	f.DurationVar(&o.cdcMaxHold, "cdc-max-hold", changelog.DefaultSubscriptionMaxHold, "retention cap of registered CDC subscriptions, as for 'dstl serve' (use the same value on every node)")
 	o.mat.add(f)
 	addConfigFlag(cmd)
 	return cmd
@@ -127,7 +129,7 @@ func materialize(cmd *cobra.Command, o materializeOptions) error {
 	defer store.Close()
 	// A node without writers: it reads journals, parts and segments, and
 	// its garbage collection deletes the snapshot records nothing uses.
-	node, err := changelog.Open(ctx, changelog.Options{Store: store, DataDir: filepath.Join(dataDir, "node"), Logger: log, GCInterval: o.gcInterval})
+	node, err := changelog.Open(ctx, changelog.Options{Store: store, DataDir: filepath.Join(dataDir, "node"), Logger: log, GCInterval: o.gcInterval, SubscriptionMaxHold: o.cdcMaxHold})
 	if err != nil {
 		return fmt.Errorf("open node: %w", err)
 	}

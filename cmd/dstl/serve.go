@@ -47,6 +47,7 @@ type serveOptions struct {
 	retainCheckpoints int
 	gcInterval        time.Duration
 	gcGrace           time.Duration
+	cdcMaxHold        time.Duration
 	tlsCert, tlsKey   string
 	shutdownTimeout   time.Duration
 	materialize       bool
@@ -98,6 +99,7 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.IntVar(&o.retainCheckpoints, "retain-checkpoints", 3, "how many of the newest checkpoints of each stream garbage collection keeps")
 	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of garbage collection: truncation below published snapshots, segments, unused snapshot records (negative disables it)")
 	f.DurationVar(&o.gcGrace, "gc-grace", 10*time.Minute, "segments younger than this are never collected (an upload may still be in flight)")
+	f.DurationVar(&o.cdcMaxHold, "cdc-max-hold", changelog.DefaultSubscriptionMaxHold, "how far back a registered CDC subscription may hold truncation and garbage collection: once the oldest checkpoint it has not consumed completed longer ago, it is expired and holds nothing (negative: no cap)")
 	f.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate file (PEM); with --tls-key serves TLS instead of h2c")
 	f.StringVar(&o.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
@@ -163,6 +165,8 @@ func serve(ctx context.Context, o serveOptions) error {
 		RetainCheckpoints: o.retainCheckpoints,
 		GCInterval:        o.gcInterval,
 		GCGrace:           o.gcGrace,
+		// 0 would mean the default to the node: keep "no cap" explicit.
+		SubscriptionMaxHold: o.cdcMaxHold,
 	}
 	nodeOpts.Scheduler.Interval = o.uploadInterval
 	nodeOpts.Scheduler.BatchDelay = o.batchDelay
