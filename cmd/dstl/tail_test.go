@@ -114,9 +114,6 @@ func TestSubscriptionCommands(t *testing.T) {
 	n.mustCLI(t, "put", "s", "a", "1")
 	n.mustCLI(t, "put", "s", "b", "2")
 	out, err := n.cli(t, "subscription", "create", "s", "billing")
-	if err != nil && strings.Contains(err.Error(), "unimplemented") {
-		t.Skip("the node does not serve registered subscriptions yet")
-	}
 	if err != nil || !strings.Contains(out, "billing") {
 		t.Fatalf("create: %q, %v", out, err)
 	}

@@ -526,10 +526,6 @@ func TestRegisteredSubscriptions(t *testing.T) {
 		cw.commit("a=1")
 		cw.commit("b=2")
 		info, err := c.CreateSubscription(t.Context(), "s", "billing", dstl.CreateSubscriptionOptions{})
-		var e *dstl.Error
-		if errors.As(err, &e) && e.Code == connect.CodeUnimplemented {
-			t.Skip("the node does not serve registered subscriptions yet")
-		}
 		if err != nil || info.Name != "billing" || info.Stream != "s" || info.Checkpoint != 0 {
 			t.Fatalf("create: %+v, %v", info, err)
 		}
