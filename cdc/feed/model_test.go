@@ -44,6 +44,12 @@ type workload struct {
 	writers   []*modelWriter
 	committed map[uint64]rows
 	ids       []uint64
+	// Generations of writers: each reopen starts one, from a checkpoint.
+	gen     int
+	genFrom []uint64
+	genOf   map[uint64]int
+	// afterCheckpoint, if set, runs after each checkpoint completes.
+	afterCheckpoint func()
 }
 
 func openNode(t testing.TB) *changelog.Node {
@@ -68,7 +74,7 @@ func newWorkload(t *testing.T, seed uint64, keyGroups int) *workload {
 	if _, err := node.CreateStream(ctx, "s", keyGroups); err != nil {
 		t.Fatal(err)
 	}
-	wl := &workload{t: t, node: node, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), keyGroups: keyGroups, committed: map[uint64]rows{0: {}}}
+	wl := &workload{t: t, node: node, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), keyGroups: keyGroups, committed: map[uint64]rows{0: {}}, genOf: map[uint64]int{}}
 	wl.reopen(0)
 	return wl
 }
@@ -100,6 +106,33 @@ func (wl *workload) reopen(from uint64) {
 		ws = append(ws, &modelWriter{w: w, r: r, work: work})
 	}
 	wl.writers = ws // the previous ones are fenced
+	wl.gen = len(wl.genFrom)
+	wl.genFrom = append(wl.genFrom, from)
+}
+
+// lineage returns the checkpoints the newest one descends from, oldest
+// first: what a feed delivers (a rolled-back checkpoint is skipped).
+func (wl *workload) lineage() []uint64 {
+	if len(wl.ids) == 0 {
+		return nil
+	}
+	keep := map[uint64]bool{}
+	for cp := wl.ids[len(wl.ids)-1]; cp != 0; {
+		g := wl.genOf[cp]
+		for _, id := range wl.ids {
+			if id <= cp && wl.genOf[id] == g {
+				keep[id] = true
+			}
+		}
+		cp = wl.genFrom[g]
+	}
+	var out []uint64
+	for _, id := range wl.ids {
+		if keep[id] {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 func (wl *workload) change() {
@@ -153,6 +186,10 @@ func (wl *workload) checkpoint() {
 	}
 	wl.committed[id] = state
 	wl.ids = append(wl.ids, id)
+	wl.genOf[id] = wl.gen
+	if wl.afterCheckpoint != nil {
+		wl.afterCheckpoint()
+	}
 }
 
 func (wl *workload) run(steps int) {
@@ -221,7 +258,15 @@ func TestFeedModel(t *testing.T) {
 	for _, seed := range []uint64{1, 2, 3} {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
 			wl := newWorkload(t, seed, 8)
+			// A live consumer reads each checkpoint as it completes, so it
+			// also consumes checkpoints rolled back later: the next one it
+			// gets retracts them (the difference of the two states).
+			live := &liveConsumer{state: rows{}}
+			wl.afterCheckpoint = func() { live.catchUp(t, wl) }
 			wl.run(120)
+			if live.diffs == 0 && live.rollbacks(wl) > 0 {
+				t.Fatalf("the live consumer went through %d rollbacks without a diff", live.rollbacks(wl))
+			}
 			for _, form := range []cdc.Form{cdc.FormRetract, cdc.FormUpsert} {
 				t.Run(form.String(), func(t *testing.T) {
 					req := Request{Stream: "s", Form: form, MaxEvents: 7}
@@ -232,6 +277,60 @@ func TestFeedModel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// liveConsumer applies retract events as checkpoints complete, resuming
+// each time from the token of the previous checkpoint-complete marker.
+type liveConsumer struct {
+	tok   *cdc.Token
+	state rows
+	seen  []uint64
+	diffs int
+}
+
+func (c *liveConsumer) catchUp(t *testing.T, wl *workload) {
+	t.Helper()
+	evs, batches := collect(t, wl.node, Request{Stream: "s", Form: cdc.FormRetract, From: c.tok})
+	i := 0
+	for _, b := range batches {
+		for ; i < len(evs) && evs[i].checkpoint == b.Checkpoint; i++ {
+			e := evs[i].ev
+			k := mkey{kg: e.KeyGroup, state: e.State, key: string(e.Key)}
+			switch e.Kind {
+			case KindInsert, KindUpdateAfter:
+				c.state[k] = string(e.Value)
+			case KindUpdateBefore, KindDelete:
+				if c.state[k] != string(e.Value) {
+					t.Fatalf("live: %v retracts %q, the consumer has %q", evs[i], e.Value, c.state[k])
+				}
+				delete(c.state, k)
+			}
+			if e.TimestampMs == 0 {
+				c.diffs++ // diff events carry no timestamp
+			}
+		}
+		if b.Complete {
+			if want := wl.committed[b.Checkpoint]; !maps.Equal(c.state, want) {
+				t.Fatalf("live consumer after checkpoint %d: %v, want %v", b.Checkpoint, c.state, want)
+			}
+			c.seen = append(c.seen, b.Checkpoint)
+			tok := b.Token
+			c.tok = &tok
+		}
+	}
+}
+
+// rollbacks counts the checkpoints the live consumer saw that are not in
+// the newest checkpoint's lineage.
+func (c *liveConsumer) rollbacks(wl *workload) int {
+	n := 0
+	lin := wl.lineage()
+	for _, id := range c.seen {
+		if !slices.Contains(lin, id) {
+			n++
+		}
+	}
+	return n
 }
 
 func checkState(t *testing.T, wl *workload, form cdc.Form, evs []delivered, batches []Batch) {
@@ -272,8 +371,9 @@ func checkState(t *testing.T, wl *workload, form cdc.Form, evs []delivered, batc
 	if i != len(evs) {
 		t.Fatalf("%d events outside their messages", len(evs)-i)
 	}
-	if !slices.Equal(completed, wl.ids) {
-		t.Fatalf("checkpoints delivered %v, want %v", completed, wl.ids)
+	// Rolled-back checkpoints never appear: only the newest one's lineage.
+	if want := wl.lineage(); !slices.Equal(completed, want) {
+		t.Fatalf("checkpoints delivered %v, want %v (complete: %v)", completed, want, wl.ids)
 	}
 }
 

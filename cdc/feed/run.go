@@ -33,6 +33,11 @@ type feed struct {
 	skip    uint64 // events of the current checkpoint already delivered
 	reset   bool   // the next batch sent carries Reset
 	newest  uint64
+
+	// descent: the checkpoints the complete checkpoint descentOf descends
+	// from (next).
+	descent   map[uint64]bool
+	descentOf uint64
 }
 
 // Run delivers the feed req asks for to send, batch after batch, until ctx
@@ -114,8 +119,11 @@ func (f *feed) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		i, _ := slices.BinarySearch(ids, after+1)
-		if i == len(ids) {
+		next, ok, err := f.next(ctx, ids, after)
+		if err != nil {
+			return err
+		}
+		if !ok {
 			if f.req.NoFollow {
 				return nil
 			}
@@ -124,7 +132,6 @@ func (f *feed) run(ctx context.Context) error {
 			}
 			continue
 		}
-		next := ids[i]
 		err = f.deliver(ctx, after, next, 0)
 		if isLost(err) {
 			after, err = f.lost(ctx, fmt.Errorf("checkpoint %d after %d: %w", next, after, err))
@@ -135,6 +142,74 @@ func (f *feed) run(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// next returns the checkpoint to deliver after checkpoint after: the first
+// complete one after it that the newest complete checkpoint descends from
+// in some of the feed's key groups. A checkpoint that writers rolled back
+// (reopened from an older one, abandoning it) is skipped, so its changes
+// never appear to a subscriber that has not consumed it yet; one that
+// consumed it gets the difference to the next (deliver).
+func (f *feed) next(ctx context.Context, ids []uint64, after uint64) (uint64, bool, error) {
+	i, _ := slices.BinarySearch(ids, after+1)
+	if i == len(ids) {
+		return 0, false, nil
+	}
+	newest := ids[len(ids)-1]
+	if f.descentOf != newest {
+		anc := map[uint64]bool{}
+		cps, err := f.cfg.Node.Checkpoints(ctx, f.req.Stream)
+		if err != nil {
+			return 0, false, err
+		}
+		if err := f.ancestors(ctx, cps, newest, f.r, anc, 0); err != nil {
+			return 0, false, err
+		}
+		f.descent, f.descentOf = anc, newest
+	}
+	for ; i < len(ids); i++ {
+		if ids[i] == newest || f.descent[ids[i]] {
+			return ids[i], true, nil
+		}
+	}
+	return 0, false, nil
+}
+
+// ancestors adds to anc the checkpoints whose state of some key group of r
+// checkpoint cp continues: those with a part of the same epoch as one of
+// cp's (the same log, up to an earlier SQN), and recursively the ancestors
+// of the checkpoint each epoch started from.
+func (f *feed) ancestors(ctx context.Context, cps []changelog.CheckpointComplete, cp uint64, r keygroup.Range, anc map[uint64]bool, depth int) error {
+	if depth > len(cps)+1 {
+		return fmt.Errorf("cdc: stream %s: checkpoint %d: epochs start from each other in a cycle", f.req.Stream, cp)
+	}
+	parts, err := f.cfg.Node.CheckpointParts(ctx, f.req.Stream, cp)
+	if err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if !p.KeyGroups.Overlaps(r) {
+			continue
+		}
+		for _, c := range cps {
+			if c.ID > cp {
+				break
+			}
+			for _, ref := range c.Parts {
+				if ref.Epoch == p.Epoch {
+					anc[c.ID] = true
+					break
+				}
+			}
+		}
+		if p.FromCheckpoint != 0 {
+			sub := keygroup.Range{Lo: max(r.Lo, p.KeyGroups.Lo), Hi: min(r.Hi, p.KeyGroups.Hi)}
+			if err := f.ancestors(ctx, cps, p.FromCheckpoint, sub, anc, depth+1); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // begin establishes the starting position and returns the checkpoint whose
