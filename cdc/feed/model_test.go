@@ -143,7 +143,7 @@ func (wl *workload) change() {
 		kg := mw.r.Lo + uint16(wl.rng.IntN(int(mw.r.Hi-mw.r.Lo)+1))
 		k := mkey{kg: kg, state: []string{"a", "bb"}[wl.rng.IntN(2)], key: fmt.Sprintf("k%d", wl.rng.IntN(6))}
 		v := fmt.Sprintf("v%d", wl.rng.IntN(1000))
-		c := changelog.Change{KeyGroup: kg, State: k.state, Key: []byte(k.key), Value: []byte(v)}
+		c := changelog.Change{KeyGroup: kg, State: k.state, Key: []byte(k.key), Value: []byte(v), TimestampMs: 1 + int64(wl.rng.IntN(1000))}
 		switch p := wl.rng.IntN(100); {
 		case p < 50:
 			c.Op = changelog.OpPut
