@@ -82,6 +82,9 @@ func (s *Server) Subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, se
 // subscribe is Subscribe with ready (if set) called once the request is
 // valid, before the feed starts.
 func (s *Server) subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, ready func() error, send func(*dstlv1.SubscribeResponse) error) error {
+	if s.feedsCtx.Err() != nil {
+		return connect.NewError(connect.CodeUnavailable, errStopping)
+	}
 	req, err := s.feedRequest(ctx, msg)
 	if err != nil {
 		return toConnect(err)
@@ -95,6 +98,12 @@ func (s *Server) subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, re
 	if err != nil {
 		return connect.NewError(connect.CodeInternal, fmt.Errorf("cdc dir: %w", err))
 	}
+	// A feed ends when the node stops serving subscriptions (StopSubscriptions),
+	// not only when its client goes away.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop := context.AfterFunc(s.feedsCtx, func() { cancel(errStopping) })
+	defer stop()
 	cfg := feed.Config{Node: s.node, Dir: dir, PollInterval: s.opts.CDCPollInterval, Notify: s.cpSignal.wait, Logger: s.log}
 	m := s.metrics
 	m.cdcFeeds.Inc()
@@ -117,8 +126,20 @@ func (s *Server) subscribe(ctx context.Context, msg *dstlv1.SubscribeRequest, re
 	if err != nil && sendErr != nil && errors.Is(err, sendErr) {
 		return sendErr // the client went away; nothing to map
 	}
+	if err != nil && errors.Is(context.Cause(ctx), errStopping) {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("%w: resume from the last token (here or on another node)", errStopping))
+	}
 	return toConnect(err)
 }
+
+// errStopping ends the feeds of a node that stops serving.
+var errStopping = errors.New("node shutting down")
+
+// StopSubscriptions ends every subscription being served (UNAVAILABLE:
+// clients resume from their last token) and refuses new ones. Call it
+// before shutting the HTTP server down: a follow never ends on its own,
+// and would hold the shutdown until its deadline.
+func (s *Server) StopSubscriptions() { s.feedsStop() }
 
 // feedRequest validates a SubscribeRequest.
 func (s *Server) feedRequest(ctx context.Context, msg *dstlv1.SubscribeRequest) (feed.Request, error) {

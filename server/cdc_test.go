@@ -147,3 +147,33 @@ func TestSubscribeRPC(t *testing.T) {
 	_, err = e.subscribeAll(t, &dstlv1.SubscribeRequest{Stream: "s", KeyGroups: &dstlv1.KeyGroupRange{Lo: 2, Hi: 9}})
 	wantCode(t, "key groups outside", err, connect.CodeInvalidArgument, "")
 }
+
+// A follow never ends by itself: StopSubscriptions (called before the HTTP
+// server's shutdown) ends it with UNAVAILABLE, so a shutdown does not wait
+// for it, and refuses new subscriptions.
+func TestStopSubscriptionsEndsFollows(t *testing.T) {
+	ctx := context.Background()
+	e := startCDC(t, nil)
+	e.checkpoints(t, "s", 1)
+	st, err := e.cdc.Subscribe(ctx, connect.NewRequest(&dstlv1.SubscribeRequest{Stream: "s", Start: dstlv1.StartFrom_START_FROM_LATEST}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	done := make(chan error, 1)
+	go func() {
+		for st.Receive() {
+		}
+		done <- st.Err()
+	}()
+	time.Sleep(50 * time.Millisecond) // the feed is waiting for a checkpoint
+	e.srv.StopSubscriptions()
+	select {
+	case err := <-done:
+		wantCode(t, "stopped follow", err, connect.CodeUnavailable, "shutting down")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the follow did not end")
+	}
+	_, err = e.subscribeAll(t, &dstlv1.SubscribeRequest{Stream: "s"})
+	wantCode(t, "subscribe after stop", err, connect.CodeUnavailable, "shutting down")
+}

@@ -99,6 +99,9 @@ type Server struct {
 	cdcErr   error
 	cdcTemp  bool
 	cpSignal checkpointSignal
+	// feedsCtx is cancelled by StopSubscriptions.
+	feedsCtx  context.Context
+	feedsStop context.CancelFunc
 }
 
 // New returns a server for node.
@@ -134,6 +137,7 @@ func New(node *changelog.Node, opts Options) (*Server, error) {
 			return nil, fmt.Errorf("server: cdc dir: %w", err)
 		}
 	}
+	s.feedsCtx, s.feedsStop = context.WithCancel(context.Background())
 	s.metrics = newMetrics()
 	if opts.Registry != nil {
 		for _, c := range append(s.metrics.collectors(), newSubscriptionCollector(node, opts.Logger)) {
@@ -206,6 +210,7 @@ func (s *Server) Close() error {
 	if s.owned != nil {
 		err = s.owned.Close()
 	}
+	s.feedsStop()
 	s.cdcOnce.Do(func() {}) // orders the reads below after a feed's cdcDir
 	if s.cdcTemp {
 		err = errors.Join(err, os.RemoveAll(s.cdcPath))

@@ -19,6 +19,7 @@ import (
 )
 
 type cdcEnv struct {
+	srv     *Server
 	node    *changelog.Node
 	reg     *prometheus.Registry
 	streams dstlv1connect.StreamServiceClient
@@ -56,7 +57,7 @@ func startCDC(t *testing.T, opt func(*changelog.Options)) *cdcEnv {
 		store.Close()
 	})
 	return &cdcEnv{
-		node: node, reg: reg,
+		srv: srv, node: node, reg: reg,
 		streams: dstlv1connect.NewStreamServiceClient(hs.Client(), hs.URL),
 		writers: dstlv1connect.NewWriterServiceClient(hs.Client(), hs.URL),
 		cdc:     dstlv1connect.NewCDCServiceClient(hs.Client(), hs.URL),

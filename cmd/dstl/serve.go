@@ -180,7 +180,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	registerLocalLogMetrics(reg, node)
 	setMemoryLimit(o, log)
 	api, err := server.New(node, server.Options{
-		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
+		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"), CDCDir: filepath.Join(dataDir, "cdc"),
 		MaxRequestMemory: o.maxRequestMemory, MaxBatchChanges: o.maxBatchChanges,
 		ReadWait: o.readWait, FoldQueueBytes: o.foldQueueBytes, HydrateBandwidth: hydrateBandwidth(o.hydrateBandwidth),
 	})
@@ -262,6 +262,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	defer cancel()
 	// Stop accepting and let in-flight requests finish, then make every
 	// acknowledged change durable on the blob store.
+	api.StopSubscriptions() // follows never end by themselves
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		serveErr = errors.Join(serveErr, fmt.Errorf("stop serving: %w", err))
 	}

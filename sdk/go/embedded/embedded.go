@@ -161,7 +161,7 @@ func Open(ctx context.Context, opts Options) (*Node, error) {
 		store.Close()
 		return nil, fmt.Errorf("embedded: open node: %w", err)
 	}
-	api, err := server.New(node, server.Options{DefaultDurability: durability, Logger: logger, StateDir: filepath.Join(dir, "state")})
+	api, err := server.New(node, server.Options{DefaultDurability: durability, Logger: logger, StateDir: filepath.Join(dir, "state"), CDCDir: filepath.Join(dir, "cdc")})
 	if err != nil {
 		_ = node.Close(context.WithoutCancel(ctx))
 		store.Close()
@@ -249,6 +249,7 @@ func (n *Node) Close(ctx context.Context) error {
 
 func (n *Node) close(ctx context.Context) error {
 	var errs []error
+	n.api.StopSubscriptions() // follows never end by themselves
 	if n.client != nil {
 		// In-process: refuse new calls and wait for those in flight.
 		_ = n.client.Close()
