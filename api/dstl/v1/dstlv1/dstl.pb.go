@@ -3373,9 +3373,11 @@ type Subscription struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
 	Name   string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	// The committed token (empty: from the start it was created with).
+	// The committed token.
 	Token []byte `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
-	// Every change of this checkpoint and before is consumed.
+	// The hold point: the checkpoint whose state (and the changes after it)
+	// the committed position needs; every change up to it is consumed
+	// (while a snapshot is in progress: the checkpoint being scanned).
 	Checkpoint  uint64 `protobuf:"varint,4,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	UpdatedAtMs int64  `protobuf:"varint,5,opt,name=updated_at_ms,json=updatedAtMs,proto3" json:"updated_at_ms,omitempty"`
 	// Complete checkpoints newer than checkpoint.
@@ -3384,7 +3386,8 @@ type Subscription struct {
 	// parts: SQN ranges and block sizes).
 	LagChanges uint64 `protobuf:"varint,7,opt,name=lag_changes,json=lagChanges,proto3" json:"lag_changes,omitempty"`
 	LagBytes   uint64 `protobuf:"varint,8,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
-	// Time between the completion of checkpoint and of the newest one.
+	// Seconds since the oldest complete checkpoint it has not consumed
+	// completed (0 when caught up).
 	LagSeconds float64 `protobuf:"fixed64,9,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
 	// Held back past the node's retention cap: truncation no longer waits
 	// for it, and Subscribe with it is FAILED_PRECONDITION until it
