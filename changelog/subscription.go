@@ -567,13 +567,23 @@ func (n *Node) readSubscriptionKey(ctx context.Context, key string) (Subscriptio
 	if err != nil {
 		return SubscriptionRecord{}, err
 	}
+	return decodeSubscription(key, data)
+}
+
+// decodeSubscription decodes the record stored at key: sealed, of the
+// name its key says, with a valid name.
+func decodeSubscription(key string, data []byte) (SubscriptionRecord, error) {
 	var rec SubscriptionRecord
 	if err := envelope.Open(key, data, subscriptionKind, &rec); err != nil {
 		return SubscriptionRecord{}, err
 	}
-	seq, err := strconv.ParseUint(key[strings.LastIndexByte(key, '/')+1:], 10, 64)
-	if err != nil {
+	i := strings.LastIndexByte(key, '/')
+	seq, err := strconv.ParseUint(key[i+1:], 10, 64)
+	if err != nil || i < 0 {
 		return SubscriptionRecord{}, fmt.Errorf("subscription record %s: bad key: %w", key, envelope.ErrCorrupt)
+	}
+	if name := key[strings.LastIndexByte(key[:i], '/')+1 : i]; rec.Name != name || ValidateSubscriptionName(rec.Name) != nil {
+		return SubscriptionRecord{}, fmt.Errorf("subscription record %s names subscription %q: %w", key, rec.Name, envelope.ErrCorrupt)
 	}
 	rec.Seq = seq
 	return rec, nil
