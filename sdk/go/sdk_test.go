@@ -288,47 +288,112 @@ func TestTypedState(t *testing.T) {
 }
 
 func TestStateSurvivesRestart(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			ctx := t.Context()
+			dir := t.TempDir()
+			blobs := filepath.Join(dir, "blobs")
+			c, stop := nodeAt(t, mode, dir, blobs, nil)
+			mustCreate(t, c, "s", 4)
+			w := openWriter(t, c, "s", dstl.WriterOptions{})
+			m := dstl.NewMapState[string, string](w, "m", nil, nil)
+			if err := m.Put(ctx, "u", "k", "v"); err != nil {
+				t.Fatal(err)
+			}
+			if complete, err := w.Checkpoint(ctx, 1, []byte("meta")); err != nil || !complete {
+				t.Fatalf("checkpoint: %v %v", complete, err)
+			}
+			if err := w.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			stop()
+
+			c, _ = nodeAt(t, mode, dir, blobs, nil)
+			cps, err := collect(c.Checkpoints(ctx, "s", dstl.CheckpointListOptions{Parts: true}))
+			if err != nil || len(cps) != 1 || cps[0].ID != 1 || string(cps[0].Parts[0].Metadata) != "meta" {
+				t.Fatalf("checkpoints after restart: %+v %v", cps, err)
+			}
+			cp, err := c.RetainCheckpoint(ctx, "s", 1, true)
+			if err != nil || !cp.Retained {
+				t.Fatalf("retain: %+v %v", cp, err)
+			}
+			w = openWriter(t, c, "s", dstl.WriterOptions{})
+			defer w.Close(ctx)
+			if w.FromCheckpoint() != 1 || len(w.RestoredMetadata()) != 1 || string(w.RestoredMetadata()[0]) != "meta" {
+				t.Fatalf("restored from %d with %q", w.FromCheckpoint(), w.RestoredMetadata())
+			}
+			m = dstl.NewMapState[string, string](w, "m", nil, nil)
+			if v, ok, err := m.Get(ctx, "u", "k"); err != nil || !ok || v != "v" {
+				t.Fatalf("after restart: %q %v %v", v, ok, err)
+			}
+		})
+	}
+}
+
+// nodeAt starts a node with its data in dir and its blob store in blobs,
+// in a mode (embedded: in-process; remote: served over TCP and dialled),
+// and returns its client and a stop that shuts it down cleanly (also run
+// at cleanup if not called).
+func nodeAt(t *testing.T, mode, dir, blobs string, nodeOpts func(*changelog.Options)) (*dstl.Client, func()) {
+	t.Helper()
+	if mode == "embedded" {
+		n, err := embedded.Open(t.Context(), embedded.Options{Dir: dir, BlobURL: blobs, Node: nodeOpts})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var once sync.Once
+		stop := func() {
+			once.Do(func() {
+				if err := n.Close(context.Background()); err != nil {
+					t.Errorf("close node: %v", err)
+				}
+			})
+		}
+		t.Cleanup(stop)
+		return n.Client(), stop
+	}
 	ctx := t.Context()
-	dir := t.TempDir()
-	n1, err := embedded.Open(ctx, embedded.Options{Dir: dir})
+	store, err := blobstore.Open(ctx, blobs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := n1.Client()
-	mustCreate(t, c, "s", 4)
-	w := openWriter(t, c, "s", dstl.WriterOptions{})
-	m := dstl.NewMapState[string, string](w, "m", nil, nil)
-	if err := m.Put(ctx, "u", "k", "v"); err != nil {
+	opts := changelog.Options{Store: store, DataDir: dir}
+	if nodeOpts != nil {
+		nodeOpts(&opts)
+	}
+	node, err := changelog.Open(ctx, opts)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if complete, err := w.Checkpoint(ctx, 1, []byte("meta")); err != nil || !complete {
-		t.Fatalf("checkpoint: %v %v", complete, err)
-	}
-	if err := w.Close(ctx); err != nil {
+	api, err := server.New(node, server.Options{StateDir: filepath.Join(dir, "state"), CDCDir: filepath.Join(dir, "cdc")})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := n1.Close(ctx); err != nil {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
 		t.Fatal(err)
 	}
-
-	c = open(t, embedded.Options{Dir: dir}).Client()
-	cps, err := collect(c.Checkpoints(ctx, "s", dstl.CheckpointListOptions{Parts: true}))
-	if err != nil || len(cps) != 1 || cps[0].ID != 1 || string(cps[0].Parts[0].Metadata) != "meta" {
-		t.Fatalf("checkpoints after restart: %+v %v", cps, err)
+	hs := &http.Server{Handler: api.Handler(), Protocols: new(http.Protocols)}
+	hs.Protocols.SetUnencryptedHTTP2(true)
+	go hs.Serve(ln)
+	c, err := dstl.Dial(ctx, "http://"+ln.Addr().String(), dstl.WithRetries(0))
+	if err != nil {
+		t.Fatal(err)
 	}
-	cp, err := c.RetainCheckpoint(ctx, "s", 1, true)
-	if err != nil || !cp.Retained {
-		t.Fatalf("retain: %+v %v", cp, err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			ctx := context.Background()
+			_ = c.Close()
+			api.StopSubscriptions()
+			errs := []error{hs.Shutdown(ctx), api.Shutdown(ctx), node.Close(ctx), api.Close(), store.Close()}
+			if err := errors.Join(errs...); err != nil {
+				t.Errorf("stop node: %v", err)
+			}
+		})
 	}
-	w = openWriter(t, c, "s", dstl.WriterOptions{})
-	defer w.Close(ctx)
-	if w.FromCheckpoint() != 1 || len(w.RestoredMetadata()) != 1 || string(w.RestoredMetadata()[0]) != "meta" {
-		t.Fatalf("restored from %d with %q", w.FromCheckpoint(), w.RestoredMetadata())
-	}
-	m = dstl.NewMapState[string, string](w, "m", nil, nil)
-	if v, ok, err := m.Get(ctx, "u", "k"); err != nil || !ok || v != "v" {
-		t.Fatalf("after restart: %q %v %v", v, ok, err)
-	}
+	t.Cleanup(stop)
+	return c, stop
 }
 
 func TestBatching(t *testing.T) {
@@ -493,35 +558,39 @@ func TestFencedOnSameNode(t *testing.T) {
 }
 
 func TestFencedAcrossNodes(t *testing.T) {
-	ctx := t.Context()
-	blobs := "file://" + filepath.Join(t.TempDir(), "blobs")
-	fast := func(o *changelog.Options) { o.JournalRefresh = 20 * time.Millisecond }
-	a := open(t, embedded.Options{BlobURL: blobs, Node: fast}).Client()
-	b := open(t, embedded.Options{BlobURL: blobs, Node: fast}).Client()
-	mustCreate(t, a, "shared", 8)
-	w1 := openWriter(t, a, "shared", dstl.WriterOptions{})
-	if err := w1.Put(ctx, "s", []byte("k"), []byte("1")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w1.Checkpoint(ctx, 1, nil); err != nil {
-		t.Fatal(err)
-	}
-	w2 := openWriter(t, b, "shared", dstl.WriterOptions{})
-	defer w2.Close(ctx)
-	var err error
-	for i := 0; i < 100 && err == nil; i++ {
-		if err = w1.Put(ctx, "s", []byte("k"), []byte("2")); err == nil {
-			_, err = w1.Persist(ctx)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if !errors.Is(err, dstl.ErrFenced) {
-		t.Fatalf("writer fenced by another node: %v, want ErrFenced", err)
-	}
-	w1.Abort()
-	v, ok, err := w2.Get(ctx, "s", []byte("k"))
-	if err != nil || !ok || string(v) != "1" {
-		t.Fatalf("new writer's view: %q %v %v, want the checkpoint's 1", v, ok, err)
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			ctx := t.Context()
+			blobs := filepath.Join(t.TempDir(), "blobs")
+			fast := func(o *changelog.Options) { o.JournalRefresh = 20 * time.Millisecond }
+			a, _ := nodeAt(t, mode, t.TempDir(), blobs, fast)
+			b, _ := nodeAt(t, mode, t.TempDir(), blobs, fast)
+			mustCreate(t, a, "shared", 8)
+			w1 := openWriter(t, a, "shared", dstl.WriterOptions{})
+			if err := w1.Put(ctx, "s", []byte("k"), []byte("1")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := w1.Checkpoint(ctx, 1, nil); err != nil {
+				t.Fatal(err)
+			}
+			w2 := openWriter(t, b, "shared", dstl.WriterOptions{})
+			defer w2.Close(ctx)
+			var err error
+			for i := 0; i < 100 && err == nil; i++ {
+				if err = w1.Put(ctx, "s", []byte("k"), []byte("2")); err == nil {
+					_, err = w1.Persist(ctx)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if !errors.Is(err, dstl.ErrFenced) {
+				t.Fatalf("writer fenced by another node: %v, want ErrFenced", err)
+			}
+			w1.Abort()
+			v, ok, err := w2.Get(ctx, "s", []byte("k"))
+			if err != nil || !ok || string(v) != "1" {
+				t.Fatalf("new writer's view: %q %v %v, want the checkpoint's 1", v, ok, err)
+			}
+		})
 	}
 }
 
