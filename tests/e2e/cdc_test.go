@@ -5,8 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -91,6 +93,9 @@ func TestCDCSnapshotAcrossTruncation(t *testing.T) {
 		pre = append(pre, ev)
 		if len(pre) == killAt {
 			resume = ev.Token()
+			if stores := feedStores(t, dataDir); len(stores) != 1 {
+				t.Errorf("while one subscription is served: feed stores %v under %s/cdc, want one", stores, dataDir)
+			}
 			n.Kill()
 			break
 		}
@@ -108,6 +113,9 @@ func TestCDCSnapshotAcrossTruncation(t *testing.T) {
 	t.Logf("SIGKILLed the node after %d of %d snapshot rows", killAt, len(want))
 
 	n2 := startNode(t, "node-restarted", nodeConfig{dataDir: dataDir, blob: blob, args: cdcNodeArgs})
+	if stores := feedStores(t, dataDir); len(stores) != 0 {
+		t.Errorf("after the restart: feed stores %v of the killed node left under %s/cdc", stores, dataDir)
+	}
 	c2 := dialSDK(t, n2.URL)
 
 	// What an uninterrupted scan of the restarted node delivers.
@@ -240,20 +248,29 @@ func TestCDCFencedWriterNeverAppears(t *testing.T) {
 		err    error
 	}
 	following := make(chan result, 1)
+	caughtUp := make(chan struct{}) // the follower delivered checkpoint 2
 	go func() {
 		var r result
+		defer func() { following <- r }()
 		for ev, err := range sdk.Subscribe(ctx, stream, dstl.SubscribeOptions{Form: dstl.FormRetract, MaxEvents: 100}).Changes() {
 			if err != nil {
 				r.err = err
-				break
+				return
 			}
 			r.events = append(r.events, ev)
+			if ev.Kind == dstl.EventCheckpointComplete && ev.Checkpoint == 2 {
+				close(caughtUp)
+			}
 			if ev.Kind == dstl.EventCheckpointComplete && ev.Checkpoint >= last {
-				break
+				return
 			}
 		}
-		following <- r
 	}()
+	select {
+	case <-caughtUp: // the follower waits for checkpoint 3 from here
+	case r := <-following:
+		t.Fatalf("the following subscription ended before checkpoint 2 (%d events): %v", len(r.events), r.err)
+	}
 
 	// A's zombie changes: overwrites and deletes of its keys, new keys, a
 	// merge; persisted (durable in the changelog), never checkpointed.
@@ -439,15 +456,17 @@ func TestCDCRetention(t *testing.T) {
 	})
 	part := w.waitTruncated(n, 0, 30*time.Second)
 	w.waitEarlyCollected(n, blobDir, part.GetLogId(), 30*time.Second)
+	var subErr error
 	for ev, err := range sdk.Subscribe(ctx, stream, dstl.SubscribeOptions{Name: name, Form: dstl.FormRetract, NoFollow: true}).Changes() {
 		if err == nil {
 			t.Errorf("Subscribe %s past the cap: event %s of checkpoint %d, want ErrResnapshot", name, ev.Kind, ev.Checkpoint)
 			break
 		}
-		var de *dstl.Error
-		if !errors.Is(err, dstl.ErrResnapshot) || !errors.As(err, &de) || de.Code != connect.CodeFailedPrecondition {
-			t.Errorf("Subscribe %s past the cap: %v; want ErrResnapshot (FAILED_PRECONDITION)", name, err)
-		}
+		subErr = err
+	}
+	var de *dstl.Error
+	if !errors.Is(subErr, dstl.ErrResnapshot) || !errors.As(subErr, &de) || de.Code != connect.CodeFailedPrecondition {
+		t.Errorf("Subscribe %s past the cap: %v; want ErrResnapshot (FAILED_PRECONDITION)", name, subErr)
 	}
 	snapTable := &cdcTable{t: t, what: "unregistered subscription past the cap", rows: model{}}
 	firstEvent = true
@@ -594,6 +613,24 @@ func (tb *cdcTable) apply(ev dstl.Event) {
 	default:
 		tb.errorf("event of unknown kind %v", ev.Kind)
 	}
+}
+
+// feedStores lists the feed stores under the node's data directory
+// (docs/cdc.md: <data-dir>/cdc/, one per subscription being served).
+func feedStores(t *testing.T, dataDir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(dataDir, "cdc"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
 }
 
 // dialSDK returns a Go SDK client of the node at url, closed when the test
