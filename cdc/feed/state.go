@@ -12,6 +12,7 @@ import (
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/materializer"
 	"github.com/dstl-dev/dstl/segments"
+	"github.com/dstl-dev/dstl/upload"
 )
 
 // foldLog is the one log id a feed store folds everything under: its own
@@ -273,7 +274,15 @@ func (s *state) fold(ctx context.Context, c segments.Change) error {
 
 // isLost reports whether err means a position's data is gone from the blob
 // store (truncated, forgotten, collected): the feed cannot replay it.
+//
+// Collected includes a segment the plan of a checkpoint lists that is no
+// longer there (upload.ErrNotFound): garbage collection deletes the
+// segments below a log's truncation point once no retained checkpoint (or
+// registered subscription) needs them, while the journal may still list
+// the older checkpoints whose parts name them. Their plans look fine
+// (those parts predate the truncation) until the replay reads them.
 func isLost(err error) bool {
 	return errors.Is(err, changelog.ErrLogTruncated) || errors.Is(err, changelog.ErrCheckpointNotRestorable) ||
-		errors.Is(err, changelog.ErrCheckpointNotFound) || errors.Is(err, changelog.ErrSnapshotFilesMissing)
+		errors.Is(err, changelog.ErrCheckpointNotFound) || errors.Is(err, changelog.ErrSnapshotFilesMissing) ||
+		errors.Is(err, upload.ErrNotFound)
 }

@@ -180,7 +180,10 @@ func serve(ctx context.Context, o serveOptions) error {
 	registerLocalLogMetrics(reg, node)
 	setMemoryLimit(o, log)
 	api, err := server.New(node, server.Options{
-		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"), CDCDir: filepath.Join(dataDir, "cdc"),
+		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
+		// Feeds' stores: under the data directory, where the next start
+		// removes those a crash left (docs/cdc.md).
+		CDCDir:           filepath.Join(dataDir, "cdc"),
 		MaxRequestMemory: o.maxRequestMemory, MaxBatchChanges: o.maxBatchChanges,
 		ReadWait: o.readWait, FoldQueueBytes: o.foldQueueBytes, HydrateBandwidth: hydrateBandwidth(o.hydrateBandwidth),
 	})
