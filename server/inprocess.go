@@ -29,6 +29,8 @@ type InProcessHandlers struct {
 	// Subscribe is Server.Subscribe: each message is the receiver's (its
 	// keys and values are not reused).
 	Subscribe func(ctx context.Context, req *dstlv1.SubscribeRequest, send func(*dstlv1.SubscribeResponse) error) error
+	// Cluster lists the members (ClusterService).
+	Cluster dstlv1connect.ClusterServiceHandler
 }
 
 // InProcess returns the server's handlers for in-process callers.
@@ -40,5 +42,6 @@ func (s *Server) InProcess() InProcessHandlers {
 		Checkpoints: &checkpointService{s},
 		CDC:         &cdcService{s: s},
 		Subscribe:   s.Subscribe,
+		Cluster:     &clusterService{s},
 	}
 }

@@ -73,6 +73,8 @@ type Options struct {
 	// stream's journal for a new complete checkpoint (default 200ms); a
 	// checkpoint call on this node wakes it at once.
 	CDCPollInterval time.Duration
+	// Cluster is what ClusterService.ListMembers reports (cluster.go).
+	Cluster ClusterOptions
 	// Registry receives the server's metrics; nil registers nothing.
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
@@ -232,9 +234,11 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(dstlv1connect.NewStateServiceHandler(&stateService{s}, opts...))
 	mux.Handle(dstlv1connect.NewCheckpointServiceHandler(&checkpointService{s}, opts...))
 	mux.Handle(dstlv1connect.NewCDCServiceHandler(&cdcService{s: s}, opts...))
+	mux.Handle(dstlv1connect.NewClusterServiceHandler(&clusterService{s}, opts...))
 	services := []string{
 		dstlv1connect.StreamServiceName, dstlv1connect.WriterServiceName,
 		dstlv1connect.StateServiceName, dstlv1connect.CheckpointServiceName,
+		dstlv1connect.ClusterServiceName,
 	}
 	// Reflection lists health and reflection too, as grpc-go servers do.
 	reflector := grpcreflect.NewStaticReflector(append(services,

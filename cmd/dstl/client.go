@@ -56,6 +56,7 @@ func newCLICommands(root *cobra.Command) []*cobra.Command {
 		newSegmentCommand(cli),
 		newTailCommand(cli),
 		newSubscriptionCommand(cli),
+		newClusterCommand(cli),
 	}
 }
 
@@ -89,6 +90,7 @@ type clients struct {
 	state       dstlv1connect.StateServiceClient
 	checkpoints dstlv1connect.CheckpointServiceClient
 	cdc         dstlv1connect.CDCServiceClient
+	cluster     dstlv1connect.ClusterServiceClient
 }
 
 // serverURL normalizes --server: a bare host:port means http://host:port.
@@ -150,6 +152,7 @@ func (o *cliOptions) dial(cmd *cobra.Command) (*clients, error) {
 		state:       dstlv1connect.NewStateServiceClient(hc, base),
 		checkpoints: dstlv1connect.NewCheckpointServiceClient(hc, base),
 		cdc:         dstlv1connect.NewCDCServiceClient(hc, base),
+		cluster:     dstlv1connect.NewClusterServiceClient(hc, base),
 	}, nil
 }
 

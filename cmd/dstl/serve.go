@@ -52,6 +52,7 @@ type serveOptions struct {
 	shutdownTimeout   time.Duration
 	materialize       bool
 	mat               materializeFlags
+	gossip            gossipFlags
 }
 
 func newServeCommand() *cobra.Command {
@@ -65,6 +66,11 @@ Connect, gRPC and gRPC-Web (HTTP/2 cleartext, or TLS with --tls-cert and
 
 With no flags the node keeps its data in ./dstl-data, uses ./dstl-data/blobs
 as its blob store and listens on 127.0.0.1:7600.
+
+--gossip-listen or --join makes the node a cluster member (memberlist
+gossip; docs/cluster.md): it gossips its node id, RPC URL and zone, and
+lists the members in /metrics and ClusterService (dstl cluster members).
+Without them it is a single node and starts no gossip.
 
 Settings come from flags, then DSTL_* environment variables (--blob is
 DSTL_BLOB), then the config file (--config, lines of "name: value" with the
@@ -105,6 +111,7 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
 	f.BoolVar(&o.materialize, "materialize", true, "run the materializer in this process (false: leave it to a `dstl materialize` process)")
 	o.mat.add(f)
+	o.gossip.add(f)
 	addConfigFlag(cmd)
 	return cmd
 }
@@ -179,7 +186,14 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	registerLocalLogMetrics(reg, node)
 	setMemoryLimit(o, log)
+	cluster, clusterOpts, err := startGossip(ctx, o, node.ID(), reg, log)
+	if err != nil {
+		_ = node.Close(context.WithoutCancel(ctx))
+		return err
+	}
+	defer closeGossip(cluster, log) // after everything else; Close follows Leave
 	api, err := server.New(node, server.Options{
+		Cluster:           clusterOpts,
 		DefaultDurability: durability, Registry: reg, Logger: log, StateDir: filepath.Join(dataDir, "state"),
 		// Feeds' stores: under the data directory, where the next start
 		// removes those a crash left (docs/cdc.md).
@@ -249,8 +263,11 @@ func serve(ctx context.Context, o serveOptions) error {
 	} else {
 		srv.Protocols.SetUnencryptedHTTP2(true)
 	}
+	if cluster != nil {
+		updateGossipPort(ctx, cluster, ln.Addr(), log)
+	}
 	log.Info("dstl serving", "listen", ln.Addr().String(), "tls", o.tlsCert != "", "data_dir", dataDir,
-		"blob", redactURL(blobURL), "node", node.ID(), "version", buildVersion())
+		"blob", redactURL(blobURL), "node", node.ID(), "gossip", gossipAddr(cluster), "version", buildVersion())
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -263,6 +280,9 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.shutdownTimeout)
 	defer cancel()
+	// Tell the cluster first, so that the others see this node "left"
+	// rather than "dead" (bounded: it must not eat the persist budget).
+	leaveGossip(shutdownCtx, cluster, log)
 	// Stop accepting and let in-flight requests finish, then make every
 	// acknowledged change durable on the blob store.
 	api.StopSubscriptions() // follows never end by themselves

@@ -59,7 +59,7 @@ func TestGRPCurl(t *testing.T) {
 	list := ok(n.Addr, "list")
 	for _, svc := range []string{
 		"dstl.v1.StreamService", "dstl.v1.WriterService", "dstl.v1.StateService",
-		"dstl.v1.CheckpointService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+		"dstl.v1.CheckpointService", "dstl.v1.ClusterService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
 	} {
 		if !containsLine(list, svc) {
 			t.Errorf("grpcurl list: no %s in\n%s", svc, list)

@@ -333,6 +333,64 @@ func (StartFrom) EnumDescriptor() ([]byte, []int) {
 	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{4}
 }
 
+// MemberState is a member's state as the answering node last learned it.
+// (memberlist's transient "suspect" state is not reported: a suspected
+// member is alive until it is declared dead.)
+type MemberState int32
+
+const (
+	MemberState_MEMBER_STATE_UNSPECIFIED MemberState = 0
+	// It answers, or has not been found failing yet.
+	MemberState_MEMBER_STATE_ALIVE MemberState = 1
+	// It stopped answering (crash, partition) or stopped without leaving.
+	MemberState_MEMBER_STATE_DEAD MemberState = 2
+	// It left gracefully (a `dstl serve` shut down by SIGTERM).
+	MemberState_MEMBER_STATE_LEFT MemberState = 3
+)
+
+// Enum value maps for MemberState.
+var (
+	MemberState_name = map[int32]string{
+		0: "MEMBER_STATE_UNSPECIFIED",
+		1: "MEMBER_STATE_ALIVE",
+		2: "MEMBER_STATE_DEAD",
+		3: "MEMBER_STATE_LEFT",
+	}
+	MemberState_value = map[string]int32{
+		"MEMBER_STATE_UNSPECIFIED": 0,
+		"MEMBER_STATE_ALIVE":       1,
+		"MEMBER_STATE_DEAD":        2,
+		"MEMBER_STATE_LEFT":        3,
+	}
+)
+
+func (x MemberState) Enum() *MemberState {
+	p := new(MemberState)
+	*p = x
+	return p
+}
+
+func (x MemberState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemberState) Descriptor() protoreflect.EnumDescriptor {
+	return file_dstl_v1_dstl_proto_enumTypes[5].Descriptor()
+}
+
+func (MemberState) Type() protoreflect.EnumType {
+	return &file_dstl_v1_dstl_proto_enumTypes[5]
+}
+
+func (x MemberState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemberState.Descriptor instead.
+func (MemberState) EnumDescriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{5}
+}
+
 // KeyGroupRange is an inclusive range of key groups [lo, hi].
 type KeyGroupRange struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3986,6 +4044,231 @@ func (*DeleteSubscriptionResponse) Descriptor() ([]byte, []int) {
 	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{56}
 }
 
+type ListMembersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersRequest) Reset() {
+	*x = ListMembersRequest{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersRequest) ProtoMessage() {}
+
+func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
+func (*ListMembersRequest) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{57}
+}
+
+type ListMembersResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Members []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	// False when gossip is off on the answering node (members is just it).
+	Gossip        bool `protobuf:"varint,2,opt,name=gossip,proto3" json:"gossip,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMembersResponse) Reset() {
+	*x = ListMembersResponse{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMembersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMembersResponse) ProtoMessage() {}
+
+func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
+func (*ListMembersResponse) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *ListMembersResponse) GetMembers() []*Member {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *ListMembersResponse) GetGossip() bool {
+	if x != nil {
+		return x.Gossip
+	}
+	return false
+}
+
+// Member is one node of the cluster.
+type Member struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node's id (the changelog node id, <data-dir>/node-id).
+	NodeId string `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// Its gossip address, host:port ("" with gossip off).
+	GossipAddr string `protobuf:"bytes,2,opt,name=gossip_addr,json=gossipAddr,proto3" json:"gossip_addr,omitempty"`
+	// The URL of its API (what --server takes).
+	RpcUrl string `protobuf:"bytes,3,opt,name=rpc_url,json=rpcUrl,proto3" json:"rpc_url,omitempty"`
+	Zone   string `protobuf:"bytes,4,opt,name=zone,proto3" json:"zone,omitempty"`
+	// The load figure it gossips.
+	Load  uint64      `protobuf:"varint,5,opt,name=load,proto3" json:"load,omitempty"`
+	State MemberState `protobuf:"varint,6,opt,name=state,proto3,enum=dstl.v1.MemberState" json:"state,omitempty"`
+	// When the answering node learned the state (Unix ms).
+	StateSinceMs int64 `protobuf:"varint,7,opt,name=state_since_ms,json=stateSinceMs,proto3" json:"state_since_ms,omitempty"`
+	// Its process incarnation: the Unix time in ms at which it started
+	// gossiping; a restart with the same node id has a higher one.
+	Incarnation uint64 `protobuf:"varint,8,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// True for the answering node's own entry.
+	Self bool `protobuf:"varint,9,opt,name=self,proto3" json:"self,omitempty"`
+	// It announced a graceful leave that is being gossiped.
+	Leaving bool `protobuf:"varint,10,opt,name=leaving,proto3" json:"leaving,omitempty"`
+	// Why its metadata did not decode (then rpc_url, zone and load are
+	// empty); empty if it did.
+	MetaError     string `protobuf:"bytes,11,opt,name=meta_error,json=metaError,proto3" json:"meta_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Member) Reset() {
+	*x = Member{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Member) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Member) ProtoMessage() {}
+
+func (x *Member) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Member.ProtoReflect.Descriptor instead.
+func (*Member) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *Member) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *Member) GetGossipAddr() string {
+	if x != nil {
+		return x.GossipAddr
+	}
+	return ""
+}
+
+func (x *Member) GetRpcUrl() string {
+	if x != nil {
+		return x.RpcUrl
+	}
+	return ""
+}
+
+func (x *Member) GetZone() string {
+	if x != nil {
+		return x.Zone
+	}
+	return ""
+}
+
+func (x *Member) GetLoad() uint64 {
+	if x != nil {
+		return x.Load
+	}
+	return 0
+}
+
+func (x *Member) GetState() MemberState {
+	if x != nil {
+		return x.State
+	}
+	return MemberState_MEMBER_STATE_UNSPECIFIED
+}
+
+func (x *Member) GetStateSinceMs() int64 {
+	if x != nil {
+		return x.StateSinceMs
+	}
+	return 0
+}
+
+func (x *Member) GetIncarnation() uint64 {
+	if x != nil {
+		return x.Incarnation
+	}
+	return 0
+}
+
+func (x *Member) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+func (x *Member) GetLeaving() bool {
+	if x != nil {
+		return x.Leaving
+	}
+	return false
+}
+
+func (x *Member) GetMetaError() string {
+	if x != nil {
+		return x.MetaError
+	}
+	return ""
+}
+
 var File_dstl_v1_dstl_proto protoreflect.FileDescriptor
 
 const file_dstl_v1_dstl_proto_rawDesc = "" +
@@ -4277,7 +4560,26 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x19DeleteSubscriptionRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x1c\n" +
-	"\x1aDeleteSubscriptionResponse*O\n" +
+	"\x1aDeleteSubscriptionResponse\"\x14\n" +
+	"\x12ListMembersRequest\"X\n" +
+	"\x13ListMembersResponse\x12)\n" +
+	"\amembers\x18\x01 \x03(\v2\x0f.dstl.v1.MemberR\amembers\x12\x16\n" +
+	"\x06gossip\x18\x02 \x01(\bR\x06gossip\"\xc4\x02\n" +
+	"\x06Member\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
+	"\vgossip_addr\x18\x02 \x01(\tR\n" +
+	"gossipAddr\x12\x17\n" +
+	"\arpc_url\x18\x03 \x01(\tR\x06rpcUrl\x12\x12\n" +
+	"\x04zone\x18\x04 \x01(\tR\x04zone\x12\x12\n" +
+	"\x04load\x18\x05 \x01(\x04R\x04load\x12*\n" +
+	"\x05state\x18\x06 \x01(\x0e2\x14.dstl.v1.MemberStateR\x05state\x12$\n" +
+	"\x0estate_since_ms\x18\a \x01(\x03R\fstateSinceMs\x12 \n" +
+	"\vincarnation\x18\b \x01(\x04R\vincarnation\x12\x12\n" +
+	"\x04self\x18\t \x01(\bR\x04self\x12\x18\n" +
+	"\aleaving\x18\n" +
+	" \x01(\bR\aleaving\x12\x1d\n" +
+	"\n" +
+	"meta_error\x18\v \x01(\tR\tmetaError*O\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
@@ -4306,7 +4608,12 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x16START_FROM_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13START_FROM_EARLIEST\x10\x01\x12\x17\n" +
 	"\x13START_FROM_SNAPSHOT\x10\x02\x12\x15\n" +
-	"\x11START_FROM_LATEST\x10\x032\xb7\x02\n" +
+	"\x11START_FROM_LATEST\x10\x03*q\n" +
+	"\vMemberState\x12\x1c\n" +
+	"\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12MEMBER_STATE_ALIVE\x10\x01\x12\x15\n" +
+	"\x11MEMBER_STATE_DEAD\x10\x02\x12\x15\n" +
+	"\x11MEMBER_STATE_LEFT\x10\x032\xb7\x02\n" +
 	"\rStreamService\x12K\n" +
 	"\fCreateStream\x12\x1c.dstl.v1.CreateStreamRequest\x1a\x1d.dstl.v1.CreateStreamResponse\x12B\n" +
 	"\tGetStream\x12\x19.dstl.v1.GetStreamRequest\x1a\x1a.dstl.v1.GetStreamResponse\x12H\n" +
@@ -4336,7 +4643,9 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x12CommitSubscription\x12\".dstl.v1.CommitSubscriptionRequest\x1a#.dstl.v1.CommitSubscriptionResponse\x12T\n" +
 	"\x0fGetSubscription\x12\x1f.dstl.v1.GetSubscriptionRequest\x1a .dstl.v1.GetSubscriptionResponse\x12Z\n" +
 	"\x11ListSubscriptions\x12!.dstl.v1.ListSubscriptionsRequest\x1a\".dstl.v1.ListSubscriptionsResponse\x12]\n" +
-	"\x12DeleteSubscription\x12\".dstl.v1.DeleteSubscriptionRequest\x1a#.dstl.v1.DeleteSubscriptionResponseB-Z+github.com/dstl-dev/dstl/api/dstl/v1/dstlv1b\x06proto3"
+	"\x12DeleteSubscription\x12\".dstl.v1.DeleteSubscriptionRequest\x1a#.dstl.v1.DeleteSubscriptionResponse2Z\n" +
+	"\x0eClusterService\x12H\n" +
+	"\vListMembers\x12\x1b.dstl.v1.ListMembersRequest\x1a\x1c.dstl.v1.ListMembersResponseB-Z+github.com/dstl-dev/dstl/api/dstl/v1/dstlv1b\x06proto3"
 
 var (
 	file_dstl_v1_dstl_proto_rawDescOnce sync.Once
@@ -4350,155 +4659,163 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 	return file_dstl_v1_dstl_proto_rawDescData
 }
 
-var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
+var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
 var file_dstl_v1_dstl_proto_goTypes = []any{
 	(Op)(0),                            // 0: dstl.v1.Op
 	(Durability)(0),                    // 1: dstl.v1.Durability
 	(EventForm)(0),                     // 2: dstl.v1.EventForm
 	(EventKind)(0),                     // 3: dstl.v1.EventKind
 	(StartFrom)(0),                     // 4: dstl.v1.StartFrom
-	(*KeyGroupRange)(nil),              // 5: dstl.v1.KeyGroupRange
-	(*Stream)(nil),                     // 6: dstl.v1.Stream
-	(*Hydration)(nil),                  // 7: dstl.v1.Hydration
-	(*CreateStreamRequest)(nil),        // 8: dstl.v1.CreateStreamRequest
-	(*CreateStreamResponse)(nil),       // 9: dstl.v1.CreateStreamResponse
-	(*GetStreamRequest)(nil),           // 10: dstl.v1.GetStreamRequest
-	(*GetStreamResponse)(nil),          // 11: dstl.v1.GetStreamResponse
-	(*ListStreamsRequest)(nil),         // 12: dstl.v1.ListStreamsRequest
-	(*ListStreamsResponse)(nil),        // 13: dstl.v1.ListStreamsResponse
-	(*DeleteStreamRequest)(nil),        // 14: dstl.v1.DeleteStreamRequest
-	(*DeleteStreamResponse)(nil),       // 15: dstl.v1.DeleteStreamResponse
-	(*Change)(nil),                     // 16: dstl.v1.Change
-	(*OpenWriterRequest)(nil),          // 17: dstl.v1.OpenWriterRequest
-	(*OpenWriterResponse)(nil),         // 18: dstl.v1.OpenWriterResponse
-	(*AppendRequest)(nil),              // 19: dstl.v1.AppendRequest
-	(*ReadAfterAppend)(nil),            // 20: dstl.v1.ReadAfterAppend
-	(*AppendResponse)(nil),             // 21: dstl.v1.AppendResponse
-	(*ReadResult)(nil),                 // 22: dstl.v1.ReadResult
-	(*AppendStreamResponse)(nil),       // 23: dstl.v1.AppendStreamResponse
-	(*SegmentBlocks)(nil),              // 24: dstl.v1.SegmentBlocks
-	(*BlockSpan)(nil),                  // 25: dstl.v1.BlockSpan
-	(*PersistRequest)(nil),             // 26: dstl.v1.PersistRequest
-	(*PersistResponse)(nil),            // 27: dstl.v1.PersistResponse
-	(*CheckpointRequest)(nil),          // 28: dstl.v1.CheckpointRequest
-	(*CheckpointResponse)(nil),         // 29: dstl.v1.CheckpointResponse
-	(*CloseWriterRequest)(nil),         // 30: dstl.v1.CloseWriterRequest
-	(*CloseWriterResponse)(nil),        // 31: dstl.v1.CloseWriterResponse
-	(*GetRequest)(nil),                 // 32: dstl.v1.GetRequest
-	(*GetResponse)(nil),                // 33: dstl.v1.GetResponse
-	(*ScanRequest)(nil),                // 34: dstl.v1.ScanRequest
-	(*KeyValue)(nil),                   // 35: dstl.v1.KeyValue
-	(*ScanResponse)(nil),               // 36: dstl.v1.ScanResponse
-	(*CheckpointPart)(nil),             // 37: dstl.v1.CheckpointPart
-	(*Checkpoint)(nil),                 // 38: dstl.v1.Checkpoint
-	(*Materialization)(nil),            // 39: dstl.v1.Materialization
-	(*CreateCheckpointRequest)(nil),    // 40: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil),   // 41: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),     // 42: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),    // 43: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),       // 44: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),      // 45: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),    // 46: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil),   // 47: dstl.v1.RetainCheckpointResponse
-	(*SubscribeRequest)(nil),           // 48: dstl.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),          // 49: dstl.v1.SubscribeResponse
-	(*ChangeEvent)(nil),                // 50: dstl.v1.ChangeEvent
-	(*Subscription)(nil),               // 51: dstl.v1.Subscription
-	(*CreateSubscriptionRequest)(nil),  // 52: dstl.v1.CreateSubscriptionRequest
-	(*CreateSubscriptionResponse)(nil), // 53: dstl.v1.CreateSubscriptionResponse
-	(*CommitSubscriptionRequest)(nil),  // 54: dstl.v1.CommitSubscriptionRequest
-	(*CommitSubscriptionResponse)(nil), // 55: dstl.v1.CommitSubscriptionResponse
-	(*GetSubscriptionRequest)(nil),     // 56: dstl.v1.GetSubscriptionRequest
-	(*GetSubscriptionResponse)(nil),    // 57: dstl.v1.GetSubscriptionResponse
-	(*ListSubscriptionsRequest)(nil),   // 58: dstl.v1.ListSubscriptionsRequest
-	(*ListSubscriptionsResponse)(nil),  // 59: dstl.v1.ListSubscriptionsResponse
-	(*DeleteSubscriptionRequest)(nil),  // 60: dstl.v1.DeleteSubscriptionRequest
-	(*DeleteSubscriptionResponse)(nil), // 61: dstl.v1.DeleteSubscriptionResponse
+	(MemberState)(0),                   // 5: dstl.v1.MemberState
+	(*KeyGroupRange)(nil),              // 6: dstl.v1.KeyGroupRange
+	(*Stream)(nil),                     // 7: dstl.v1.Stream
+	(*Hydration)(nil),                  // 8: dstl.v1.Hydration
+	(*CreateStreamRequest)(nil),        // 9: dstl.v1.CreateStreamRequest
+	(*CreateStreamResponse)(nil),       // 10: dstl.v1.CreateStreamResponse
+	(*GetStreamRequest)(nil),           // 11: dstl.v1.GetStreamRequest
+	(*GetStreamResponse)(nil),          // 12: dstl.v1.GetStreamResponse
+	(*ListStreamsRequest)(nil),         // 13: dstl.v1.ListStreamsRequest
+	(*ListStreamsResponse)(nil),        // 14: dstl.v1.ListStreamsResponse
+	(*DeleteStreamRequest)(nil),        // 15: dstl.v1.DeleteStreamRequest
+	(*DeleteStreamResponse)(nil),       // 16: dstl.v1.DeleteStreamResponse
+	(*Change)(nil),                     // 17: dstl.v1.Change
+	(*OpenWriterRequest)(nil),          // 18: dstl.v1.OpenWriterRequest
+	(*OpenWriterResponse)(nil),         // 19: dstl.v1.OpenWriterResponse
+	(*AppendRequest)(nil),              // 20: dstl.v1.AppendRequest
+	(*ReadAfterAppend)(nil),            // 21: dstl.v1.ReadAfterAppend
+	(*AppendResponse)(nil),             // 22: dstl.v1.AppendResponse
+	(*ReadResult)(nil),                 // 23: dstl.v1.ReadResult
+	(*AppendStreamResponse)(nil),       // 24: dstl.v1.AppendStreamResponse
+	(*SegmentBlocks)(nil),              // 25: dstl.v1.SegmentBlocks
+	(*BlockSpan)(nil),                  // 26: dstl.v1.BlockSpan
+	(*PersistRequest)(nil),             // 27: dstl.v1.PersistRequest
+	(*PersistResponse)(nil),            // 28: dstl.v1.PersistResponse
+	(*CheckpointRequest)(nil),          // 29: dstl.v1.CheckpointRequest
+	(*CheckpointResponse)(nil),         // 30: dstl.v1.CheckpointResponse
+	(*CloseWriterRequest)(nil),         // 31: dstl.v1.CloseWriterRequest
+	(*CloseWriterResponse)(nil),        // 32: dstl.v1.CloseWriterResponse
+	(*GetRequest)(nil),                 // 33: dstl.v1.GetRequest
+	(*GetResponse)(nil),                // 34: dstl.v1.GetResponse
+	(*ScanRequest)(nil),                // 35: dstl.v1.ScanRequest
+	(*KeyValue)(nil),                   // 36: dstl.v1.KeyValue
+	(*ScanResponse)(nil),               // 37: dstl.v1.ScanResponse
+	(*CheckpointPart)(nil),             // 38: dstl.v1.CheckpointPart
+	(*Checkpoint)(nil),                 // 39: dstl.v1.Checkpoint
+	(*Materialization)(nil),            // 40: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),    // 41: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil),   // 42: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),     // 43: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),    // 44: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),       // 45: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),      // 46: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),    // 47: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil),   // 48: dstl.v1.RetainCheckpointResponse
+	(*SubscribeRequest)(nil),           // 49: dstl.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),          // 50: dstl.v1.SubscribeResponse
+	(*ChangeEvent)(nil),                // 51: dstl.v1.ChangeEvent
+	(*Subscription)(nil),               // 52: dstl.v1.Subscription
+	(*CreateSubscriptionRequest)(nil),  // 53: dstl.v1.CreateSubscriptionRequest
+	(*CreateSubscriptionResponse)(nil), // 54: dstl.v1.CreateSubscriptionResponse
+	(*CommitSubscriptionRequest)(nil),  // 55: dstl.v1.CommitSubscriptionRequest
+	(*CommitSubscriptionResponse)(nil), // 56: dstl.v1.CommitSubscriptionResponse
+	(*GetSubscriptionRequest)(nil),     // 57: dstl.v1.GetSubscriptionRequest
+	(*GetSubscriptionResponse)(nil),    // 58: dstl.v1.GetSubscriptionResponse
+	(*ListSubscriptionsRequest)(nil),   // 59: dstl.v1.ListSubscriptionsRequest
+	(*ListSubscriptionsResponse)(nil),  // 60: dstl.v1.ListSubscriptionsResponse
+	(*DeleteSubscriptionRequest)(nil),  // 61: dstl.v1.DeleteSubscriptionRequest
+	(*DeleteSubscriptionResponse)(nil), // 62: dstl.v1.DeleteSubscriptionResponse
+	(*ListMembersRequest)(nil),         // 63: dstl.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),        // 64: dstl.v1.ListMembersResponse
+	(*Member)(nil),                     // 65: dstl.v1.Member
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
-	7,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
-	6,  // 1: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
-	6,  // 2: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
-	6,  // 3: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
+	8,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
+	7,  // 1: dstl.v1.CreateStreamResponse.stream:type_name -> dstl.v1.Stream
+	7,  // 2: dstl.v1.GetStreamResponse.stream:type_name -> dstl.v1.Stream
+	7,  // 3: dstl.v1.ListStreamsResponse.streams:type_name -> dstl.v1.Stream
 	0,  // 4: dstl.v1.Change.op:type_name -> dstl.v1.Op
-	5,  // 5: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	5,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
-	16, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
+	6,  // 5: dstl.v1.OpenWriterRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	6,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
+	17, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
 	1,  // 8: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
-	20, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
-	22, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
-	25, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
-	24, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
-	5,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	35, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
-	5,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
-	37, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	39, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
-	38, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	38, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	38, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	7,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
-	38, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	21, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
+	23, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
+	26, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
+	25, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
+	6,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	36, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
+	6,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
+	38, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
+	40, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	39, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	39, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	39, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	8,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
+	39, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
 	4,  // 23: dstl.v1.SubscribeRequest.start:type_name -> dstl.v1.StartFrom
-	5,  // 24: dstl.v1.SubscribeRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
+	6,  // 24: dstl.v1.SubscribeRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
 	2,  // 25: dstl.v1.SubscribeRequest.form:type_name -> dstl.v1.EventForm
-	50, // 26: dstl.v1.SubscribeResponse.events:type_name -> dstl.v1.ChangeEvent
+	51, // 26: dstl.v1.SubscribeResponse.events:type_name -> dstl.v1.ChangeEvent
 	3,  // 27: dstl.v1.ChangeEvent.kind:type_name -> dstl.v1.EventKind
 	4,  // 28: dstl.v1.CreateSubscriptionRequest.start:type_name -> dstl.v1.StartFrom
-	51, // 29: dstl.v1.CreateSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	51, // 30: dstl.v1.CommitSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	51, // 31: dstl.v1.GetSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	51, // 32: dstl.v1.ListSubscriptionsResponse.subscriptions:type_name -> dstl.v1.Subscription
-	8,  // 33: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
-	10, // 34: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
-	12, // 35: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
-	14, // 36: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
-	17, // 37: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	19, // 38: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	19, // 39: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	26, // 40: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	28, // 41: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	30, // 42: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	32, // 43: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	34, // 44: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	40, // 45: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	42, // 46: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	44, // 47: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	46, // 48: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	48, // 49: dstl.v1.CDCService.Subscribe:input_type -> dstl.v1.SubscribeRequest
-	52, // 50: dstl.v1.CDCService.CreateSubscription:input_type -> dstl.v1.CreateSubscriptionRequest
-	54, // 51: dstl.v1.CDCService.CommitSubscription:input_type -> dstl.v1.CommitSubscriptionRequest
-	56, // 52: dstl.v1.CDCService.GetSubscription:input_type -> dstl.v1.GetSubscriptionRequest
-	58, // 53: dstl.v1.CDCService.ListSubscriptions:input_type -> dstl.v1.ListSubscriptionsRequest
-	60, // 54: dstl.v1.CDCService.DeleteSubscription:input_type -> dstl.v1.DeleteSubscriptionRequest
-	9,  // 55: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
-	11, // 56: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
-	13, // 57: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
-	15, // 58: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	18, // 59: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	21, // 60: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	23, // 61: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	27, // 62: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	29, // 63: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	31, // 64: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	33, // 65: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	36, // 66: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	41, // 67: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	43, // 68: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	45, // 69: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	47, // 70: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	49, // 71: dstl.v1.CDCService.Subscribe:output_type -> dstl.v1.SubscribeResponse
-	53, // 72: dstl.v1.CDCService.CreateSubscription:output_type -> dstl.v1.CreateSubscriptionResponse
-	55, // 73: dstl.v1.CDCService.CommitSubscription:output_type -> dstl.v1.CommitSubscriptionResponse
-	57, // 74: dstl.v1.CDCService.GetSubscription:output_type -> dstl.v1.GetSubscriptionResponse
-	59, // 75: dstl.v1.CDCService.ListSubscriptions:output_type -> dstl.v1.ListSubscriptionsResponse
-	61, // 76: dstl.v1.CDCService.DeleteSubscription:output_type -> dstl.v1.DeleteSubscriptionResponse
-	55, // [55:77] is the sub-list for method output_type
-	33, // [33:55] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	52, // 29: dstl.v1.CreateSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	52, // 30: dstl.v1.CommitSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	52, // 31: dstl.v1.GetSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	52, // 32: dstl.v1.ListSubscriptionsResponse.subscriptions:type_name -> dstl.v1.Subscription
+	65, // 33: dstl.v1.ListMembersResponse.members:type_name -> dstl.v1.Member
+	5,  // 34: dstl.v1.Member.state:type_name -> dstl.v1.MemberState
+	9,  // 35: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
+	11, // 36: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
+	13, // 37: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
+	15, // 38: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
+	18, // 39: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
+	20, // 40: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	20, // 41: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	27, // 42: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	29, // 43: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	31, // 44: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	33, // 45: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	35, // 46: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	41, // 47: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	43, // 48: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	45, // 49: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	47, // 50: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	49, // 51: dstl.v1.CDCService.Subscribe:input_type -> dstl.v1.SubscribeRequest
+	53, // 52: dstl.v1.CDCService.CreateSubscription:input_type -> dstl.v1.CreateSubscriptionRequest
+	55, // 53: dstl.v1.CDCService.CommitSubscription:input_type -> dstl.v1.CommitSubscriptionRequest
+	57, // 54: dstl.v1.CDCService.GetSubscription:input_type -> dstl.v1.GetSubscriptionRequest
+	59, // 55: dstl.v1.CDCService.ListSubscriptions:input_type -> dstl.v1.ListSubscriptionsRequest
+	61, // 56: dstl.v1.CDCService.DeleteSubscription:input_type -> dstl.v1.DeleteSubscriptionRequest
+	63, // 57: dstl.v1.ClusterService.ListMembers:input_type -> dstl.v1.ListMembersRequest
+	10, // 58: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
+	12, // 59: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
+	14, // 60: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
+	16, // 61: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
+	19, // 62: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	22, // 63: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	24, // 64: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	28, // 65: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	30, // 66: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	32, // 67: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	34, // 68: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	37, // 69: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	42, // 70: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	44, // 71: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	46, // 72: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	48, // 73: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	50, // 74: dstl.v1.CDCService.Subscribe:output_type -> dstl.v1.SubscribeResponse
+	54, // 75: dstl.v1.CDCService.CreateSubscription:output_type -> dstl.v1.CreateSubscriptionResponse
+	56, // 76: dstl.v1.CDCService.CommitSubscription:output_type -> dstl.v1.CommitSubscriptionResponse
+	58, // 77: dstl.v1.CDCService.GetSubscription:output_type -> dstl.v1.GetSubscriptionResponse
+	60, // 78: dstl.v1.CDCService.ListSubscriptions:output_type -> dstl.v1.ListSubscriptionsResponse
+	62, // 79: dstl.v1.CDCService.DeleteSubscription:output_type -> dstl.v1.DeleteSubscriptionResponse
+	64, // 80: dstl.v1.ClusterService.ListMembers:output_type -> dstl.v1.ListMembersResponse
+	58, // [58:81] is the sub-list for method output_type
+	35, // [35:58] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_dstl_v1_dstl_proto_init() }
@@ -4512,10 +4829,10 @@ func file_dstl_v1_dstl_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   57,
+			NumEnums:      6,
+			NumMessages:   60,
 			NumExtensions: 0,
-			NumServices:   5,
+			NumServices:   6,
 		},
 		GoTypes:           file_dstl_v1_dstl_proto_goTypes,
 		DependencyIndexes: file_dstl_v1_dstl_proto_depIdxs,

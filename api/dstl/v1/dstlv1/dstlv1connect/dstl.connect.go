@@ -45,6 +45,8 @@ const (
 	CheckpointServiceName = "dstl.v1.CheckpointService"
 	// CDCServiceName is the fully-qualified name of the CDCService service.
 	CDCServiceName = "dstl.v1.CDCService"
+	// ClusterServiceName is the fully-qualified name of the ClusterService service.
+	ClusterServiceName = "dstl.v1.ClusterService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -115,6 +117,9 @@ const (
 	// CDCServiceDeleteSubscriptionProcedure is the fully-qualified name of the CDCService's
 	// DeleteSubscription RPC.
 	CDCServiceDeleteSubscriptionProcedure = "/dstl.v1.CDCService/DeleteSubscription"
+	// ClusterServiceListMembersProcedure is the fully-qualified name of the ClusterService's
+	// ListMembers RPC.
+	ClusterServiceListMembersProcedure = "/dstl.v1.ClusterService/ListMembers"
 )
 
 // StreamServiceClient is a client for the dstl.v1.StreamService service.
@@ -993,4 +998,82 @@ func (UnimplementedCDCServiceHandler) ListSubscriptions(context.Context, *connec
 
 func (UnimplementedCDCServiceHandler) DeleteSubscription(context.Context, *connect.Request[dstlv1.DeleteSubscriptionRequest]) (*connect.Response[dstlv1.DeleteSubscriptionResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.CDCService.DeleteSubscription is not implemented"))
+}
+
+// ClusterServiceClient is a client for the dstl.v1.ClusterService service.
+type ClusterServiceClient interface {
+	// Lists the members of the answering node's membership view, in node id
+	// order, itself included; dead and left members stay listed for a while
+	// (the node's forget delay). With gossip off (no --gossip-listen or
+	// --join) it lists just the answering node, alive.
+	ListMembers(context.Context, *connect.Request[dstlv1.ListMembersRequest]) (*connect.Response[dstlv1.ListMembersResponse], error)
+}
+
+// NewClusterServiceClient constructs a client for the dstl.v1.ClusterService service. By default,
+// it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and
+// sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC()
+// or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewClusterServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) ClusterServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	clusterServiceMethods := dstlv1.File_dstl_v1_dstl_proto.Services().ByName("ClusterService").Methods()
+	return &clusterServiceClient{
+		listMembers: connect.NewClient[dstlv1.ListMembersRequest, dstlv1.ListMembersResponse](
+			httpClient,
+			baseURL+ClusterServiceListMembersProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("ListMembers")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// clusterServiceClient implements ClusterServiceClient.
+type clusterServiceClient struct {
+	listMembers *connect.Client[dstlv1.ListMembersRequest, dstlv1.ListMembersResponse]
+}
+
+// ListMembers calls dstl.v1.ClusterService.ListMembers.
+func (c *clusterServiceClient) ListMembers(ctx context.Context, req *connect.Request[dstlv1.ListMembersRequest]) (*connect.Response[dstlv1.ListMembersResponse], error) {
+	return c.listMembers.CallUnary(ctx, req)
+}
+
+// ClusterServiceHandler is an implementation of the dstl.v1.ClusterService service.
+type ClusterServiceHandler interface {
+	// Lists the members of the answering node's membership view, in node id
+	// order, itself included; dead and left members stay listed for a while
+	// (the node's forget delay). With gossip off (no --gossip-listen or
+	// --join) it lists just the answering node, alive.
+	ListMembers(context.Context, *connect.Request[dstlv1.ListMembersRequest]) (*connect.Response[dstlv1.ListMembersResponse], error)
+}
+
+// NewClusterServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	clusterServiceMethods := dstlv1.File_dstl_v1_dstl_proto.Services().ByName("ClusterService").Methods()
+	clusterServiceListMembersHandler := connect.NewUnaryHandler(
+		ClusterServiceListMembersProcedure,
+		svc.ListMembers,
+		connect.WithSchema(clusterServiceMethods.ByName("ListMembers")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/dstl.v1.ClusterService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case ClusterServiceListMembersProcedure:
+			clusterServiceListMembersHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedClusterServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedClusterServiceHandler struct{}
+
+func (UnimplementedClusterServiceHandler) ListMembers(context.Context, *connect.Request[dstlv1.ListMembersRequest]) (*connect.Response[dstlv1.ListMembersResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("dstl.v1.ClusterService.ListMembers is not implemented"))
 }
