@@ -406,7 +406,16 @@ func (f *feed) snapshot(ctx context.Context, cp uint64, skip uint64) error {
 			return err
 		}
 	}
-	return f.flush(ctx, true, f.token(false, cp, 0, 0))
+	if err := f.flush(ctx, true, f.token(false, cp, 0, 0)); err != nil {
+		return err
+	}
+	if f.req.Form == cdc.FormUpsert {
+		// What follows needs no state until a MERGE or CLEAR (materialize).
+		err := f.st.close()
+		f.st = nil
+		return err
+	}
+	return nil
 }
 
 // deliver sends the events of checkpoint cp after the state at after

@@ -24,6 +24,10 @@ const foldLog = "cdc-feed"
 // state, bounded by overlayLimitBytes. Before-images of hot keys are then
 // a map lookup, not a Pebble read.
 const (
+	// feedMemTableSize: each feed has a store; Pebble's default (32 MiB,
+	// and two of them while one flushes) would dominate a node serving
+	// many subscriptions.
+	feedMemTableSize  = 8 << 20
 	overlayLimitBytes = 64 << 20
 	// overlayDirtyBytes: dirty entries are applied to Pebble when they
 	// reach this.
@@ -68,7 +72,7 @@ func openState(cfg *Config, stream string, r keygroup.Range) (*state, error) {
 	}
 	store, err := materializer.Open(dir, materializer.Options{
 		Logger: materializer.SlogLogger(cfg.Logger.With("component", "pebble")), Remote: cfg.Node.BlobStore(),
-		RefOwner: cfg.Node.ID() + "-cdc", CacheSize: cfg.CacheSize,
+		RefOwner: cfg.Node.ID() + "-cdc", CacheSize: cfg.CacheSize, MemTableSize: feedMemTableSize,
 		// The store is this feed's alone and removed when it ends.
 		NoWAL: true,
 	})
