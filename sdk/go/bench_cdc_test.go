@@ -2,6 +2,7 @@ package dstl_test
 
 import (
 	"context"
+	crand "crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -21,6 +22,7 @@ import (
 	"github.com/dstl-dev/dstl/cdc/feed"
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/materializer"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/server"
 	"github.com/dstl-dev/dstl/upload/blobstore"
@@ -342,7 +344,6 @@ func followLag(b *testing.B, wc, fc *dstl.Client, rate int, interval time.Durati
 	// at the start is not counted).
 	time.Sleep(500 * time.Millisecond)
 	rng := rand.New(rand.NewPCG(3, 4))
-	value := make([]byte, 100)
 	returned := map[uint64]time.Time{}
 	const tick = 10 * time.Millisecond
 	perTick := max(1, rate*int(tick)/int(time.Second))
@@ -352,7 +353,8 @@ func followLag(b *testing.B, wc, fc *dstl.Client, rate int, interval time.Durati
 	for id := uint64(2); id <= uint64(checkpoints)+1; {
 		<-t.C
 		for range perTick {
-			for j := 0; j < len(value); j += 8 {
+			value := make([]byte, 100)
+			for j := 0; j+8 <= len(value); j += 8 {
 				binary.LittleEndian.PutUint64(value[j:], rng.Uint64())
 			}
 			if err := w.Put(ctx, "v", fmt.Appendf(nil, "key-%012d", rng.IntN(100_000)), value); err != nil {
@@ -396,4 +398,119 @@ func followLag(b *testing.B, wc, fc *dstl.Client, rate int, interval time.Durati
 		b.Fatal("no checkpoint delivered")
 	}
 	return lags
+}
+
+// BenchmarkSnapshotFollow: a state of DSTL_BENCH_STATE_MB (default 64
+// MiB) of 1 KiB random values is written and checkpointed, and the
+// checkpoint snapshotted (the materializer, synchronously); then a
+// subscription with StartSnapshot reads it: the time to the first row
+// (first-row-s), to the snapshot's checkpoint-complete marker
+// (snapshot-s), rows/s and MB/s of values; then the writer (same node)
+// updates 1000 keys and checkpoints, and follow-lag-ms is the time from
+// that Checkpoint call's return to the delivery of its marker. After each
+// iteration the new checkpoint is snapshotted too, so that every
+// iteration starts from a snapshotted checkpoint.
+func BenchmarkSnapshotFollow(b *testing.B) {
+	const keyGroups = 128
+	stateBytes := benchStateBytes(b)
+	rows := stateBytes / benchValueSize
+	ctx := b.Context()
+	n := openCDCBenchNode(b, benchBlobURL(b), server.Options{})
+	c := n.clients["embedded"]
+	if _, err := c.CreateStream(ctx, "state", keyGroups); err != nil {
+		b.Fatal(err)
+	}
+	w, err := c.OpenWriter(ctx, "state", dstl.WriterOptions{CacheBytes: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer w.Abort()
+	put := func(i int) {
+		value := make([]byte, benchValueSize)
+		if _, err := crand.Read(value); err != nil {
+			b.Fatal(err)
+		}
+		if err := w.Put(ctx, "s", fmt.Appendf(nil, "key:%09d", i), value); err != nil {
+			b.Fatal(err)
+		}
+	}
+	writeStart := time.Now()
+	for i := range rows {
+		put(i)
+	}
+	cp := uint64(1)
+	if _, err := w.Checkpoint(ctx, cp, nil); err != nil {
+		b.Fatal(err)
+	}
+	written := time.Since(writeStart)
+	mat, err := materializer.New(n.node, b.TempDir(), materializer.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer mat.Close()
+	materialize := func() {
+		if _, err := mat.MaterializeStream(ctx, "state", true); err != nil {
+			b.Fatal(err)
+		}
+	}
+	matStart := time.Now()
+	materialize()
+	b.Logf("%d MiB: written and checkpointed in %v, snapshotted in %v", stateBytes>>20, written.Round(time.Millisecond), time.Since(matStart).Round(time.Millisecond))
+
+	for _, mode := range modes {
+		b.Run("mode="+mode, func(b *testing.B) {
+			for b.Loop() {
+				sub := n.clients[mode].Subscribe(ctx, "state", dstl.SubscribeOptions{Start: dstl.StartSnapshot})
+				returned := make(chan time.Time, 1)
+				var first, snapshot time.Duration
+				var delivered time.Time
+				got := 0
+				start := time.Now()
+				for ev, err := range sub.Changes() {
+					if err != nil {
+						b.Fatal(err)
+					}
+					if ev.Kind == dstl.EventReset {
+						continue
+					}
+					if ev.Snapshot {
+						if ev.Kind != dstl.EventCheckpointComplete {
+							if got == 0 {
+								first = time.Since(start)
+							}
+							got++
+							continue
+						}
+						snapshot = time.Since(start)
+						if ev.Checkpoint != cp || got != rows {
+							b.Fatalf("snapshot of checkpoint %d with %d rows, want %d with %d", ev.Checkpoint, got, cp, rows)
+						}
+						// Follow: 1000 updates, one more checkpoint.
+						go func() {
+							for i := range 1000 {
+								put(i * (rows / 1000))
+							}
+							if _, err := w.Checkpoint(ctx, cp+1, nil); err != nil {
+								b.Error(err)
+							}
+							returned <- time.Now()
+						}()
+						continue
+					}
+					if ev.Kind == dstl.EventCheckpointComplete && ev.Checkpoint == cp+1 {
+						delivered = time.Now()
+						break
+					}
+				}
+				lag := delivered.Sub(<-returned)
+				cp++
+				materialize()
+				b.ReportMetric(first.Seconds(), "first-row-s")
+				b.ReportMetric(snapshot.Seconds(), "snapshot-s")
+				b.ReportMetric(float64(rows)/snapshot.Seconds(), "rows/s")
+				b.ReportMetric(float64(stateBytes)/(1<<20)/snapshot.Seconds(), "MiB/s")
+				b.ReportMetric(lag.Seconds()*1e3, "follow-lag-ms")
+			}
+		})
+	}
 }
