@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"connectrpc.com/grpcreflect"
+	kgzip "github.com/klauspost/compress/gzip"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
@@ -227,6 +229,7 @@ func (s *Server) Handler() http.Handler {
 		connect.WithInterceptors(s.metrics.interceptor()),
 		connect.WithReadMaxBytes(s.opts.MaxMessageBytes),
 		connect.WithCompressMinBytes(compressMinBytes),
+		connect.WithCompression("gzip", newGzipReader, newGzipWriter),
 	}
 	mux := http.NewServeMux()
 	mux.Handle(dstlv1connect.NewStreamServiceHandler(&streamService{s}, opts...))
@@ -315,3 +318,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // compressor.reset over 8,648 calls), more than a small message saves on
 // any network.
 const compressMinBytes = 4 << 10
+
+// newGzipWriter compresses responses for clients that accept gzip (connect
+// clients do by default): klauspost's gzip at its fastest level instead of
+// compress/gzip's default level. The bytes are gzip either way. On a CDC
+// replay of 100-byte half-random values (BenchmarkSubscribeReplay, remote)
+// the default level spent more CPU than everything else together: 3.1 µs
+// per change end to end against 1.5 µs with this one, for 62 against 63
+// bytes on the wire per change.
+func newGzipWriter() connect.Compressor {
+	w, err := kgzip.NewWriterLevel(io.Discard, kgzip.BestSpeed)
+	if err != nil {
+		panic(err) // a valid level
+	}
+	return w
+}
+
+// newGzipReader decompresses gzip requests.
+func newGzipReader() connect.Decompressor { return new(kgzip.Reader) }
