@@ -247,7 +247,14 @@ func serve(ctx context.Context, o serveOptions) error {
 		_ = api.Close()
 		return fmt.Errorf("listen on %s: %w", o.listen, err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: new(http.Protocols)}
+	srv := &http.Server{
+		Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: new(http.Protocols),
+		// A client that vanished without closing its connection (a
+		// half-open TCP connection) would keep its subscriptions' feeds,
+		// and their stores, until the kernel gives up on it: ping a silent
+		// connection and close it when the ping is not answered.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
+	}
 	srv.Protocols.SetHTTP1(true)
 	if o.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)

@@ -152,7 +152,14 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	c := &Client{opts: o, baseURL: strings.TrimRight(rawURL, "/")}
 	if o.httpClient == nil {
 		p := new(http.Protocols)
-		t := &http.Transport{Protocols: p, ForceAttemptHTTP2: true, IdleConnTimeout: 90 * time.Second}
+		t := &http.Transport{
+			Protocols: p, ForceAttemptHTTP2: true, IdleConnTimeout: 90 * time.Second,
+			// A connection that went silent (the node or the network died
+			// without a reset) is pinged and closed when the ping is not
+			// answered, so a call or a subscription's follow on it fails
+			// (and a subscription resumes) instead of hanging.
+			HTTP2: &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
+		}
 		if u.Scheme == "http" {
 			p.SetUnencryptedHTTP2(true)
 		} else {
