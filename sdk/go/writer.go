@@ -165,6 +165,13 @@ type Writer struct {
 // OpenWriter opens a writer of stream: a new epoch that fences every older
 // writer of overlapping key groups. RestoredMetadata returns the metadata
 // of the checkpoint it started from.
+//
+// In a cluster the writer is opened on the owner of its (stream, key-group
+// range): a member that is not the owner answers NotOwner with the owner's
+// URL, and OpenWriter follows it (at most MaxOwnerRedirects times, then
+// ErrNotOwner) unless o.AnyNode. Every call of the returned Writer, its
+// reads included, goes to that node (Writer.Node); the Client's other calls
+// stay on its own node. docs/sdk.md, "Writers follow their owner".
 func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions) (*Writer, error) {
 	st, err := c.Stream(ctx, stream)
 	if err != nil {
