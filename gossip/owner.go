@@ -3,6 +3,7 @@ package gossip
 import (
 	"cmp"
 	"slices"
+	"strconv"
 
 	"github.com/cespare/xxhash/v2"
 )
@@ -27,8 +28,8 @@ import (
 // member that (re)joins takes from every other member only keys it now
 // weighs highest on. TestOwnerVectors pins values.
 //
-// The key the cluster will hash is a (stream, key-group range); its
-// encoding is the ownership layer's, not this function's.
+// The key the cluster hashes for a writer is WriterKey; WriterOwner picks
+// a writer's owner.
 func Owners(key string, members []Member, n int) []Member {
 	if n <= 0 {
 		return nil
@@ -65,4 +66,48 @@ func Weight(key, memberID string) uint64 {
 	_, _ = d.Write([]byte{0})
 	_, _ = d.WriteString(memberID)
 	return d.Sum64()
+}
+
+// WriterKey is the rendezvous key of the writer of key groups lo..hi
+// (inclusive) of stream:
+//
+//	stream ‖ 0x00 ‖ decimal(lo) ‖ "-" ‖ decimal(hi)
+//
+// e.g. "orders\x000-63". Like Owners it is part of the cluster's contract
+// (docs/cluster.md, "Ownership"; TestWriterOwnerVectors pins values).
+// Stream names never hold a zero byte, so the encoding is unambiguous.
+func WriterKey(stream string, lo, hi uint32) string {
+	b := make([]byte, 0, len(stream)+12)
+	b = append(b, stream...)
+	b = append(b, 0)
+	b = strconv.AppendUint(b, uint64(lo), 10)
+	b = append(b, '-')
+	b = strconv.AppendUint(b, uint64(hi), 10)
+	return string(b)
+}
+
+// CanOwn reports whether m may own writers: alive, not leaving, and with
+// an RPC URL clients can be sent to. Every node decides it from gossiped
+// state alone, so views that agree pick the same owners.
+func CanOwn(m Member) bool {
+	return m.State == StateAlive && !m.Leaving && m.MetaErr == nil && m.Meta.RPC != ""
+}
+
+// WriterOwner returns the owner of the writer of key groups lo..hi of
+// stream in the view members: the first of Owners(WriterKey(stream, lo,
+// hi), candidates, 1), where the candidates are the members that CanOwn.
+// ok is false if there is no candidate (the caller then serves the writer
+// itself: a node never refuses a writer for want of an owner).
+func WriterOwner(stream string, lo, hi uint32, members []Member) (owner Member, ok bool) {
+	candidates := make([]Member, 0, len(members))
+	for _, m := range members {
+		if CanOwn(m) {
+			candidates = append(candidates, m)
+		}
+	}
+	o := Owners(WriterKey(stream, lo, hi), candidates, 1)
+	if len(o) == 0 {
+		return Member{}, false
+	}
+	return o[0], true
 }

@@ -150,3 +150,72 @@ func TestOwnersProperties(t *testing.T) {
 		t.Errorf("the newcomer took %.1f%% of the keys, want about 1/11", 100*f)
 	}
 }
+
+// TestWriterOwnerVectors pins the writer key encoding and the owners it
+// gives: part of the cluster's contract (docs/cluster.md, "Ownership").
+func TestWriterOwnerVectors(t *testing.T) {
+	ms := aliveMembers("node-a", "node-b", "node-c")
+	for i := range ms {
+		ms[i].Meta.RPC = "http://" + ms[i].ID + ":7600"
+	}
+	for _, v := range []struct {
+		stream  string
+		lo, hi  uint32
+		key     string
+		a, b, c uint64
+		owner   string
+	}{
+		{"orders", 0, 63, "orders\x000-63", 0x6a791995089e0176, 0xc487a51a46311155, 0x3d4dce94f15ea429, "node-b"},
+		{"orders", 64, 127, "orders\x0064-127", 0x3ffa7d4b81afa035, 0xa72839def229051d, 0x8660bc347e926698, "node-b"},
+		{"orders", 0, 127, "orders\x000-127", 0xd2ef321fa248f990, 0xa534f236e173c9e7, 0x775102a3f0724321, "node-a"},
+		{"clicks", 0, 0, "clicks\x000-0", 0x258e285db20fa3c, 0x3905343f4e32fb58, 0x3fe41ff4c550a6d2, "node-c"},
+		{"clicks", 5, 9, "clicks\x005-9", 0x55ab4bfa1052c23f, 0xc2bb79a0db4c037d, 0x4b56072ede5d16b2, "node-b"},
+	} {
+		key := WriterKey(v.stream, v.lo, v.hi)
+		if key != v.key {
+			t.Fatalf("WriterKey(%q, %d, %d) = %q, want %q", v.stream, v.lo, v.hi, key, v.key)
+		}
+		for i, w := range []uint64{v.a, v.b, v.c} {
+			if got := xxhash.Sum64([]byte(key + "\x00" + ms[i].ID)); got != w {
+				t.Errorf("weight(%q, %s) = %#x, want %#x", key, ms[i].ID, got, w)
+			}
+		}
+		o, ok := WriterOwner(v.stream, v.lo, v.hi, ms)
+		if !ok || o.ID != v.owner {
+			t.Errorf("WriterOwner(%q, %d, %d) = %s, %v, want %s", v.stream, v.lo, v.hi, o.ID, ok, v.owner)
+		}
+	}
+}
+
+// Members that cannot own are skipped: dead, left, leaving, without an RPC
+// URL or with metadata that did not decode; none left: no owner.
+func TestWriterOwnerCandidates(t *testing.T) {
+	ms := aliveMembers("node-a", "node-b", "node-c")
+	for i := range ms {
+		ms[i].Meta.RPC = "http://" + ms[i].ID + ":7600"
+	}
+	// orders 0-127: node-a, then node-b, then node-c.
+	if o, _ := WriterOwner("orders", 0, 127, ms); o.ID != "node-a" {
+		t.Fatalf("owner %s", o.ID)
+	}
+	for _, spoil := range []func(*Member){
+		func(m *Member) { m.State = StateDead },
+		func(m *Member) { m.State = StateLeft },
+		func(m *Member) { m.Leaving = true },
+		func(m *Member) { m.Meta.RPC = "" },
+		func(m *Member) { m.MetaErr = fmt.Errorf("bad meta") },
+	} {
+		v := slices.Clone(ms)
+		spoil(&v[0])
+		if o, ok := WriterOwner("orders", 0, 127, v); !ok || o.ID != "node-b" {
+			t.Fatalf("owner %s, %v: want node-b, the second", o.ID, ok)
+		}
+	}
+	none := slices.Clone(ms)
+	for i := range none {
+		none[i].State = StateDead
+	}
+	if o, ok := WriterOwner("orders", 0, 127, none); ok {
+		t.Fatalf("owner %s among dead members", o.ID)
+	}
+}

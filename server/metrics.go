@@ -18,6 +18,7 @@ type metrics struct {
 	persistSeconds    prometheus.Histogram
 	checkpointSeconds prometheus.Histogram
 	fenced            prometheus.Counter
+	redirects         prometheus.Counter
 	requests          *prometheus.CounterVec
 
 	// CDC (dstl_cdc_*).
@@ -37,6 +38,7 @@ func newMetrics() *metrics {
 		persistSeconds:    prometheus.NewHistogram(prometheus.HistogramOpts{Name: "dstl_server_persist_seconds", Help: "Latency of successful persists.", Buckets: latency}),
 		checkpointSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "dstl_server_checkpoint_seconds", Help: "Latency of successful writer checkpoints.", Buckets: latency}),
 		fenced:            prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_server_fenced_writers_total", Help: "Writers found fenced by a newer epoch."}),
+		redirects:         prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_server_writer_redirects_total", Help: "OpenWriter calls refused with NotOwner: another member owns the writer's (stream, key-group range) in this node's view."}),
 		requests:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "dstl_server_requests_total", Help: "RPCs by procedure and result code."}, []string{"procedure", "code"}),
 		cdcFeeds:          prometheus.NewGauge(prometheus.GaugeOpts{Name: "dstl_cdc_feeds", Help: "CDC subscriptions being served by this node."}),
 		cdcEvents:         prometheus.NewCounter(prometheus.CounterOpts{Name: "dstl_cdc_events_total", Help: "CDC events delivered."}),
@@ -47,7 +49,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.requests,
+	return []prometheus.Collector{m.changes, m.batches, m.bytes, m.persistSeconds, m.checkpointSeconds, m.fenced, m.redirects, m.requests,
 		m.cdcFeeds, m.cdcEvents, m.cdcBytes, m.cdcMessages, m.cdcCheckpoints}
 }
 

@@ -40,6 +40,14 @@ func (x *writerService) OpenWriter(ctx context.Context, req *connect.Request[dst
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// Ownership routes new epochs to the owner (ownership.go). A resume
+	// reattaches to a log only this node holds, and any_node asks for this
+	// node whatever the owner: neither is routed.
+	if !req.Msg.GetAnyNode() && req.Msg.GetResumeEpoch() == 0 {
+		if err := s.checkOwner(cfg.Name, r); err != nil {
+			return nil, err
+		}
+	}
 	w, err := s.node.OpenWriter(ctx, changelog.WriterConfig{
 		Stream: cfg.Name, KeyGroups: r, FromCheckpoint: req.Msg.GetFromCheckpoint(), Resume: req.Msg.GetResumeEpoch(),
 	})

@@ -139,6 +139,11 @@ func (o *cliOptions) dial(cmd *cobra.Command) (*clients, error) {
 	if err != nil {
 		return nil, err
 	}
+	return dialURL(cmd, base), nil
+}
+
+// dialURL builds the clients of the node at base (a normalized URL).
+func dialURL(cmd *cobra.Command, base string) *clients {
 	hc := newHTTPClient(base)
 	timeout := ""
 	if f := cmd.Flags().Lookup("timeout"); f != nil {
@@ -153,7 +158,7 @@ func (o *cliOptions) dial(cmd *cobra.Command) (*clients, error) {
 		checkpoints: dstlv1connect.NewCheckpointServiceClient(hc, base),
 		cdc:         dstlv1connect.NewCDCServiceClient(hc, base),
 		cluster:     dstlv1connect.NewClusterServiceClient(hc, base),
-	}, nil
+	}
 }
 
 // explain turns an RPC error into one readable line: "not_found: stream x:

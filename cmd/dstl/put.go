@@ -103,9 +103,11 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 		}
 	}
 
-	ow, err := c.writers.OpenWriter(ctx, connect.NewRequest(&dstlv1.OpenWriterRequest{Stream: stream}))
+	// In a cluster the writer is opened on its owner (the node follows
+	// NotOwner answers), and its calls go there.
+	ow, wc, err := openOnOwner(ctx, cmd, c, &dstlv1.OpenWriterRequest{Stream: stream})
 	if err != nil {
-		return c.explain(err)
+		return err
 	}
 	wid := ow.Msg.GetWriterId()
 	closed := false
@@ -116,20 +118,20 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 		// Give the writer back even if the command failed or timed out.
 		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer ccancel()
-		_, _ = c.writers.CloseWriter(cctx, connect.NewRequest(&dstlv1.CloseWriterRequest{WriterId: wid}))
+		_, _ = wc.writers.CloseWriter(cctx, connect.NewRequest(&dstlv1.CloseWriterRequest{WriterId: wid}))
 	}()
 	metadata, err := oneMetadata(ow.Msg.GetRestoredMetadata())
 	if err != nil {
 		return fmt.Errorf("stream %s: checkpoint %d: %w", stream, ow.Msg.GetFromCheckpoint(), err)
 	}
 
-	app, err := c.writers.Append(ctx, connect.NewRequest(&dstlv1.AppendRequest{
+	app, err := wc.writers.Append(ctx, connect.NewRequest(&dstlv1.AppendRequest{
 		WriterId:   wid,
 		Durability: durability,
 		Changes:    []*dstlv1.Change{{KeyGroup: kg, State: o.state, Op: op, Key: key, Value: value}},
 	}))
 	if err != nil {
-		return c.explain(err)
+		return wc.explain(err)
 	}
 
 	latest, err := newestCheckpoint(ctx, c, stream, false)
@@ -138,17 +140,17 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 	}
 	newest := max(ow.Msg.GetFromCheckpoint(), latest.GetId())
 	id := newest + 1
-	cp, err := c.writers.Checkpoint(ctx, connect.NewRequest(&dstlv1.CheckpointRequest{WriterId: wid, CheckpointId: id, Metadata: metadata}))
+	cp, err := wc.writers.Checkpoint(ctx, connect.NewRequest(&dstlv1.CheckpointRequest{WriterId: wid, CheckpointId: id, Metadata: metadata}))
 	if err != nil {
-		return fmt.Errorf("the change (sqn %d) was appended but checkpoint %d failed, so it is not committed: %w", app.Msg.GetLastSqn(), id, c.explain(err))
+		return fmt.Errorf("the change (sqn %d) was appended but checkpoint %d failed, so it is not committed: %w", app.Msg.GetLastSqn(), id, wc.explain(err))
 	}
 	if !cp.Msg.GetComplete() {
 		return fmt.Errorf("the change (sqn %d) was appended but checkpoint %d is not complete: another live writer of stream %s has not recorded its part", app.Msg.GetLastSqn(), id, stream)
 	}
-	_, err = c.writers.CloseWriter(ctx, connect.NewRequest(&dstlv1.CloseWriterRequest{WriterId: wid}))
+	_, err = wc.writers.CloseWriter(ctx, connect.NewRequest(&dstlv1.CloseWriterRequest{WriterId: wid}))
 	closed = true
 	if err != nil {
-		return fmt.Errorf("the change is committed in checkpoint %d, but closing writer %s failed: %w", id, wid, c.explain(err))
+		return fmt.Errorf("the change is committed in checkpoint %d, but closing writer %s failed: %w", id, wid, wc.explain(err))
 	}
 
 	res := writeResult{
@@ -161,6 +163,48 @@ func writeOne(cmd *cobra.Command, cli *cliOptions, o *writeOptions, op dstlv1.Op
 	_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s %s/%s key %s (key group %d): committed in checkpoint %d\n",
 		res.Op, stream, o.state, display(key), kg, id)
 	return err
+}
+
+// maxOwnerRedirects bounds the NotOwner answers openOnOwner follows.
+const maxOwnerRedirects = 3
+
+// openOnOwner opens a writer on c's node, following NotOwner answers to
+// the owner of the writer (docs/cluster.md, "Ownership"); it returns the
+// clients of the node that opened it.
+func openOnOwner(ctx context.Context, cmd *cobra.Command, c *clients, req *dstlv1.OpenWriterRequest) (*connect.Response[dstlv1.OpenWriterResponse], *clients, error) {
+	target := c
+	for redirects := 0; ; redirects++ {
+		res, err := target.writers.OpenWriter(ctx, connect.NewRequest(req))
+		if err == nil {
+			return res, target, nil
+		}
+		owner := notOwnerURL(err)
+		if owner == "" || redirects >= maxOwnerRedirects {
+			return nil, nil, target.explain(err)
+		}
+		u, uerr := serverURL(owner)
+		if uerr != nil {
+			return nil, nil, fmt.Errorf("%w (owner's URL: %v)", target.explain(err), uerr)
+		}
+		target = dialURL(cmd, u)
+	}
+}
+
+// notOwnerURL returns the owner's URL of a NotOwner answer ("" if err is
+// not one).
+func notOwnerURL(err error) string {
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		return ""
+	}
+	for _, d := range ce.Details() {
+		if v, derr := d.Value(); derr == nil {
+			if no, ok := v.(*dstlv1.NotOwner); ok {
+				return no.GetOwnerRpc()
+			}
+		}
+	}
+	return ""
 }
 
 // newestCheckpoint returns the newest complete checkpoint of stream (nil if

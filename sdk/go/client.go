@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -131,6 +132,13 @@ type Client struct {
 	cdc         cdcCalls
 	// subscribe opens one Subscribe stream (cdc.go).
 	subscribe func(context.Context, *dstlv1.SubscribeRequest) (eventStream, error)
+
+	// scheme is baseURL's ("" in-process).
+	scheme string
+	// nodes are clients of other members of the cluster, by URL, that
+	// writers followed their owner to (owner.go); closed by Close.
+	nodesMu sync.Mutex
+	nodes   map[string]*Client
 }
 
 // Dial returns a client of the node at rawURL: http://host:port speaks
@@ -138,6 +146,16 @@ type Client struct {
 // contact the node; the first call does. ctx is reserved for future use.
 func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	_ = ctx
+	o := options{timeout: DefaultTimeout, retries: DefaultRetries, backoff: DefaultRetryBackoff, maxBackoff: DefaultMaxBackoff}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return dial(rawURL, o)
+}
+
+// dial builds a client of rawURL with options o (a transport of its own
+// unless o brings an HTTP client).
+func dial(rawURL string, o options) (*Client, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, fmt.Errorf("dstl: dial %q: %w", rawURL, err)
@@ -145,11 +163,7 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	if u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return nil, fmt.Errorf("dstl: dial %q: want http://host:port or https://host:port", rawURL)
 	}
-	o := options{timeout: DefaultTimeout, retries: DefaultRetries, backoff: DefaultRetryBackoff, maxBackoff: DefaultMaxBackoff}
-	for _, opt := range opts {
-		opt(&o)
-	}
-	c := &Client{opts: o, baseURL: strings.TrimRight(rawURL, "/")}
+	c := &Client{opts: o, baseURL: strings.TrimRight(rawURL, "/"), scheme: u.Scheme}
 	if o.httpClient == nil {
 		p := new(http.Protocols)
 		t := &http.Transport{
@@ -186,12 +200,20 @@ func Dial(ctx context.Context, rawURL string, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
-// Close releases the client's idle connections. Close writers first. An
+// Close releases the client's idle connections, those to other nodes its
+// writers followed their owners to included. Close writers first. An
 // in-process client refuses calls from then on and waits for the calls in
 // flight.
 func (c *Client) Close() error {
 	if c.gate != nil {
 		c.gate.close()
+	}
+	c.nodesMu.Lock()
+	nodes := c.nodes
+	c.nodes = nil
+	c.nodesMu.Unlock()
+	for _, n := range nodes {
+		_ = n.Close()
 	}
 	if c.transport != nil {
 		c.transport.CloseIdleConnections()

@@ -46,6 +46,14 @@ var (
 	// retention cap. Start again from a snapshot (StartSnapshot). It also
 	// matches ErrFenced, the sentinel of its code.
 	ErrResnapshot = errors.New("dstl: subscription must resnapshot")
+	// ErrNotOwner: OpenWriter could not reach the owner of the writer's
+	// (stream, key-group range) (FAILED_PRECONDITION with a NotOwner
+	// detail): the nodes kept naming other owners past MaxOwnerRedirects
+	// (their membership views disagree, e.g. during a membership change;
+	// retry shortly), or the client cannot follow (an in-process client).
+	// Client.OpenWriter follows a NotOwner answer by itself otherwise. It
+	// also matches ErrFenced, the sentinel of its code.
+	ErrNotOwner = errors.New("dstl: not the owner")
 )
 
 // Error is a failed call: its RPC code and the server's message.

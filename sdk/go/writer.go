@@ -37,8 +37,14 @@ type WriterOptions struct {
 	// newest.
 	FromCheckpoint uint64
 	// ResumeEpoch reattaches to this live epoch (recovered by the node
-	// after a restart) instead of opening a new one.
+	// after a restart) instead of opening a new one. A resume is never
+	// redirected: only the node that recovered the epoch's log has it.
 	ResumeEpoch uint64
+	// AnyNode opens the writer on the client's node even if another
+	// member of the cluster owns its (stream, key-group range); without it
+	// the open follows the owner (docs/cluster.md, "Ownership"). Fencing
+	// is the same either way: the newer epoch wins.
+	AnyNode bool
 	// Durability of the writer's appends; DurabilityDefault means the
 	// client's (WithDurability), and then the server's.
 	Durability Durability
@@ -159,12 +165,19 @@ type Writer struct {
 // OpenWriter opens a writer of stream: a new epoch that fences every older
 // writer of overlapping key groups. RestoredMetadata returns the metadata
 // of the checkpoint it started from.
+//
+// In a cluster the writer is opened on the owner of its (stream, key-group
+// range): a member that is not the owner answers NotOwner with the owner's
+// URL, and OpenWriter follows it (at most MaxOwnerRedirects times, then
+// ErrNotOwner) unless o.AnyNode. Every call of the returned Writer, its
+// reads included, goes to that node (Writer.Node); the Client's other calls
+// stay on its own node. docs/sdk.md, "Writers follow their owner".
 func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions) (*Writer, error) {
 	st, err := c.Stream(ctx, stream)
 	if err != nil {
 		return nil, err
 	}
-	req := &dstlv1.OpenWriterRequest{Stream: stream, FromCheckpoint: o.FromCheckpoint, ResumeEpoch: o.ResumeEpoch}
+	req := &dstlv1.OpenWriterRequest{Stream: stream, FromCheckpoint: o.FromCheckpoint, ResumeEpoch: o.ResumeEpoch, AnyNode: o.AnyNode}
 	if o.KeyGroups != nil {
 		r := *o.KeyGroups
 		if r.Lo < 0 || r.Lo > r.Hi || r.Hi >= st.KeyGroups {
@@ -172,9 +185,9 @@ func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions)
 		}
 		req.KeyGroups = &dstlv1.KeyGroupRange{Lo: uint32(r.Lo), Hi: uint32(r.Hi)}
 	}
-	// A retried open after a lost answer opens one more epoch, which only
-	// fences the orphaned one: safe.
-	res, err := call(ctx, c, "OpenWriter", false, c.writers.OpenWriter, req)
+	// In a cluster the writer lives on its owner: the open follows
+	// NotOwner answers there, and node serves every call of the writer.
+	res, node, err := c.openWriter(ctx, req)
 	if err != nil {
 		return nil, err
 	}
@@ -183,7 +196,7 @@ func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions)
 		d = c.opts.durability
 	}
 	w := &Writer{
-		c: c, stream: stream, id: res.GetWriterId(), epoch: res.GetEpoch(), kgCount: st.KeyGroups,
+		c: node, stream: stream, id: res.GetWriterId(), epoch: res.GetEpoch(), kgCount: st.KeyGroups,
 		kgs: rangeOf(res.GetKeyGroups()), from: res.GetFromCheckpoint(), restored: res.GetRestoredMetadata(),
 		durability: d.proto(), lastSQN: res.GetLastSqn(),
 		batchChanges: o.BatchChanges, batchBytes: o.BatchBytes, linger: o.Linger, bufferMax: o.BufferChanges,
@@ -213,6 +226,11 @@ func (c *Client) OpenWriter(ctx context.Context, stream string, o WriterOptions)
 	go w.run()
 	return w, nil
 }
+
+// Node returns the URL of the node the writer lives on: in a cluster, the
+// owner the open was sent to (every call of the writer goes there),
+// otherwise the client's node ("in-process" for an in-process client).
+func (w *Writer) Node() string { return w.c.baseURL }
 
 // ID names the writer ("<stream>/<epoch>").
 func (w *Writer) ID() string { return w.id }

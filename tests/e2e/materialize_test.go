@@ -443,7 +443,9 @@ func metricSum(ctx context.Context, url, name string) (sum float64, found bool, 
 		if !ok || (rest != "" && rest[0] != '{' && rest[0] != ' ') {
 			continue
 		}
-		fields := strings.Fields(line[strings.LastIndex(line, "}")+1:])
+		// The value follows the labels, if any (an unlabelled sample is
+		// "name value").
+		fields := strings.Fields(rest[strings.LastIndex(rest, "}")+1:])
 		if len(fields) == 0 {
 			continue
 		}

@@ -1067,7 +1067,12 @@ type OpenWriterRequest struct {
 	FromCheckpoint uint64 `protobuf:"varint,3,opt,name=from_checkpoint,json=fromCheckpoint,proto3" json:"from_checkpoint,omitempty"`
 	// Reattach to this live epoch, whose log the node recovered after a
 	// restart, instead of opening a new epoch.
-	ResumeEpoch   uint64 `protobuf:"varint,4,opt,name=resume_epoch,json=resumeEpoch,proto3" json:"resume_epoch,omitempty"`
+	ResumeEpoch uint64 `protobuf:"varint,4,opt,name=resume_epoch,json=resumeEpoch,proto3" json:"resume_epoch,omitempty"`
+	// Open the writer on the answering node even if another member owns the
+	// (stream, key-group range) (tools, tests, an operator moving a writer by
+	// hand). Without it a non-owner refuses with NotOwner. Fencing is the
+	// same either way: the newer epoch wins.
+	AnyNode       bool `protobuf:"varint,5,opt,name=any_node,json=anyNode,proto3" json:"any_node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1130,6 +1135,71 @@ func (x *OpenWriterRequest) GetResumeEpoch() uint64 {
 	return 0
 }
 
+func (x *OpenWriterRequest) GetAnyNode() bool {
+	if x != nil {
+		return x.AnyNode
+	}
+	return false
+}
+
+// NotOwner is the error detail of OpenWriter's FAILED_PRECONDITION from a
+// node that does not own the writer's (stream, key-group range) in its
+// membership view: open the writer at owner_rpc instead (docs/cluster.md,
+// "Ownership").
+type NotOwner struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The owner's node id.
+	OwnerNode string `protobuf:"bytes,1,opt,name=owner_node,json=ownerNode,proto3" json:"owner_node,omitempty"`
+	// The owner's API URL (what --server takes).
+	OwnerRpc      string `protobuf:"bytes,2,opt,name=owner_rpc,json=ownerRpc,proto3" json:"owner_rpc,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NotOwner) Reset() {
+	*x = NotOwner{}
+	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NotOwner) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NotOwner) ProtoMessage() {}
+
+func (x *NotOwner) ProtoReflect() protoreflect.Message {
+	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NotOwner.ProtoReflect.Descriptor instead.
+func (*NotOwner) Descriptor() ([]byte, []int) {
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *NotOwner) GetOwnerNode() string {
+	if x != nil {
+		return x.OwnerNode
+	}
+	return ""
+}
+
+func (x *NotOwner) GetOwnerRpc() string {
+	if x != nil {
+		return x.OwnerRpc
+	}
+	return ""
+}
+
 type OpenWriterResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Names the writer in the other calls ("<stream>/<epoch>").
@@ -1148,7 +1218,7 @@ type OpenWriterResponse struct {
 
 func (x *OpenWriterResponse) Reset() {
 	*x = OpenWriterResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1160,7 +1230,7 @@ func (x *OpenWriterResponse) String() string {
 func (*OpenWriterResponse) ProtoMessage() {}
 
 func (x *OpenWriterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[13]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1173,7 +1243,7 @@ func (x *OpenWriterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenWriterResponse.ProtoReflect.Descriptor instead.
 func (*OpenWriterResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{13}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *OpenWriterResponse) GetWriterId() string {
@@ -1235,7 +1305,7 @@ type AppendRequest struct {
 
 func (x *AppendRequest) Reset() {
 	*x = AppendRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1317,7 @@ func (x *AppendRequest) String() string {
 func (*AppendRequest) ProtoMessage() {}
 
 func (x *AppendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[14]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1330,7 @@ func (x *AppendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendRequest.ProtoReflect.Descriptor instead.
 func (*AppendRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{14}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AppendRequest) GetWriterId() string {
@@ -1303,7 +1373,7 @@ type ReadAfterAppend struct {
 
 func (x *ReadAfterAppend) Reset() {
 	*x = ReadAfterAppend{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1385,7 @@ func (x *ReadAfterAppend) String() string {
 func (*ReadAfterAppend) ProtoMessage() {}
 
 func (x *ReadAfterAppend) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[15]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1398,7 @@ func (x *ReadAfterAppend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadAfterAppend.ProtoReflect.Descriptor instead.
 func (*ReadAfterAppend) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{15}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReadAfterAppend) GetState() string {
@@ -1365,7 +1435,7 @@ type AppendResponse struct {
 
 func (x *AppendResponse) Reset() {
 	*x = AppendResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1377,7 +1447,7 @@ func (x *AppendResponse) String() string {
 func (*AppendResponse) ProtoMessage() {}
 
 func (x *AppendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[16]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1390,7 +1460,7 @@ func (x *AppendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendResponse.ProtoReflect.Descriptor instead.
 func (*AppendResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{16}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AppendResponse) GetFirstSqn() uint64 {
@@ -1424,7 +1494,7 @@ type ReadResult struct {
 
 func (x *ReadResult) Reset() {
 	*x = ReadResult{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1436,7 +1506,7 @@ func (x *ReadResult) String() string {
 func (*ReadResult) ProtoMessage() {}
 
 func (x *ReadResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[17]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1449,7 +1519,7 @@ func (x *ReadResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadResult.ProtoReflect.Descriptor instead.
 func (*ReadResult) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{17}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ReadResult) GetFound() bool {
@@ -1477,7 +1547,7 @@ type AppendStreamResponse struct {
 
 func (x *AppendStreamResponse) Reset() {
 	*x = AppendStreamResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1489,7 +1559,7 @@ func (x *AppendStreamResponse) String() string {
 func (*AppendStreamResponse) ProtoMessage() {}
 
 func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[18]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1502,7 +1572,7 @@ func (x *AppendStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendStreamResponse.ProtoReflect.Descriptor instead.
 func (*AppendStreamResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{18}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AppendStreamResponse) GetLastSqn() uint64 {
@@ -1538,7 +1608,7 @@ type SegmentBlocks struct {
 
 func (x *SegmentBlocks) Reset() {
 	*x = SegmentBlocks{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1550,7 +1620,7 @@ func (x *SegmentBlocks) String() string {
 func (*SegmentBlocks) ProtoMessage() {}
 
 func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[19]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1563,7 +1633,7 @@ func (x *SegmentBlocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SegmentBlocks.ProtoReflect.Descriptor instead.
 func (*SegmentBlocks) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{19}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SegmentBlocks) GetKey() string {
@@ -1599,7 +1669,7 @@ type BlockSpan struct {
 
 func (x *BlockSpan) Reset() {
 	*x = BlockSpan{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1611,7 +1681,7 @@ func (x *BlockSpan) String() string {
 func (*BlockSpan) ProtoMessage() {}
 
 func (x *BlockSpan) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[20]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1624,7 +1694,7 @@ func (x *BlockSpan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockSpan.ProtoReflect.Descriptor instead.
 func (*BlockSpan) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{20}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BlockSpan) GetOffset() uint64 {
@@ -1666,7 +1736,7 @@ type PersistRequest struct {
 
 func (x *PersistRequest) Reset() {
 	*x = PersistRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1678,7 +1748,7 @@ func (x *PersistRequest) String() string {
 func (*PersistRequest) ProtoMessage() {}
 
 func (x *PersistRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[21]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1691,7 +1761,7 @@ func (x *PersistRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistRequest.ProtoReflect.Descriptor instead.
 func (*PersistRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{21}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PersistRequest) GetWriterId() string {
@@ -1719,7 +1789,7 @@ type PersistResponse struct {
 
 func (x *PersistResponse) Reset() {
 	*x = PersistResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1731,7 +1801,7 @@ func (x *PersistResponse) String() string {
 func (*PersistResponse) ProtoMessage() {}
 
 func (x *PersistResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[22]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1744,7 +1814,7 @@ func (x *PersistResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PersistResponse.ProtoReflect.Descriptor instead.
 func (*PersistResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{22}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PersistResponse) GetUpToSqn() uint64 {
@@ -1774,7 +1844,7 @@ type CheckpointRequest struct {
 
 func (x *CheckpointRequest) Reset() {
 	*x = CheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1786,7 +1856,7 @@ func (x *CheckpointRequest) String() string {
 func (*CheckpointRequest) ProtoMessage() {}
 
 func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[23]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1799,7 +1869,7 @@ func (x *CheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{23}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CheckpointRequest) GetWriterId() string {
@@ -1834,7 +1904,7 @@ type CheckpointResponse struct {
 
 func (x *CheckpointResponse) Reset() {
 	*x = CheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1846,7 +1916,7 @@ func (x *CheckpointResponse) String() string {
 func (*CheckpointResponse) ProtoMessage() {}
 
 func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[24]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1859,7 +1929,7 @@ func (x *CheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{24}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CheckpointResponse) GetCheckpointId() uint64 {
@@ -1885,7 +1955,7 @@ type CloseWriterRequest struct {
 
 func (x *CloseWriterRequest) Reset() {
 	*x = CloseWriterRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1897,7 +1967,7 @@ func (x *CloseWriterRequest) String() string {
 func (*CloseWriterRequest) ProtoMessage() {}
 
 func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[25]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1910,7 +1980,7 @@ func (x *CloseWriterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterRequest.ProtoReflect.Descriptor instead.
 func (*CloseWriterRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{25}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CloseWriterRequest) GetWriterId() string {
@@ -1928,7 +1998,7 @@ type CloseWriterResponse struct {
 
 func (x *CloseWriterResponse) Reset() {
 	*x = CloseWriterResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1940,7 +2010,7 @@ func (x *CloseWriterResponse) String() string {
 func (*CloseWriterResponse) ProtoMessage() {}
 
 func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[26]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1953,7 +2023,7 @@ func (x *CloseWriterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseWriterResponse.ProtoReflect.Descriptor instead.
 func (*CloseWriterResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{26}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
 }
 
 type GetRequest struct {
@@ -1969,7 +2039,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1981,7 +2051,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[27]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1994,7 +2064,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{27}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetRequest) GetStream() string {
@@ -2036,7 +2106,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2048,7 +2118,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[28]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2061,7 +2131,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{28}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetResponse) GetFound() bool {
@@ -2103,7 +2173,7 @@ type ScanRequest struct {
 
 func (x *ScanRequest) Reset() {
 	*x = ScanRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2115,7 +2185,7 @@ func (x *ScanRequest) String() string {
 func (*ScanRequest) ProtoMessage() {}
 
 func (x *ScanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[29]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2128,7 +2198,7 @@ func (x *ScanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanRequest.ProtoReflect.Descriptor instead.
 func (*ScanRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{29}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ScanRequest) GetStream() string {
@@ -2185,7 +2255,7 @@ type KeyValue struct {
 
 func (x *KeyValue) Reset() {
 	*x = KeyValue{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2197,7 +2267,7 @@ func (x *KeyValue) String() string {
 func (*KeyValue) ProtoMessage() {}
 
 func (x *KeyValue) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[30]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2210,7 +2280,7 @@ func (x *KeyValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyValue.ProtoReflect.Descriptor instead.
 func (*KeyValue) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{30}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *KeyValue) GetKeyGroup() uint32 {
@@ -2251,7 +2321,7 @@ type ScanResponse struct {
 
 func (x *ScanResponse) Reset() {
 	*x = ScanResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2263,7 +2333,7 @@ func (x *ScanResponse) String() string {
 func (*ScanResponse) ProtoMessage() {}
 
 func (x *ScanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[31]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2276,7 +2346,7 @@ func (x *ScanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScanResponse.ProtoReflect.Descriptor instead.
 func (*ScanResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{31}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ScanResponse) GetEntries() []*KeyValue {
@@ -2310,7 +2380,7 @@ type CheckpointPart struct {
 
 func (x *CheckpointPart) Reset() {
 	*x = CheckpointPart{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2322,7 +2392,7 @@ func (x *CheckpointPart) String() string {
 func (*CheckpointPart) ProtoMessage() {}
 
 func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[32]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2335,7 +2405,7 @@ func (x *CheckpointPart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointPart.ProtoReflect.Descriptor instead.
 func (*CheckpointPart) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{32}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CheckpointPart) GetEpoch() uint64 {
@@ -2414,7 +2484,7 @@ type Checkpoint struct {
 
 func (x *Checkpoint) Reset() {
 	*x = Checkpoint{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2426,7 +2496,7 @@ func (x *Checkpoint) String() string {
 func (*Checkpoint) ProtoMessage() {}
 
 func (x *Checkpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[33]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2439,7 +2509,7 @@ func (x *Checkpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Checkpoint.ProtoReflect.Descriptor instead.
 func (*Checkpoint) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{33}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Checkpoint) GetStream() string {
@@ -2521,7 +2591,7 @@ type Materialization struct {
 
 func (x *Materialization) Reset() {
 	*x = Materialization{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2533,7 +2603,7 @@ func (x *Materialization) String() string {
 func (*Materialization) ProtoMessage() {}
 
 func (x *Materialization) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[34]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2546,7 +2616,7 @@ func (x *Materialization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Materialization.ProtoReflect.Descriptor instead.
 func (*Materialization) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{34}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Materialization) GetSnapshotCheckpoint() uint64 {
@@ -2636,7 +2706,7 @@ type CreateCheckpointRequest struct {
 
 func (x *CreateCheckpointRequest) Reset() {
 	*x = CreateCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2648,7 +2718,7 @@ func (x *CreateCheckpointRequest) String() string {
 func (*CreateCheckpointRequest) ProtoMessage() {}
 
 func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[35]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2661,7 +2731,7 @@ func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{35}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateCheckpointRequest) GetStream() string {
@@ -2692,7 +2762,7 @@ type CreateCheckpointResponse struct {
 
 func (x *CreateCheckpointResponse) Reset() {
 	*x = CreateCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2704,7 +2774,7 @@ func (x *CreateCheckpointResponse) String() string {
 func (*CreateCheckpointResponse) ProtoMessage() {}
 
 func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[36]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2717,7 +2787,7 @@ func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{36}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CreateCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2760,7 +2830,7 @@ type ListCheckpointsRequest struct {
 
 func (x *ListCheckpointsRequest) Reset() {
 	*x = ListCheckpointsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2772,7 +2842,7 @@ func (x *ListCheckpointsRequest) String() string {
 func (*ListCheckpointsRequest) ProtoMessage() {}
 
 func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[37]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2785,7 +2855,7 @@ func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsRequest.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{37}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListCheckpointsRequest) GetStream() string {
@@ -2835,7 +2905,7 @@ type ListCheckpointsResponse struct {
 
 func (x *ListCheckpointsResponse) Reset() {
 	*x = ListCheckpointsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2847,7 +2917,7 @@ func (x *ListCheckpointsResponse) String() string {
 func (*ListCheckpointsResponse) ProtoMessage() {}
 
 func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[38]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2860,7 +2930,7 @@ func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsResponse.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{38}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
@@ -2887,7 +2957,7 @@ type GetCheckpointRequest struct {
 
 func (x *GetCheckpointRequest) Reset() {
 	*x = GetCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2899,7 +2969,7 @@ func (x *GetCheckpointRequest) String() string {
 func (*GetCheckpointRequest) ProtoMessage() {}
 
 func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[39]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2912,7 +2982,7 @@ func (x *GetCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{39}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetCheckpointRequest) GetStream() string {
@@ -2940,7 +3010,7 @@ type GetCheckpointResponse struct {
 
 func (x *GetCheckpointResponse) Reset() {
 	*x = GetCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2952,7 +3022,7 @@ func (x *GetCheckpointResponse) String() string {
 func (*GetCheckpointResponse) ProtoMessage() {}
 
 func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[40]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2965,7 +3035,7 @@ func (x *GetCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{40}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -2994,7 +3064,7 @@ type RetainCheckpointRequest struct {
 
 func (x *RetainCheckpointRequest) Reset() {
 	*x = RetainCheckpointRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3006,7 +3076,7 @@ func (x *RetainCheckpointRequest) String() string {
 func (*RetainCheckpointRequest) ProtoMessage() {}
 
 func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[41]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3019,7 +3089,7 @@ func (x *RetainCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{41}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RetainCheckpointRequest) GetStream() string {
@@ -3052,7 +3122,7 @@ type RetainCheckpointResponse struct {
 
 func (x *RetainCheckpointResponse) Reset() {
 	*x = RetainCheckpointResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3064,7 +3134,7 @@ func (x *RetainCheckpointResponse) String() string {
 func (*RetainCheckpointResponse) ProtoMessage() {}
 
 func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[42]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3077,7 +3147,7 @@ func (x *RetainCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetainCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*RetainCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{42}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RetainCheckpointResponse) GetCheckpoint() *Checkpoint {
@@ -3120,7 +3190,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3132,7 +3202,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[43]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3145,7 +3215,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{43}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SubscribeRequest) GetStream() string {
@@ -3246,7 +3316,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3258,7 +3328,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[44]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3271,7 +3341,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{44}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *SubscribeResponse) GetEvents() []*ChangeEvent {
@@ -3349,7 +3419,7 @@ type ChangeEvent struct {
 
 func (x *ChangeEvent) Reset() {
 	*x = ChangeEvent{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3361,7 +3431,7 @@ func (x *ChangeEvent) String() string {
 func (*ChangeEvent) ProtoMessage() {}
 
 func (x *ChangeEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[45]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3374,7 +3444,7 @@ func (x *ChangeEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangeEvent.ProtoReflect.Descriptor instead.
 func (*ChangeEvent) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{45}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ChangeEvent) GetKind() EventKind {
@@ -3457,7 +3527,7 @@ type Subscription struct {
 
 func (x *Subscription) Reset() {
 	*x = Subscription{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3469,7 +3539,7 @@ func (x *Subscription) String() string {
 func (*Subscription) ProtoMessage() {}
 
 func (x *Subscription) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[46]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3482,7 +3552,7 @@ func (x *Subscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscription.ProtoReflect.Descriptor instead.
 func (*Subscription) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{46}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Subscription) GetStream() string {
@@ -3568,7 +3638,7 @@ type CreateSubscriptionRequest struct {
 
 func (x *CreateSubscriptionRequest) Reset() {
 	*x = CreateSubscriptionRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3580,7 +3650,7 @@ func (x *CreateSubscriptionRequest) String() string {
 func (*CreateSubscriptionRequest) ProtoMessage() {}
 
 func (x *CreateSubscriptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[47]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3593,7 +3663,7 @@ func (x *CreateSubscriptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSubscriptionRequest.ProtoReflect.Descriptor instead.
 func (*CreateSubscriptionRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{47}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *CreateSubscriptionRequest) GetStream() string {
@@ -3633,7 +3703,7 @@ type CreateSubscriptionResponse struct {
 
 func (x *CreateSubscriptionResponse) Reset() {
 	*x = CreateSubscriptionResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3645,7 +3715,7 @@ func (x *CreateSubscriptionResponse) String() string {
 func (*CreateSubscriptionResponse) ProtoMessage() {}
 
 func (x *CreateSubscriptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[48]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3658,7 +3728,7 @@ func (x *CreateSubscriptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSubscriptionResponse.ProtoReflect.Descriptor instead.
 func (*CreateSubscriptionResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{48}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *CreateSubscriptionResponse) GetSubscription() *Subscription {
@@ -3679,7 +3749,7 @@ type CommitSubscriptionRequest struct {
 
 func (x *CommitSubscriptionRequest) Reset() {
 	*x = CommitSubscriptionRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3691,7 +3761,7 @@ func (x *CommitSubscriptionRequest) String() string {
 func (*CommitSubscriptionRequest) ProtoMessage() {}
 
 func (x *CommitSubscriptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[49]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3704,7 +3774,7 @@ func (x *CommitSubscriptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitSubscriptionRequest.ProtoReflect.Descriptor instead.
 func (*CommitSubscriptionRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{49}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *CommitSubscriptionRequest) GetStream() string {
@@ -3737,7 +3807,7 @@ type CommitSubscriptionResponse struct {
 
 func (x *CommitSubscriptionResponse) Reset() {
 	*x = CommitSubscriptionResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3749,7 +3819,7 @@ func (x *CommitSubscriptionResponse) String() string {
 func (*CommitSubscriptionResponse) ProtoMessage() {}
 
 func (x *CommitSubscriptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[50]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3762,7 +3832,7 @@ func (x *CommitSubscriptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitSubscriptionResponse.ProtoReflect.Descriptor instead.
 func (*CommitSubscriptionResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{50}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CommitSubscriptionResponse) GetSubscription() *Subscription {
@@ -3782,7 +3852,7 @@ type GetSubscriptionRequest struct {
 
 func (x *GetSubscriptionRequest) Reset() {
 	*x = GetSubscriptionRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3794,7 +3864,7 @@ func (x *GetSubscriptionRequest) String() string {
 func (*GetSubscriptionRequest) ProtoMessage() {}
 
 func (x *GetSubscriptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[51]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3807,7 +3877,7 @@ func (x *GetSubscriptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSubscriptionRequest.ProtoReflect.Descriptor instead.
 func (*GetSubscriptionRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{51}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *GetSubscriptionRequest) GetStream() string {
@@ -3833,7 +3903,7 @@ type GetSubscriptionResponse struct {
 
 func (x *GetSubscriptionResponse) Reset() {
 	*x = GetSubscriptionResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3845,7 +3915,7 @@ func (x *GetSubscriptionResponse) String() string {
 func (*GetSubscriptionResponse) ProtoMessage() {}
 
 func (x *GetSubscriptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[52]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3858,7 +3928,7 @@ func (x *GetSubscriptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSubscriptionResponse.ProtoReflect.Descriptor instead.
 func (*GetSubscriptionResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{52}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *GetSubscriptionResponse) GetSubscription() *Subscription {
@@ -3877,7 +3947,7 @@ type ListSubscriptionsRequest struct {
 
 func (x *ListSubscriptionsRequest) Reset() {
 	*x = ListSubscriptionsRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3889,7 +3959,7 @@ func (x *ListSubscriptionsRequest) String() string {
 func (*ListSubscriptionsRequest) ProtoMessage() {}
 
 func (x *ListSubscriptionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[53]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3902,7 +3972,7 @@ func (x *ListSubscriptionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSubscriptionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSubscriptionsRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{53}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListSubscriptionsRequest) GetStream() string {
@@ -3921,7 +3991,7 @@ type ListSubscriptionsResponse struct {
 
 func (x *ListSubscriptionsResponse) Reset() {
 	*x = ListSubscriptionsResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3933,7 +4003,7 @@ func (x *ListSubscriptionsResponse) String() string {
 func (*ListSubscriptionsResponse) ProtoMessage() {}
 
 func (x *ListSubscriptionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[54]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3946,7 +4016,7 @@ func (x *ListSubscriptionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSubscriptionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSubscriptionsResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{54}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ListSubscriptionsResponse) GetSubscriptions() []*Subscription {
@@ -3966,7 +4036,7 @@ type DeleteSubscriptionRequest struct {
 
 func (x *DeleteSubscriptionRequest) Reset() {
 	*x = DeleteSubscriptionRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3978,7 +4048,7 @@ func (x *DeleteSubscriptionRequest) String() string {
 func (*DeleteSubscriptionRequest) ProtoMessage() {}
 
 func (x *DeleteSubscriptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[55]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3991,7 +4061,7 @@ func (x *DeleteSubscriptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSubscriptionRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSubscriptionRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{55}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *DeleteSubscriptionRequest) GetStream() string {
@@ -4016,7 +4086,7 @@ type DeleteSubscriptionResponse struct {
 
 func (x *DeleteSubscriptionResponse) Reset() {
 	*x = DeleteSubscriptionResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4028,7 +4098,7 @@ func (x *DeleteSubscriptionResponse) String() string {
 func (*DeleteSubscriptionResponse) ProtoMessage() {}
 
 func (x *DeleteSubscriptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[56]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4041,7 +4111,7 @@ func (x *DeleteSubscriptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSubscriptionResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSubscriptionResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{56}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{57}
 }
 
 type ListMembersRequest struct {
@@ -4052,7 +4122,7 @@ type ListMembersRequest struct {
 
 func (x *ListMembersRequest) Reset() {
 	*x = ListMembersRequest{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4064,7 +4134,7 @@ func (x *ListMembersRequest) String() string {
 func (*ListMembersRequest) ProtoMessage() {}
 
 func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[57]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4077,7 +4147,7 @@ func (x *ListMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListMembersRequest) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{57}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{58}
 }
 
 type ListMembersResponse struct {
@@ -4091,7 +4161,7 @@ type ListMembersResponse struct {
 
 func (x *ListMembersResponse) Reset() {
 	*x = ListMembersResponse{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4103,7 +4173,7 @@ func (x *ListMembersResponse) String() string {
 func (*ListMembersResponse) ProtoMessage() {}
 
 func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[58]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4116,7 +4186,7 @@ func (x *ListMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListMembersResponse) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{58}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListMembersResponse) GetMembers() []*Member {
@@ -4164,7 +4234,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4176,7 +4246,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_dstl_v1_dstl_proto_msgTypes[59]
+	mi := &file_dstl_v1_dstl_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4189,7 +4259,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{59}
+	return file_dstl_v1_dstl_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *Member) GetNodeId() string {
@@ -4320,13 +4390,18 @@ const file_dstl_v1_dstl_proto_rawDesc = "" +
 	"\x02op\x18\x03 \x01(\x0e2\v.dstl.v1.OpR\x02op\x12\x10\n" +
 	"\x03key\x18\x04 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x05 \x01(\fR\x05value\x12!\n" +
-	"\ftimestamp_ms\x18\x06 \x01(\x03R\vtimestampMs\"\xae\x01\n" +
+	"\ftimestamp_ms\x18\x06 \x01(\x03R\vtimestampMs\"\xc9\x01\n" +
 	"\x11OpenWriterRequest\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x125\n" +
 	"\n" +
 	"key_groups\x18\x02 \x01(\v2\x16.dstl.v1.KeyGroupRangeR\tkeyGroups\x12'\n" +
 	"\x0ffrom_checkpoint\x18\x03 \x01(\x04R\x0efromCheckpoint\x12!\n" +
-	"\fresume_epoch\x18\x04 \x01(\x04R\vresumeEpoch\"\xef\x01\n" +
+	"\fresume_epoch\x18\x04 \x01(\x04R\vresumeEpoch\x12\x19\n" +
+	"\bany_node\x18\x05 \x01(\bR\aanyNode\"F\n" +
+	"\bNotOwner\x12\x1d\n" +
+	"\n" +
+	"owner_node\x18\x01 \x01(\tR\townerNode\x12\x1b\n" +
+	"\towner_rpc\x18\x02 \x01(\tR\bownerRpc\"\xef\x01\n" +
 	"\x12OpenWriterResponse\x12\x1b\n" +
 	"\twriter_id\x18\x01 \x01(\tR\bwriterId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x125\n" +
@@ -4660,7 +4735,7 @@ func file_dstl_v1_dstl_proto_rawDescGZIP() []byte {
 }
 
 var file_dstl_v1_dstl_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_dstl_v1_dstl_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
 var file_dstl_v1_dstl_proto_goTypes = []any{
 	(Op)(0),                            // 0: dstl.v1.Op
 	(Durability)(0),                    // 1: dstl.v1.Durability
@@ -4681,53 +4756,54 @@ var file_dstl_v1_dstl_proto_goTypes = []any{
 	(*DeleteStreamResponse)(nil),       // 16: dstl.v1.DeleteStreamResponse
 	(*Change)(nil),                     // 17: dstl.v1.Change
 	(*OpenWriterRequest)(nil),          // 18: dstl.v1.OpenWriterRequest
-	(*OpenWriterResponse)(nil),         // 19: dstl.v1.OpenWriterResponse
-	(*AppendRequest)(nil),              // 20: dstl.v1.AppendRequest
-	(*ReadAfterAppend)(nil),            // 21: dstl.v1.ReadAfterAppend
-	(*AppendResponse)(nil),             // 22: dstl.v1.AppendResponse
-	(*ReadResult)(nil),                 // 23: dstl.v1.ReadResult
-	(*AppendStreamResponse)(nil),       // 24: dstl.v1.AppendStreamResponse
-	(*SegmentBlocks)(nil),              // 25: dstl.v1.SegmentBlocks
-	(*BlockSpan)(nil),                  // 26: dstl.v1.BlockSpan
-	(*PersistRequest)(nil),             // 27: dstl.v1.PersistRequest
-	(*PersistResponse)(nil),            // 28: dstl.v1.PersistResponse
-	(*CheckpointRequest)(nil),          // 29: dstl.v1.CheckpointRequest
-	(*CheckpointResponse)(nil),         // 30: dstl.v1.CheckpointResponse
-	(*CloseWriterRequest)(nil),         // 31: dstl.v1.CloseWriterRequest
-	(*CloseWriterResponse)(nil),        // 32: dstl.v1.CloseWriterResponse
-	(*GetRequest)(nil),                 // 33: dstl.v1.GetRequest
-	(*GetResponse)(nil),                // 34: dstl.v1.GetResponse
-	(*ScanRequest)(nil),                // 35: dstl.v1.ScanRequest
-	(*KeyValue)(nil),                   // 36: dstl.v1.KeyValue
-	(*ScanResponse)(nil),               // 37: dstl.v1.ScanResponse
-	(*CheckpointPart)(nil),             // 38: dstl.v1.CheckpointPart
-	(*Checkpoint)(nil),                 // 39: dstl.v1.Checkpoint
-	(*Materialization)(nil),            // 40: dstl.v1.Materialization
-	(*CreateCheckpointRequest)(nil),    // 41: dstl.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil),   // 42: dstl.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),     // 43: dstl.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),    // 44: dstl.v1.ListCheckpointsResponse
-	(*GetCheckpointRequest)(nil),       // 45: dstl.v1.GetCheckpointRequest
-	(*GetCheckpointResponse)(nil),      // 46: dstl.v1.GetCheckpointResponse
-	(*RetainCheckpointRequest)(nil),    // 47: dstl.v1.RetainCheckpointRequest
-	(*RetainCheckpointResponse)(nil),   // 48: dstl.v1.RetainCheckpointResponse
-	(*SubscribeRequest)(nil),           // 49: dstl.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),          // 50: dstl.v1.SubscribeResponse
-	(*ChangeEvent)(nil),                // 51: dstl.v1.ChangeEvent
-	(*Subscription)(nil),               // 52: dstl.v1.Subscription
-	(*CreateSubscriptionRequest)(nil),  // 53: dstl.v1.CreateSubscriptionRequest
-	(*CreateSubscriptionResponse)(nil), // 54: dstl.v1.CreateSubscriptionResponse
-	(*CommitSubscriptionRequest)(nil),  // 55: dstl.v1.CommitSubscriptionRequest
-	(*CommitSubscriptionResponse)(nil), // 56: dstl.v1.CommitSubscriptionResponse
-	(*GetSubscriptionRequest)(nil),     // 57: dstl.v1.GetSubscriptionRequest
-	(*GetSubscriptionResponse)(nil),    // 58: dstl.v1.GetSubscriptionResponse
-	(*ListSubscriptionsRequest)(nil),   // 59: dstl.v1.ListSubscriptionsRequest
-	(*ListSubscriptionsResponse)(nil),  // 60: dstl.v1.ListSubscriptionsResponse
-	(*DeleteSubscriptionRequest)(nil),  // 61: dstl.v1.DeleteSubscriptionRequest
-	(*DeleteSubscriptionResponse)(nil), // 62: dstl.v1.DeleteSubscriptionResponse
-	(*ListMembersRequest)(nil),         // 63: dstl.v1.ListMembersRequest
-	(*ListMembersResponse)(nil),        // 64: dstl.v1.ListMembersResponse
-	(*Member)(nil),                     // 65: dstl.v1.Member
+	(*NotOwner)(nil),                   // 19: dstl.v1.NotOwner
+	(*OpenWriterResponse)(nil),         // 20: dstl.v1.OpenWriterResponse
+	(*AppendRequest)(nil),              // 21: dstl.v1.AppendRequest
+	(*ReadAfterAppend)(nil),            // 22: dstl.v1.ReadAfterAppend
+	(*AppendResponse)(nil),             // 23: dstl.v1.AppendResponse
+	(*ReadResult)(nil),                 // 24: dstl.v1.ReadResult
+	(*AppendStreamResponse)(nil),       // 25: dstl.v1.AppendStreamResponse
+	(*SegmentBlocks)(nil),              // 26: dstl.v1.SegmentBlocks
+	(*BlockSpan)(nil),                  // 27: dstl.v1.BlockSpan
+	(*PersistRequest)(nil),             // 28: dstl.v1.PersistRequest
+	(*PersistResponse)(nil),            // 29: dstl.v1.PersistResponse
+	(*CheckpointRequest)(nil),          // 30: dstl.v1.CheckpointRequest
+	(*CheckpointResponse)(nil),         // 31: dstl.v1.CheckpointResponse
+	(*CloseWriterRequest)(nil),         // 32: dstl.v1.CloseWriterRequest
+	(*CloseWriterResponse)(nil),        // 33: dstl.v1.CloseWriterResponse
+	(*GetRequest)(nil),                 // 34: dstl.v1.GetRequest
+	(*GetResponse)(nil),                // 35: dstl.v1.GetResponse
+	(*ScanRequest)(nil),                // 36: dstl.v1.ScanRequest
+	(*KeyValue)(nil),                   // 37: dstl.v1.KeyValue
+	(*ScanResponse)(nil),               // 38: dstl.v1.ScanResponse
+	(*CheckpointPart)(nil),             // 39: dstl.v1.CheckpointPart
+	(*Checkpoint)(nil),                 // 40: dstl.v1.Checkpoint
+	(*Materialization)(nil),            // 41: dstl.v1.Materialization
+	(*CreateCheckpointRequest)(nil),    // 42: dstl.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil),   // 43: dstl.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),     // 44: dstl.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),    // 45: dstl.v1.ListCheckpointsResponse
+	(*GetCheckpointRequest)(nil),       // 46: dstl.v1.GetCheckpointRequest
+	(*GetCheckpointResponse)(nil),      // 47: dstl.v1.GetCheckpointResponse
+	(*RetainCheckpointRequest)(nil),    // 48: dstl.v1.RetainCheckpointRequest
+	(*RetainCheckpointResponse)(nil),   // 49: dstl.v1.RetainCheckpointResponse
+	(*SubscribeRequest)(nil),           // 50: dstl.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),          // 51: dstl.v1.SubscribeResponse
+	(*ChangeEvent)(nil),                // 52: dstl.v1.ChangeEvent
+	(*Subscription)(nil),               // 53: dstl.v1.Subscription
+	(*CreateSubscriptionRequest)(nil),  // 54: dstl.v1.CreateSubscriptionRequest
+	(*CreateSubscriptionResponse)(nil), // 55: dstl.v1.CreateSubscriptionResponse
+	(*CommitSubscriptionRequest)(nil),  // 56: dstl.v1.CommitSubscriptionRequest
+	(*CommitSubscriptionResponse)(nil), // 57: dstl.v1.CommitSubscriptionResponse
+	(*GetSubscriptionRequest)(nil),     // 58: dstl.v1.GetSubscriptionRequest
+	(*GetSubscriptionResponse)(nil),    // 59: dstl.v1.GetSubscriptionResponse
+	(*ListSubscriptionsRequest)(nil),   // 60: dstl.v1.ListSubscriptionsRequest
+	(*ListSubscriptionsResponse)(nil),  // 61: dstl.v1.ListSubscriptionsResponse
+	(*DeleteSubscriptionRequest)(nil),  // 62: dstl.v1.DeleteSubscriptionRequest
+	(*DeleteSubscriptionResponse)(nil), // 63: dstl.v1.DeleteSubscriptionResponse
+	(*ListMembersRequest)(nil),         // 64: dstl.v1.ListMembersRequest
+	(*ListMembersResponse)(nil),        // 65: dstl.v1.ListMembersResponse
+	(*Member)(nil),                     // 66: dstl.v1.Member
 }
 var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	8,  // 0: dstl.v1.Stream.hydration:type_name -> dstl.v1.Hydration
@@ -4739,78 +4815,78 @@ var file_dstl_v1_dstl_proto_depIdxs = []int32{
 	6,  // 6: dstl.v1.OpenWriterResponse.key_groups:type_name -> dstl.v1.KeyGroupRange
 	17, // 7: dstl.v1.AppendRequest.changes:type_name -> dstl.v1.Change
 	1,  // 8: dstl.v1.AppendRequest.durability:type_name -> dstl.v1.Durability
-	21, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
-	23, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
-	26, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
-	25, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
+	22, // 9: dstl.v1.AppendRequest.reads:type_name -> dstl.v1.ReadAfterAppend
+	24, // 10: dstl.v1.AppendResponse.reads:type_name -> dstl.v1.ReadResult
+	27, // 11: dstl.v1.SegmentBlocks.blocks:type_name -> dstl.v1.BlockSpan
+	26, // 12: dstl.v1.PersistResponse.segments:type_name -> dstl.v1.SegmentBlocks
 	6,  // 13: dstl.v1.ScanRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
-	36, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
+	37, // 14: dstl.v1.ScanResponse.entries:type_name -> dstl.v1.KeyValue
 	6,  // 15: dstl.v1.CheckpointPart.key_groups:type_name -> dstl.v1.KeyGroupRange
-	38, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
-	40, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
-	39, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
-	39, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
-	39, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	39, // 16: dstl.v1.Checkpoint.parts:type_name -> dstl.v1.CheckpointPart
+	41, // 17: dstl.v1.Checkpoint.materialization:type_name -> dstl.v1.Materialization
+	40, // 18: dstl.v1.CreateCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	40, // 19: dstl.v1.ListCheckpointsResponse.checkpoints:type_name -> dstl.v1.Checkpoint
+	40, // 20: dstl.v1.GetCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
 	8,  // 21: dstl.v1.GetCheckpointResponse.hydration:type_name -> dstl.v1.Hydration
-	39, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
+	40, // 22: dstl.v1.RetainCheckpointResponse.checkpoint:type_name -> dstl.v1.Checkpoint
 	4,  // 23: dstl.v1.SubscribeRequest.start:type_name -> dstl.v1.StartFrom
 	6,  // 24: dstl.v1.SubscribeRequest.key_groups:type_name -> dstl.v1.KeyGroupRange
 	2,  // 25: dstl.v1.SubscribeRequest.form:type_name -> dstl.v1.EventForm
-	51, // 26: dstl.v1.SubscribeResponse.events:type_name -> dstl.v1.ChangeEvent
+	52, // 26: dstl.v1.SubscribeResponse.events:type_name -> dstl.v1.ChangeEvent
 	3,  // 27: dstl.v1.ChangeEvent.kind:type_name -> dstl.v1.EventKind
 	4,  // 28: dstl.v1.CreateSubscriptionRequest.start:type_name -> dstl.v1.StartFrom
-	52, // 29: dstl.v1.CreateSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	52, // 30: dstl.v1.CommitSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	52, // 31: dstl.v1.GetSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
-	52, // 32: dstl.v1.ListSubscriptionsResponse.subscriptions:type_name -> dstl.v1.Subscription
-	65, // 33: dstl.v1.ListMembersResponse.members:type_name -> dstl.v1.Member
+	53, // 29: dstl.v1.CreateSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	53, // 30: dstl.v1.CommitSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	53, // 31: dstl.v1.GetSubscriptionResponse.subscription:type_name -> dstl.v1.Subscription
+	53, // 32: dstl.v1.ListSubscriptionsResponse.subscriptions:type_name -> dstl.v1.Subscription
+	66, // 33: dstl.v1.ListMembersResponse.members:type_name -> dstl.v1.Member
 	5,  // 34: dstl.v1.Member.state:type_name -> dstl.v1.MemberState
 	9,  // 35: dstl.v1.StreamService.CreateStream:input_type -> dstl.v1.CreateStreamRequest
 	11, // 36: dstl.v1.StreamService.GetStream:input_type -> dstl.v1.GetStreamRequest
 	13, // 37: dstl.v1.StreamService.ListStreams:input_type -> dstl.v1.ListStreamsRequest
 	15, // 38: dstl.v1.StreamService.DeleteStream:input_type -> dstl.v1.DeleteStreamRequest
 	18, // 39: dstl.v1.WriterService.OpenWriter:input_type -> dstl.v1.OpenWriterRequest
-	20, // 40: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
-	20, // 41: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
-	27, // 42: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
-	29, // 43: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
-	31, // 44: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
-	33, // 45: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
-	35, // 46: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
-	41, // 47: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
-	43, // 48: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
-	45, // 49: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
-	47, // 50: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
-	49, // 51: dstl.v1.CDCService.Subscribe:input_type -> dstl.v1.SubscribeRequest
-	53, // 52: dstl.v1.CDCService.CreateSubscription:input_type -> dstl.v1.CreateSubscriptionRequest
-	55, // 53: dstl.v1.CDCService.CommitSubscription:input_type -> dstl.v1.CommitSubscriptionRequest
-	57, // 54: dstl.v1.CDCService.GetSubscription:input_type -> dstl.v1.GetSubscriptionRequest
-	59, // 55: dstl.v1.CDCService.ListSubscriptions:input_type -> dstl.v1.ListSubscriptionsRequest
-	61, // 56: dstl.v1.CDCService.DeleteSubscription:input_type -> dstl.v1.DeleteSubscriptionRequest
-	63, // 57: dstl.v1.ClusterService.ListMembers:input_type -> dstl.v1.ListMembersRequest
+	21, // 40: dstl.v1.WriterService.Append:input_type -> dstl.v1.AppendRequest
+	21, // 41: dstl.v1.WriterService.AppendStream:input_type -> dstl.v1.AppendRequest
+	28, // 42: dstl.v1.WriterService.Persist:input_type -> dstl.v1.PersistRequest
+	30, // 43: dstl.v1.WriterService.Checkpoint:input_type -> dstl.v1.CheckpointRequest
+	32, // 44: dstl.v1.WriterService.CloseWriter:input_type -> dstl.v1.CloseWriterRequest
+	34, // 45: dstl.v1.StateService.Get:input_type -> dstl.v1.GetRequest
+	36, // 46: dstl.v1.StateService.Scan:input_type -> dstl.v1.ScanRequest
+	42, // 47: dstl.v1.CheckpointService.CreateCheckpoint:input_type -> dstl.v1.CreateCheckpointRequest
+	44, // 48: dstl.v1.CheckpointService.ListCheckpoints:input_type -> dstl.v1.ListCheckpointsRequest
+	46, // 49: dstl.v1.CheckpointService.GetCheckpoint:input_type -> dstl.v1.GetCheckpointRequest
+	48, // 50: dstl.v1.CheckpointService.RetainCheckpoint:input_type -> dstl.v1.RetainCheckpointRequest
+	50, // 51: dstl.v1.CDCService.Subscribe:input_type -> dstl.v1.SubscribeRequest
+	54, // 52: dstl.v1.CDCService.CreateSubscription:input_type -> dstl.v1.CreateSubscriptionRequest
+	56, // 53: dstl.v1.CDCService.CommitSubscription:input_type -> dstl.v1.CommitSubscriptionRequest
+	58, // 54: dstl.v1.CDCService.GetSubscription:input_type -> dstl.v1.GetSubscriptionRequest
+	60, // 55: dstl.v1.CDCService.ListSubscriptions:input_type -> dstl.v1.ListSubscriptionsRequest
+	62, // 56: dstl.v1.CDCService.DeleteSubscription:input_type -> dstl.v1.DeleteSubscriptionRequest
+	64, // 57: dstl.v1.ClusterService.ListMembers:input_type -> dstl.v1.ListMembersRequest
 	10, // 58: dstl.v1.StreamService.CreateStream:output_type -> dstl.v1.CreateStreamResponse
 	12, // 59: dstl.v1.StreamService.GetStream:output_type -> dstl.v1.GetStreamResponse
 	14, // 60: dstl.v1.StreamService.ListStreams:output_type -> dstl.v1.ListStreamsResponse
 	16, // 61: dstl.v1.StreamService.DeleteStream:output_type -> dstl.v1.DeleteStreamResponse
-	19, // 62: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
-	22, // 63: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
-	24, // 64: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
-	28, // 65: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
-	30, // 66: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
-	32, // 67: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
-	34, // 68: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
-	37, // 69: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
-	42, // 70: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
-	44, // 71: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
-	46, // 72: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
-	48, // 73: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
-	50, // 74: dstl.v1.CDCService.Subscribe:output_type -> dstl.v1.SubscribeResponse
-	54, // 75: dstl.v1.CDCService.CreateSubscription:output_type -> dstl.v1.CreateSubscriptionResponse
-	56, // 76: dstl.v1.CDCService.CommitSubscription:output_type -> dstl.v1.CommitSubscriptionResponse
-	58, // 77: dstl.v1.CDCService.GetSubscription:output_type -> dstl.v1.GetSubscriptionResponse
-	60, // 78: dstl.v1.CDCService.ListSubscriptions:output_type -> dstl.v1.ListSubscriptionsResponse
-	62, // 79: dstl.v1.CDCService.DeleteSubscription:output_type -> dstl.v1.DeleteSubscriptionResponse
-	64, // 80: dstl.v1.ClusterService.ListMembers:output_type -> dstl.v1.ListMembersResponse
+	20, // 62: dstl.v1.WriterService.OpenWriter:output_type -> dstl.v1.OpenWriterResponse
+	23, // 63: dstl.v1.WriterService.Append:output_type -> dstl.v1.AppendResponse
+	25, // 64: dstl.v1.WriterService.AppendStream:output_type -> dstl.v1.AppendStreamResponse
+	29, // 65: dstl.v1.WriterService.Persist:output_type -> dstl.v1.PersistResponse
+	31, // 66: dstl.v1.WriterService.Checkpoint:output_type -> dstl.v1.CheckpointResponse
+	33, // 67: dstl.v1.WriterService.CloseWriter:output_type -> dstl.v1.CloseWriterResponse
+	35, // 68: dstl.v1.StateService.Get:output_type -> dstl.v1.GetResponse
+	38, // 69: dstl.v1.StateService.Scan:output_type -> dstl.v1.ScanResponse
+	43, // 70: dstl.v1.CheckpointService.CreateCheckpoint:output_type -> dstl.v1.CreateCheckpointResponse
+	45, // 71: dstl.v1.CheckpointService.ListCheckpoints:output_type -> dstl.v1.ListCheckpointsResponse
+	47, // 72: dstl.v1.CheckpointService.GetCheckpoint:output_type -> dstl.v1.GetCheckpointResponse
+	49, // 73: dstl.v1.CheckpointService.RetainCheckpoint:output_type -> dstl.v1.RetainCheckpointResponse
+	51, // 74: dstl.v1.CDCService.Subscribe:output_type -> dstl.v1.SubscribeResponse
+	55, // 75: dstl.v1.CDCService.CreateSubscription:output_type -> dstl.v1.CreateSubscriptionResponse
+	57, // 76: dstl.v1.CDCService.CommitSubscription:output_type -> dstl.v1.CommitSubscriptionResponse
+	59, // 77: dstl.v1.CDCService.GetSubscription:output_type -> dstl.v1.GetSubscriptionResponse
+	61, // 78: dstl.v1.CDCService.ListSubscriptions:output_type -> dstl.v1.ListSubscriptionsResponse
+	63, // 79: dstl.v1.CDCService.DeleteSubscription:output_type -> dstl.v1.DeleteSubscriptionResponse
+	65, // 80: dstl.v1.ClusterService.ListMembers:output_type -> dstl.v1.ListMembersResponse
 	58, // [58:81] is the sub-list for method output_type
 	35, // [35:58] is the sub-list for method input_type
 	35, // [35:35] is the sub-list for extension type_name
@@ -4823,14 +4899,14 @@ func file_dstl_v1_dstl_proto_init() {
 	if File_dstl_v1_dstl_proto != nil {
 		return
 	}
-	file_dstl_v1_dstl_proto_msgTypes[27].OneofWrappers = []any{}
+	file_dstl_v1_dstl_proto_msgTypes[28].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dstl_v1_dstl_proto_rawDesc), len(file_dstl_v1_dstl_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   60,
+			NumMessages:   61,
 			NumExtensions: 0,
 			NumServices:   6,
 		},

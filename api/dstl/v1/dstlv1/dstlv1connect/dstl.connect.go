@@ -283,7 +283,10 @@ func (UnimplementedStreamServiceHandler) DeleteStream(context.Context, *connect.
 // WriterServiceClient is a client for the dstl.v1.WriterService service.
 type WriterServiceClient interface {
 	// Opens a writer for a key-group range of a stream: a new epoch that
-	// fences every older writer of overlapping key groups, on any node.
+	// fences every older writer of overlapping key groups, on any node. In a
+	// cluster, a node that does not own the (stream, key-group range) refuses
+	// with FAILED_PRECONDITION and a NotOwner error detail naming the owner,
+	// unless any_node is set (docs/cluster.md, "Ownership").
 	OpenWriter(context.Context, *connect.Request[dstlv1.OpenWriterRequest]) (*connect.Response[dstlv1.OpenWriterResponse], error)
 	// Appends a batch; returns its SQNs once it is as durable as asked. The
 	// batch is all or nothing.
@@ -392,7 +395,10 @@ func (c *writerServiceClient) CloseWriter(ctx context.Context, req *connect.Requ
 // WriterServiceHandler is an implementation of the dstl.v1.WriterService service.
 type WriterServiceHandler interface {
 	// Opens a writer for a key-group range of a stream: a new epoch that
-	// fences every older writer of overlapping key groups, on any node.
+	// fences every older writer of overlapping key groups, on any node. In a
+	// cluster, a node that does not own the (stream, key-group range) refuses
+	// with FAILED_PRECONDITION and a NotOwner error detail naming the owner,
+	// unless any_node is set (docs/cluster.md, "Ownership").
 	OpenWriter(context.Context, *connect.Request[dstlv1.OpenWriterRequest]) (*connect.Response[dstlv1.OpenWriterResponse], error)
 	// Appends a batch; returns its SQNs once it is as durable as asked. The
 	// batch is all or nothing.
