@@ -225,8 +225,8 @@ type pebbleStream struct {
 
 	mu         sync.Mutex
 	keyGroups  int
-	inc        string    // the stream incarnation base and marks are of
-	resets     uint64    // times sizeLocked started over
+	inc        string // the stream incarnation base and marks are of
+	resets     uint64 // times sizeLocked started over
 	restored   *restoredStream
 	checkpoint uint64    // newest complete checkpoint seen
 	checkedAt  time.Time // when it was last looked up
