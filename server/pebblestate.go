@@ -380,9 +380,19 @@ func (p *PebbleState) recover(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// Streams whose files not yet local are gone from the blob store
+	// (collected while the node was down) are not kept: their reads
+	// could only fail until imported again.
+	gone, err := p.store.PendingGone(ctx)
+	if err != nil {
+		return err
+	}
 	keep := map[string][]keygroup.Range{}
 	var kept, streams int
 	for stream, ms := range marks {
+		if gone[stream] {
+			continue
+		}
 		rs := &restoredStream{}
 		for _, m := range ms {
 			kind, cp, inc, ok := decodeMark(m.Value)

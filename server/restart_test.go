@@ -18,6 +18,7 @@ import (
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/materializer"
+	"github.com/dstl-dev/dstl/upload"
 	"github.com/dstl-dev/dstl/upload/file"
 )
 
@@ -483,4 +484,44 @@ func crashCfg(rng *rand.Rand) vfs.CrashCloneCfg {
 		return vfs.CrashCloneCfg{}
 	}
 	return vfs.CrashCloneCfg{UnsyncedDataPercent: rng.IntN(100), RNG: rand.New(rand.NewPCG(rng.Uint64(), 0))}
+}
+
+// TestReadStoreDropsRangesWithFilesGone: snapshot files a kept range still
+// read from the blob store (not hydrated yet) and that the blob store no
+// longer has when the node starts (collected while it was down): the
+// stream's ranges are not kept, they could only fail reads.
+func TestReadStoreDropsRangesWithFilesGone(t *testing.T) {
+	ctx := context.Background()
+	f := newRestartFixture(t, rand.New(rand.NewPCG(5, 6)))
+	f.keys = 500
+	f.append(2000)
+	f.checkpoint(true)
+	ps := openTestPebbleState(t, f.node, f.dir, PebbleStateOptions{HydrateBandwidth: 1})
+	f.check("first open", ps, keygroup.Full(restartKeyGroups))
+	if h := ps.store.Hydration(); len(h) == 0 || h[0].Done() {
+		t.Fatalf("nothing pending: %+v", h)
+	}
+	if err := ps.Close(); err != nil {
+		t.Fatal(err)
+	}
+	blob := f.node.BlobStore()
+	n := 0
+	for o, err := range upload.Walk(ctx, blob, "streams/s/", "") {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(o.Key, "/sst/") {
+			if err := blob.Delete(ctx, o.Key); err != nil {
+				t.Fatal(err)
+			}
+			n++
+		}
+	}
+	if n == 0 {
+		t.Fatal("no snapshot file found to delete")
+	}
+	ps = openTestPebbleState(t, f.node, f.dir, PebbleStateOptions{HydrateBandwidth: -1})
+	if ps.kept != 0 || len(ps.store.Hydration()) != 0 {
+		t.Fatalf("%d snapshot files deleted; reopened keeping %d key groups, hydrating %+v", n, ps.kept, ps.store.Hydration())
+	}
 }
