@@ -821,6 +821,7 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 	if err := p.importSnapshot(ctx, v, stream, pl); err != nil {
 		return fail(err)
 	}
+	p.step("imported")
 	if len(pl.Steps) > 0 {
 		if err := p.fold(ctx, v, stream, fmt.Sprintf("%s/base", nw.log), p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
 			return fail(err)

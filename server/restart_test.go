@@ -108,6 +108,9 @@ func (f *restartFixture) changes(n int, r keygroup.Range) []changelog.Change {
 // append appends n random changes through the fixture's writer.
 func (f *restartFixture) append(n int) {
 	f.t.Helper()
+	if n == 0 {
+		return
+	}
 	batch := f.changes(n, keygroup.Full(restartKeyGroups))
 	if _, _, err := f.w.Append(context.Background(), batch, changelog.Buffered); err != nil {
 		f.t.Fatal(err)
@@ -400,6 +403,68 @@ func TestReadStoreWriterViewNotKept(t *testing.T) {
 	}
 }
 
+// TestReadStoreCrashMidWriterOpen: a crash at each step of a writer's
+// open over key groups that held the checkpoint, durably marked clean:
+// the reopened store never serves the half-built view as the checkpoint
+// (the writer mark was on disk before the range was dropped).
+func TestReadStoreCrashMidWriterOpen(t *testing.T) {
+	ctx := context.Background()
+	f := newRestartFixture(t, rand.New(rand.NewPCG(7, 8)))
+	f.append(200)
+	f.checkpoint(true)
+	if err := f.w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	all, r := keygroup.Full(restartKeyGroups), keygroup.Range{Lo: 0, Hi: 3}
+	for _, at := range []string{"writer marked", "dropped", "imported", "folded"} {
+		t.Run(at, func(t *testing.T) {
+			fs := vfs.NewCrashableMem()
+			ps := openTestPebbleState(t, f.node, "/state", PebbleStateOptions{fs: fs, HydrateBandwidth: -1})
+			f.check("no writer", ps, all)
+			if err := ps.store.Flush(); err != nil { // the clean marks are on disk
+				t.Fatal(err)
+			}
+			w, err := f.node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: r})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close(ctx)
+			if _, _, err := w.Append(ctx, f.changes(50, r), changelog.Buffered); err != nil {
+				t.Fatal(err)
+			}
+			var crashed *vfs.MemFS
+			hook := func(step string) {
+				if crashed != nil {
+					return
+				}
+				// Memtable pressure at the steps before the crash (a flush
+				// right before it would make the marks durable anyway).
+				if step != at && !strings.HasSuffix(step, "marked") {
+					if err := ps.store.Flush(); err != nil {
+						t.Error(err)
+					}
+				}
+				if step == at {
+					crashed = fs.CrashClone(vfs.CrashCloneCfg{})
+				}
+			}
+			ps.stepHook.Store(&hook)
+			if err := ps.WriterOpened(ctx, w); err != nil {
+				t.Fatal(err)
+			}
+			ps.stepHook.Store(nil)
+			if crashed == nil {
+				t.Fatalf("no step %q", at)
+			}
+			ps2 := openTestPebbleState(t, f.node, "/state", PebbleStateOptions{fs: crashed, HydrateBandwidth: -1})
+			if ps2.kept != restartKeyGroups-4 {
+				t.Errorf("kept %d key groups, want %d", ps2.kept, restartKeyGroups-4)
+			}
+			f.check("reopened", ps2, all)
+		})
+	}
+}
+
 // TestReadStoreCrashMidChange: the read store "crashes" (a copy of its
 // file system with only what was synced, or some of the rest too) at a
 // random step of advancing, dropping and restoring key-group ranges to a
@@ -420,14 +485,20 @@ func TestReadStoreCrashMidChange(t *testing.T) {
 	ps := openTestPebbleState(t, f.node, "/state", PebbleStateOptions{fs: fs, HydrateBandwidth: -1, memTableSize: 256 << 10})
 	all := keygroup.Full(restartKeyGroups)
 	kept, crashes := 0, 0
-	for round := range 16 {
+	for round := range 24 {
+		if rng.IntN(2) == 0 {
+			// Time passes: what the last round marked clean is on disk.
+			if err := ps.store.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		}
 		f.append(50 + rng.IntN(300))
 		switch x := rng.IntN(10); {
-		case x < 3 && f.last > 1:
+		case x < 4 && f.last > 1:
 			// (FromCheckpoint 0 means the newest: roll back to 1 at most.)
 			f.rollback(max(1, f.last-1-uint64(rng.IntN(2))))
 			f.append(1 + rng.IntN(50))
-		case x < 5:
+		case x < 6:
 			f.checkpoint(true)
 			f.append(rng.IntN(50))
 		}
@@ -440,7 +511,9 @@ func TestReadStoreCrashMidChange(t *testing.T) {
 			if crashed != nil {
 				return
 			}
-			if rng.IntN(3) == 0 {
+			// Memtable pressure, but not right after a mark: that would
+			// make it durable whether or not the protocol flushes it.
+			if !strings.HasSuffix(step, "marked") && rng.IntN(3) == 0 {
 				if err := ps.store.Flush(); err != nil {
 					t.Error(err)
 				}
