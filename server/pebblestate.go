@@ -92,8 +92,10 @@ import (
 //
 //  1. before any change to a key-group range (drop, import, the fold of
 //     an advance or a restore, a writer taking it), mark it dirty (or
-//     writer) and, if any of its key groups was marked clean, Flush: the
-//     non-clean mark is on disk before any of the change can be;
+//     writer) and, if any of its key groups was marked clean, Flush
+//     before the first drop or import: the non-clean mark is on disk
+//     before any of the change can be (an advance, only batches, needs
+//     no flush: its batches come after the mark in commit order);
 //  2. change the data;
 //  3. mark it clean (cp) in a batch after the data, not flushed: if a
 //     crash loses it, the range just looks dirty and is refolded; if it
@@ -498,16 +500,19 @@ func (p *PebbleState) step(name string) {
 }
 
 // setMarks records that key groups rs of the stream now hold kind (with
-// checkpoint cp if clean) and writes the stream's range marks. When a key
-// group of rs was marked clean and is not any more, the marks are durable
-// before it returns (step 1 of the protocol on PebbleState): the caller
-// changes the range only afterwards. A failure leaves the marks as they
+// checkpoint cp if clean) and writes the stream's range marks. With
+// flush, when a key group of rs was marked clean and is not any more, the
+// marks are durable before it returns (step 1 of the protocol on
+// PebbleState): the caller changes the range only afterwards. Without, the
+// caller changes the range only by batches (an advance), which a crash
+// recovers in commit order, after the marks; or it flushes before it drops
+// or imports. A failure leaves the marks as they
 // were. resets is v.resets when the caller planned the change: if the
 // stream started over since (sizeLocked), nothing is written (the marks
 // are all dirty, and the ones on disk of another incarnation count as
 // dirty) and the caller finds out from v.resets. The caller holds v.fold
 // exclusively.
-func (p *PebbleState) setMarks(v *pebbleStream, stream string, rs []keygroup.Range, kind byte, cp, resets uint64) error {
+func (p *PebbleState) setMarks(v *pebbleStream, stream string, rs []keygroup.Range, kind byte, cp, resets uint64, flush bool) error {
 	v.marksMu.Lock()
 	defer v.marksMu.Unlock()
 	if v.resets != resets {
@@ -517,7 +522,7 @@ func (p *PebbleState) setMarks(v *pebbleStream, stream string, rs []keygroup.Ran
 	durable := false
 	for _, r := range rs {
 		for kg := int(r.Lo); kg <= int(r.Hi) && kg < len(next); kg++ {
-			if kind != markClean && next[kg].kind == markClean {
+			if flush && kind != markClean && next[kg].kind == markClean {
 				durable = true
 			}
 			next[kg] = kgMark{kind, cp}
@@ -810,7 +815,7 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 		return fail(err)
 	}
 	// From here on the range holds a view: never kept by a reopen.
-	if err := p.setMarks(v, stream, []keygroup.Range{r}, markWriter, 0, resets); err != nil {
+	if err := p.setMarks(v, stream, []keygroup.Range{r}, markWriter, 0, resets, true); err != nil {
 		return fail(err)
 	}
 	p.step("writer marked")
@@ -1476,12 +1481,15 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, cfg changelog.
 	}
 
 	// Step 1 of the marks' protocol (see PebbleState): every run is
-	// marked dirty, durably, before any of them changes.
+	// marked dirty before any of them changes. Not flushed here: an
+	// advance changes its run by batches only, which a crash recovers in
+	// commit order, after the mark; a refold's drop and import are
+	// durable at once, so it flushes the mark first (below).
 	rs := make([]keygroup.Range, len(runs))
 	for i, rn := range runs {
 		rs[i] = rn.r
 	}
-	if err := p.setMarks(v, stream, rs, markDirty, 0, resets); err != nil {
+	if err := p.setMarks(v, stream, rs, markDirty, 0, resets, false); err != nil {
 		v.mu.Lock()
 		v.dirty = true
 		v.mu.Unlock()
@@ -1493,7 +1501,12 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, cfg changelog.
 		advanced, err := p.advance(ctx, v, stream, rn.from, cp, r)
 		if err == nil && !advanced {
 			p.refolds.Add(1)
-			err = p.store.DropKeyGroups(ctx, stream, r)
+			if rn.from != staleKG { // marked clean until step 1
+				err = p.store.Flush()
+			}
+			if err == nil {
+				err = p.store.DropKeyGroups(ctx, stream, r)
+			}
 			p.step("dropped")
 			if err == nil && cp != 0 {
 				err = p.restore(ctx, v, stream, cp, r)
@@ -1501,7 +1514,7 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, cfg changelog.
 		}
 		if err == nil {
 			// Step 3: after the data, not flushed.
-			err = p.setMarks(v, stream, []keygroup.Range{r}, markClean, cp, resets)
+			err = p.setMarks(v, stream, []keygroup.Range{r}, markClean, cp, resets, false)
 			p.step("clean marked")
 		}
 		v.mu.Lock()
