@@ -17,6 +17,11 @@ import (
 //
 //	0x00 | 0x01 | len(stream) u8 | stream | log id
 //
+// Range marks (an owner's note on key groups lo..hi of a stream, see
+// marks.go; value: hi u16 BE | the owner's bytes):
+//
+//	0x00 | 0x02 | len(stream) u8 | stream | lo u16 BE
+//
 // Every field before the user key is either fixed-size or length-prefixed,
 // so a key decodes unambiguously and every one of these is a key prefix:
 // a stream, a (stream, key group), a (stream, key group, state), and
@@ -27,7 +32,8 @@ const (
 	prefixMeta byte = 0x00
 	prefixData byte = 0x01
 
-	metaApplied byte = 0x01
+	metaApplied   byte = 0x01
+	metaRangeMark byte = 0x02
 
 	// MaxStreamLen bounds a stream name in bytes (its length is one byte).
 	MaxStreamLen = 255

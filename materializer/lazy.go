@@ -22,6 +22,7 @@ import (
 
 	"github.com/dstl-dev/dstl/changelog"
 	"github.com/dstl-dev/dstl/internal/clock"
+	"github.com/dstl-dev/dstl/upload"
 )
 
 // Lazy import: the files of a snapshot are ingested as Pebble external
@@ -473,6 +474,36 @@ func (s *Store) Hydration() []HydrationStatus {
 		return cmp.Or(cmp.Compare(a.Stream, b.Stream), cmp.Compare(a.Incarnation, b.Incarnation))
 	})
 	return out
+}
+
+// PendingGone returns the streams with a lazily imported file, not local
+// yet, that the blob store no longer has (a store closed for longer than
+// the garbage collection's graces holds no reference: a newer snapshot
+// may have got the file collected). Their ranges could only fail reads
+// (ErrSnapshotFileGone) until imported again, so the owner drops them.
+func (s *Store) PendingGone(ctx context.Context) (map[string]bool, error) {
+	gone := map[string]bool{}
+	if s.remote == nil {
+		return gone, nil
+	}
+	s.lazy.mu.Lock()
+	files := slices.Clone(s.lazy.pending)
+	s.lazy.mu.Unlock()
+	seen := map[string]bool{}
+	for _, f := range files {
+		if seen[f.Name] || gone[f.Stream] {
+			continue
+		}
+		seen[f.Name] = true
+		_, err := s.opts.Remote.Stat(ctx, f.Name)
+		switch {
+		case errors.Is(err, upload.ErrNotFound):
+			gone[f.Stream] = true
+		case err != nil:
+			return nil, fmt.Errorf("snapshot file %s: %w", f.Name, err)
+		}
+	}
+	return gone, nil
 }
 
 // RemoteReadBytes returns the bytes Pebble read from the blob store

@@ -49,10 +49,14 @@ type Options struct {
 	TargetFileSize int64
 	// NoWAL turns Pebble's write-ahead log off: writes are cheaper (the
 	// read store's fold of unique keys ran ~1.8x faster in
-	// BenchmarkServerAppend), and a crash or a Close loses what is still
-	// in memtables. Only for a store its owner wipes on open (the
-	// server's read store): the applied-SQN and marker bookkeeping that
-	// lets a reopened store resume assumes the WAL.
+	// BenchmarkServerAppend), and a crash or a Close without Flush loses
+	// what is still in memtables: a reopened store holds its last flushed
+	// state (a prefix of the committed batches) plus every ingest and
+	// excise, which are durable when they return. The applied-SQN
+	// bookkeeping that lets a reopened store resume folding assumes the
+	// WAL; an owner that keeps a NoWAL store across restarts needs its
+	// own protocol (the server's read store: range marks, SetRangeMarks
+	// with durable flushing).
 	NoWAL bool
 	// ExportCompression compresses the blocks of exported SSTs (default
 	// zstd: snapshots are written once and kept on the blob store).
@@ -213,8 +217,9 @@ func Open(dir string, opts Options) (*Store, error) {
 		// ("pebble.concatenate") concatenates operands oldest first.
 		Merger: pebble.DefaultMerger,
 		Logger: opts.Logger,
-		// The write-ahead log is what makes a store survive a crash;
-		// a store wiped on open does not need it.
+		// The write-ahead log is what makes unflushed batches survive a
+		// crash; without it (Options.NoWAL) the owner's protocol decides
+		// what a reopened store is worth.
 		DisableWAL: opts.NoWAL,
 	}
 	// Pebble's default for a block whose checksum does not match is to

@@ -3,18 +3,20 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/maphash"
 	"iter"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dstl-dev/dstl/changelog"
@@ -48,16 +50,68 @@ import (
 // checkpoint reload) and never see a half-folded range.
 //
 // Applied SQNs: every fold uses log ids of its own, derived from a counter
-// that never repeats within the store (`<writer id>#<n>` for a writer's own
-// changes with their real SQNs, `<writer id>#<n>/base` or `checkpoint
-// <id>#<n>` with SQNs numbered 1.. for the changes of a checkpoint). The
-// store keeps a log's applied SQN when its key groups are dropped, so
-// reusing a log id after a drop would skip the refold; a fresh id per fold
-// starts at applied SQN 0, and the writer's own id makes Appended idempotent
-// against the replay it was built from (ApplyThrough marks the view folded
-// through the writer's last SQN at open). The stale applied-SQN keys of
-// earlier folds are a few bytes each and vanish with the directory, which
-// is wiped on open: the store is a cache rebuilt from the blob store.
+// that never repeats within the process and a random prefix drawn at each
+// open (`<writer id>#<gen>.<n>` for a writer's own changes with their real
+// SQNs, `<writer id>#<gen>.<n>/base` or `checkpoint <id>#<gen>.<n>` with SQNs
+// numbered 1.. for the changes of a checkpoint). The store keeps a log's
+// applied SQN when its key groups are dropped, so reusing a log id after a
+// drop would skip the refold; a fresh id per fold starts at applied SQN 0,
+// and the writer's own id makes Appended idempotent against the replay it
+// was built from (ApplyThrough marks the view folded through the writer's
+// last SQN at open). The applied-SQN keys mean nothing to another process:
+// the open deletes them all (ResetApplied), and the random prefix keeps a
+// key that a crash resurrected (the delete is not flushed) from ever
+// matching a new id, so no fold is ever skipped by a previous process's
+// bookkeeping.
+//
+// Surviving a restart (issue 10: the local store is a cache that a restart
+// reopens, not a copy it rebuilds). What survives are the key groups that
+// hold exactly a complete checkpoint's state (base[kg] = cp, no writer):
+// the open serves them as that checkpoint at once (no import, no refold;
+// a newer checkpoint advances them incrementally as usual), and lazily
+// imported files in them keep hydrating where they were (materializer.Store
+// persists its pending files and references them again on open). What does
+// not: a writer's view (its uncommitted changes are in no checkpoint; the
+// writer's next open rebuilds it) and any range that was being changed
+// when the process ended. Which is which is recorded per stream in the
+// store itself, as range marks (materializer.SetRangeMarks: metadata keys
+// next to the data, one set per stream written in one Pebble batch, so
+// the record and the data are recovered by the same Pebble and cannot
+// disagree after a crash; a sidecar file would need its own ordering
+// against Pebble's flushes). Values: markClean + checkpoint + stream
+// incarnation, or markDirty / markWriter.
+//
+// Crash-consistency invariant: a clean mark for key group kg in the store
+// as recovered after a crash implies kg's data is exactly that
+// checkpoint's state. The store runs without a WAL (NoWAL: the fold of
+// unique keys costs about half as much), so after a crash Pebble recovers
+// its last flushed state: every batch up to some point in commit order
+// (memtables flush in order, a batch is never split), plus every ingest
+// (lazy import) and excise (drop), which are durable when they return.
+// The protocol that keeps the invariant (setMarks):
+//
+//  1. before any change to a key-group range (drop, import, the fold of
+//     an advance or a restore, a writer taking it), mark it dirty (or
+//     writer) and, if any of its key groups was marked clean, Flush
+//     before the first drop or import: the non-clean mark is on disk
+//     before any of the change can be (an advance, only batches, needs
+//     no flush: its batches come after the mark in commit order);
+//  2. change the data;
+//  3. mark it clean (cp) in a batch after the data, not flushed: if a
+//     crash loses it, the range just looks dirty and is refolded; if it
+//     survives, so does every batch before it, and the ingests and
+//     excises were durable already.
+//
+// Every write to a key group's data happens between 1 and 3 (a writer's
+// folds under its writer mark), so a recovered clean mark always comes
+// after the last change of its range. The open (recover) keeps the clean
+// ranges of streams whose incarnation still exists, drops everything else
+// (dirty and writer ranges, marks of another incarnation, data without a
+// mark, as from a store of an older version) with Excise, and rewrites the
+// marks; a key group comes back with base = cp, and its state names are
+// learnt by the first scan (unnamed, as after an import). A store that
+// cannot be reopened (corrupt, or its references cannot be confirmed) is
+// wiped and opened empty, as every start did before.
 //
 // The fold of acknowledged batches is off the append path: Appended only
 // queues a batch on its writer's view, and one fold goroutine per store
@@ -86,6 +140,7 @@ type PebbleState struct {
 	node         *changelog.Node
 	store        *materializer.Store
 	refreshEvery time.Duration
+	gen          string        // random per open: this process's log ids
 	folds        atomic.Uint64 // derives fresh log ids
 
 	readWait   time.Duration // bound of a read's wait for the fold
@@ -96,12 +151,18 @@ type PebbleState struct {
 	spilled       atomic.Uint64
 	advances      atomic.Uint64        // checkpoint changes folded incrementally
 	refolds       atomic.Uint64        // key-group runs dropped and refolded
+	imports       atomic.Uint64        // snapshot bases imported (lazily)
+	kept          int                  // key groups the open found clean and kept
 	superseded    supersededFilter     // the fold goroutine's
 	waits         prometheus.Histogram // how long reads waited for the fold
 
 	// foldHook, when set (tests only), runs before each run of batches is
 	// applied: it may block, as a stalled fold, or fail, as a failing one.
 	foldHook atomic.Pointer[func(ctx context.Context, writerID string, first, last uint64) error]
+	// stepHook, when set (tests only), runs at each step of a change of a
+	// key-group range's source (marked, dropped, imported, a chunk folded):
+	// a crash test copies the file system there.
+	stepHook atomic.Pointer[func(step string)]
 
 	readyMu sync.Mutex
 	ready   []*pebbleWriter // views with batches ready to fold, in turn
@@ -116,6 +177,21 @@ type PebbleState struct {
 
 	mu      sync.Mutex
 	streams map[string]*pebbleStream
+	// restored: per stream, the key-group ranges the open found holding a
+	// complete checkpoint (clean marks), taken by the stream's view when
+	// it is first sized.
+	restored map[string]*restoredStream
+}
+
+// restoredStream is what a reopened store kept of a stream.
+type restoredStream struct {
+	inc  string // the stream incarnation the marks were written for
+	runs []restoredRun
+}
+
+type restoredRun struct {
+	r  keygroup.Range
+	cp uint64
 }
 
 // Defaults of the fold's bounds (Options.ReadWait, Options.FoldQueueBytes).
@@ -151,6 +227,9 @@ type pebbleStream struct {
 
 	mu         sync.Mutex
 	keyGroups  int
+	inc        string // the stream incarnation base and marks are of
+	resets     uint64 // times sizeLocked started over
+	restored   *restoredStream
 	checkpoint uint64    // newest complete checkpoint seen
 	checkedAt  time.Time // when it was last looked up
 	base       []uint64  // per key group: checkpoint folded into it, or staleKG
@@ -166,7 +245,28 @@ type pebbleStream struct {
 	// state): so it waits for the first scan that needs every state name,
 	// instead of costing every writer open.
 	unnamed []keygroup.Range
+
+	// marks: per key group, what the store's range marks of the stream
+	// say it holds (see "Surviving a restart" on PebbleState). Written
+	// under marksMu by setMarks, whose callers hold fold exclusively;
+	// reset by sizeLocked (lock order: mu, then marksMu).
+	marksMu sync.Mutex
+	marks   []kgMark
 }
+
+// kgMark is the range mark of one key group: markClean with the complete
+// checkpoint it holds, or markDirty / markWriter (dropped on reopen).
+type kgMark struct {
+	kind byte
+	cp   uint64
+}
+
+// Kinds of range marks.
+const (
+	markDirty  byte = 0 // being changed, or unknown
+	markWriter byte = 1 // a writer's view: uncommitted changes
+	markClean  byte = 2 // exactly complete checkpoint cp's state
+)
 
 // pebbleWriter is one writer's view and its queue of acknowledged batches.
 // Lock order: pebbleStream.mu, then pebbleWriter.foldMu, then
@@ -213,44 +313,169 @@ type PebbleStateOptions struct {
 	// store to make lazily imported snapshot files local (0: the default,
 	// 64 MiB/s; negative: unbounded).
 	HydrateBandwidth int64
+
+	// Tests only: the store's file system (crash clones) and memtable size.
+	fs           vfs.FS
+	memTableSize uint64
 }
 
-// OpenPebbleState wipes the store in dir (a cache: it is rebuilt from the
-// blob store as writers open and checkpoints complete) and opens a fresh
-// one there. log receives Pebble's messages (nil: none).
+// OpenPebbleState opens the read store in dir (dir/db, dir/staging),
+// keeping what a previous process left there that is still valid: the key
+// groups holding exactly a complete checkpoint's state, served as that
+// checkpoint at once, with their lazily imported files still hydrating.
+// Writers' views and ranges that were being changed when the process ended
+// are dropped (see "Surviving a restart" on PebbleState for why that is
+// safe after a crash too); the rest is rebuilt from the blob store as
+// writers open and checkpoints complete. A store that cannot be reopened is
+// wiped and opened empty: it is a cache.
 func OpenPebbleState(node *changelog.Node, dir string, opts PebbleStateOptions) (*PebbleState, error) {
-	// The store lives in dir/db and dir/staging; nothing else in dir is
-	// touched, so a misconfigured dir loses nothing but a store.
-	for _, sub := range []string{"db", "staging"} {
-		if err := os.RemoveAll(filepath.Join(dir, sub)); err != nil {
-			return nil, fmt.Errorf("state dir %s: wipe: %w", dir, err)
-		}
-	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	p, err := openPebbleState(node, dir, opts, log)
+	if err == nil {
+		return p, nil
+	}
+	log.Warn("read store: cannot reopen it, starting empty", "dir", dir, "err", err)
+	// The store lives in dir/db and dir/staging; nothing else in dir is
+	// touched, so a misconfigured dir loses nothing but a store.
+	fs := opts.fs
+	if fs == nil {
+		fs = vfs.Default
+	}
+	for _, sub := range []string{"db", "staging"} {
+		if err := fs.RemoveAll(fs.PathJoin(dir, sub)); err != nil {
+			return nil, fmt.Errorf("state dir %s: wipe: %w", dir, err)
+		}
+	}
+	return openPebbleState(node, dir, opts, log)
+}
+
+func openPebbleState(node *changelog.Node, dir string, opts PebbleStateOptions, log *slog.Logger) (*PebbleState, error) {
 	// Remote: bases are imported lazily (see importSnapshot), read from
 	// the node's blob store until the store's hydrator made them local.
 	store, err := materializer.Open(dir, materializer.Options{
+		FS: opts.fs, MemTableSize: opts.memTableSize,
 		Logger: materializer.SlogLogger(log.With("component", "pebble")), Remote: node.BlobStore(), RefOwner: node.ID(),
 		HydrateBandwidth: opts.HydrateBandwidth,
-		// No WAL: the store is wiped above on every open, so nothing a
-		// WAL would recover is ever read. Keeping the store across
-		// restarts needs the WAL back.
+		// No WAL: the range marks' protocol (see PebbleState) keeps what
+		// a crash recovers consistent with flushes only, and the fold
+		// does not pay for a log it never needs.
 		NoWAL: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
-	return newPebbleState(node, store), nil
+	p := newPebbleState(node, store)
+	if err := p.recover(context.Background(), log); err != nil {
+		return nil, errors.Join(fmt.Errorf("state dir %s: %w", dir, err), p.Close())
+	}
+	return p, nil
+}
+
+// recover keeps, of what the store holds at open, the clean ranges of
+// streams that still exist in the incarnation they were marked for, and
+// drops everything else (see "Surviving a restart" on PebbleState).
+func (p *PebbleState) recover(ctx context.Context, log *slog.Logger) error {
+	marks, err := p.store.RangeMarks()
+	if err != nil {
+		return err
+	}
+	// Streams whose files not yet local are gone from the blob store
+	// (collected while the node was down) are not kept: their reads
+	// could only fail until imported again.
+	gone, err := p.store.PendingGone(ctx)
+	if err != nil {
+		return err
+	}
+	keep := map[string][]keygroup.Range{}
+	var kept, streams int
+	for stream, ms := range marks {
+		if gone[stream] {
+			continue
+		}
+		rs := &restoredStream{}
+		for _, m := range ms {
+			kind, cp, inc, ok := decodeMark(m.Value)
+			if !ok || kind != markClean || (rs.inc != "" && inc != rs.inc) {
+				continue
+			}
+			rs.inc = inc
+			rs.runs = append(rs.runs, restoredRun{m.KeyGroups, cp})
+		}
+		if len(rs.runs) == 0 {
+			continue
+		}
+		// A stream deleted (or deleted and recreated) while the node was
+		// down: its data is garbage. Other errors (the blob store is not
+		// reachable): keep it, the first read checks the incarnation.
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		cfg, err := p.node.Stream(cctx, stream)
+		cancel()
+		if errors.Is(err, changelog.ErrStreamNotFound) || (err == nil && cfg.Incarnation != rs.inc) {
+			continue
+		}
+		p.restored[stream] = rs
+		streams++
+		for _, r := range rs.runs {
+			keep[stream] = append(keep[stream], r.r)
+			kept += int(r.r.Hi) - int(r.r.Lo) + 1
+		}
+	}
+	// The previous process's log ids mean nothing to this one.
+	if err := p.store.ResetApplied(); err != nil {
+		return err
+	}
+	dropped, err := p.store.RetainKeyGroups(ctx, keep)
+	if err != nil {
+		return err
+	}
+	// Only the clean marks of what is kept remain; everything else is
+	// gone from the store (the excises are durable), so a lost rewrite of
+	// the marks only keeps stale marks of empty ranges.
+	for stream := range marks {
+		var out []materializer.RangeMark
+		if rs := p.restored[stream]; rs != nil {
+			for _, r := range rs.runs {
+				out = append(out, materializer.RangeMark{KeyGroups: r.r, Value: encodeMark(markClean, r.cp, rs.inc)})
+			}
+		}
+		if err := p.store.SetRangeMarks(stream, out, false); err != nil {
+			return err
+		}
+	}
+	if err := p.store.Flush(); err != nil {
+		return err
+	}
+	p.kept = kept
+	if kept > 0 || dropped > 0 {
+		log.Info("read store reopened", "kept_key_groups", kept, "streams", streams, "dropped_spans", dropped)
+	}
+	return nil
+}
+
+// encodeMark is a range mark's value: kind u8 | cp u64 BE | incarnation.
+func encodeMark(kind byte, cp uint64, inc string) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{kind}, cp)
+	return append(b, inc...)
+}
+
+func decodeMark(v []byte) (kind byte, cp uint64, inc string, ok bool) {
+	if len(v) < 9 || v[0] > markClean {
+		return 0, 0, "", false
+	}
+	return v[0], binary.BigEndian.Uint64(v[1:9]), string(v[9:]), true
 }
 
 // newPebbleState starts the fold goroutine of a store; Close stops it.
 func newPebbleState(node *changelog.Node, store *materializer.Store) *PebbleState {
 	ctx, cancel := context.WithCancel(context.Background())
+	var g [8]byte
+	_, _ = rand.Read(g[:])
 	p := &PebbleState{
 		node: node, store: store, refreshEvery: time.Second, streams: map[string]*pebbleStream{},
+		restored: map[string]*restoredStream{}, gen: hex.EncodeToString(g[:]),
 		readWait: DefaultReadWait, queueBytes: DefaultFoldQueueBytes,
 		waits: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "dstl_server_read_fold_wait_seconds", Help: "How long reads of key groups of a writer of this node waited for the fold to reach the writer's acknowledged appends.",
@@ -262,8 +487,70 @@ func newPebbleState(node *changelog.Node, store *materializer.Store) *PebbleStat
 	return p
 }
 
+// foldID returns a log id suffix no other fold of any process uses.
+func (p *PebbleState) foldID() string {
+	return fmt.Sprintf("%s.%d", p.gen, p.folds.Add(1))
+}
+
+// step runs the test hook at a step of a range's change.
+func (p *PebbleState) step(name string) {
+	if h := p.stepHook.Load(); h != nil {
+		(*h)(name)
+	}
+}
+
+// setMarks records that key groups rs of the stream now hold kind (with
+// checkpoint cp if clean) and writes the stream's range marks. With
+// flush, when a key group of rs was marked clean and is not any more, the
+// marks are durable before it returns (step 1 of the protocol on
+// PebbleState): the caller changes the range only afterwards. Without, the
+// caller changes the range only by batches (an advance), which a crash
+// recovers in commit order, after the marks; or it flushes before it drops
+// or imports. A failure leaves the marks as they
+// were. resets is v.resets when the caller planned the change: if the
+// stream started over since (sizeLocked), nothing is written (the marks
+// are all dirty, and the ones on disk of another incarnation count as
+// dirty) and the caller finds out from v.resets. The caller holds v.fold
+// exclusively.
+func (p *PebbleState) setMarks(v *pebbleStream, stream string, rs []keygroup.Range, kind byte, cp, resets uint64, flush bool) error {
+	v.marksMu.Lock()
+	defer v.marksMu.Unlock()
+	if v.resets != resets {
+		return nil
+	}
+	next := slices.Clone(v.marks)
+	durable := false
+	for _, r := range rs {
+		for kg := int(r.Lo); kg <= int(r.Hi) && kg < len(next); kg++ {
+			if flush && kind != markClean && next[kg].kind == markClean {
+				durable = true
+			}
+			next[kg] = kgMark{kind, cp}
+		}
+	}
+	if slices.Equal(next, v.marks) {
+		return nil
+	}
+	var out []materializer.RangeMark
+	for kg := 0; kg < len(next); {
+		end := kg
+		for end+1 < len(next) && next[end+1] == next[kg] {
+			end++
+		}
+		out = append(out, materializer.RangeMark{KeyGroups: keygroup.Range{Lo: uint16(kg), Hi: uint16(end)}, Value: encodeMark(next[kg].kind, next[kg].cp, v.inc)})
+		kg = end + 1
+	}
+	if err := p.store.SetRangeMarks(stream, out, durable); err != nil {
+		return fmt.Errorf("stream %s: %w", stream, err)
+	}
+	v.marks = next
+	return nil
+}
+
 // Close stops the fold goroutine, drops the batches still queued (the
-// changelog holds them) and closes the store; reads fail afterwards.
+// changelog holds them), flushes the store (without a WAL, what is in
+// memtables, the clean marks among it, would be lost) and closes it;
+// reads fail afterwards.
 func (p *PebbleState) Close() error {
 	p.stopMu.Do(func() {
 		p.closing.Store(true)
@@ -282,7 +569,11 @@ func (p *PebbleState) Close() error {
 		}
 		p.mu.Unlock()
 	})
-	return p.store.Close()
+	err := p.store.Flush()
+	if errors.Is(err, materializer.ErrClosed) {
+		err = nil
+	}
+	return errors.Join(err, p.store.Close())
 }
 
 func (p *PebbleState) view(stream string) *pebbleStream {
@@ -290,7 +581,8 @@ func (p *PebbleState) view(stream string) *pebbleStream {
 	defer p.mu.Unlock()
 	v, ok := p.streams[stream]
 	if !ok {
-		v = &pebbleStream{states: map[string]struct{}{}}
+		v = &pebbleStream{states: map[string]struct{}{}, restored: p.restored[stream]}
+		delete(p.restored, stream)
 		p.streams[stream] = v
 	}
 	return v
@@ -302,19 +594,43 @@ func (p *PebbleState) lookup(stream string) *pebbleStream {
 	return p.streams[stream]
 }
 
-// sizeLocked sizes the per-key-group bookkeeping; a stream recreated with
-// another key-group count starts over. The caller holds v.mu.
-func (v *pebbleStream) sizeLocked(keyGroups int) {
-	if v.keyGroups == keyGroups {
+// sizeLocked sizes the per-key-group bookkeeping; a stream recreated (with
+// another incarnation or key-group count) starts over. The first sizing
+// after an open takes what the open kept of the stream (the same
+// incarnation's clean ranges). The caller holds v.mu.
+func (v *pebbleStream) sizeLocked(cfg changelog.StreamConfig) {
+	keyGroups := cfg.KeyGroups
+	if v.keyGroups == keyGroups && v.inc == cfg.Incarnation {
 		return
 	}
 	for _, w := range v.writers {
 		w.retire()
 	}
-	v.keyGroups, v.writers, v.dirty = keyGroups, nil, true
+	v.keyGroups, v.inc, v.writers, v.dirty = keyGroups, cfg.Incarnation, nil, true
 	v.base = make([]uint64, keyGroups)
 	for i := range v.base {
 		v.base[i] = staleKG // unknown contents: drop before the first fold
+	}
+	v.marksMu.Lock()
+	defer v.marksMu.Unlock()
+	v.resets++
+	// Marks written for another incarnation count as dirty: the next
+	// setMarks rewrites them all with this one.
+	v.marks = make([]kgMark, keyGroups)
+	rs := v.restored
+	v.restored = nil
+	if rs == nil || rs.inc != cfg.Incarnation {
+		return
+	}
+	for _, run := range rs.runs {
+		if int(run.r.Hi) >= keyGroups {
+			continue
+		}
+		for kg := int(run.r.Lo); kg <= int(run.r.Hi); kg++ {
+			v.base[kg] = run.cp
+			v.marks[kg] = kgMark{markClean, run.cp}
+		}
+		v.addUnnamed(run.r)
 	}
 }
 
@@ -421,20 +737,29 @@ func (p *PebbleState) Forget(stream string) {
 	// drop. (A new view also drops every key group before its first fold.)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	v := p.streams[stream]
-	if v == nil {
+	v, restored := p.streams[stream], p.restored[stream] != nil
+	if v == nil && !restored {
 		return
 	}
 	delete(p.streams, stream)
-	v.fold.Lock()
-	defer v.fold.Unlock()
-	v.mu.Lock()
-	for _, w := range v.writers {
-		w.retire()
+	delete(p.restored, stream)
+	if v != nil {
+		v.fold.Lock()
+		defer v.fold.Unlock()
+		v.mu.Lock()
+		for _, w := range v.writers {
+			w.retire()
+		}
+		v.writers = nil
+		v.mu.Unlock()
 	}
-	v.writers = nil
-	v.mu.Unlock()
-	// Best effort: the data of a deleted stream is only garbage.
+	// Best effort: the data of a deleted stream is only garbage. The
+	// marks go first, durably: a crash after the drop must not find a
+	// clean mark over an emptied range (if deleting them fails, the drop
+	// waits for the next open, which checks the stream's incarnation).
+	if err := p.store.SetRangeMarks(stream, nil, true); err != nil {
+		return
+	}
 	_ = p.store.DropKeyGroups(context.Background(), stream, keygroup.Range{Lo: 0, Hi: 0xFFFF})
 }
 
@@ -450,16 +775,16 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 	if err != nil {
 		return err
 	}
-	n := p.folds.Add(1)
 	v := p.view(stream)
 	nw := &pebbleWriter{
-		p: p, v: v, stream: stream, id: id, r: r, log: fmt.Sprintf("%s#%d", id, n), cw: w,
+		p: p, v: v, stream: stream, id: id, r: r, log: fmt.Sprintf("%s#%s", id, p.foldID()), cw: w,
 		building: true, pending: map[uint64]*queuedBatch{}, progress: make(chan struct{}),
 	}
 	v.fold.Lock()
 	defer v.fold.Unlock()
 	v.mu.Lock()
-	v.sizeLocked(cfg.KeyGroups)
+	v.sizeLocked(cfg)
+	resets := v.resets
 	kept := make([]*pebbleWriter, 0, len(v.writers)+1)
 	for _, o := range v.writers {
 		if o.r.Overlaps(r) {
@@ -489,12 +814,19 @@ func (p *PebbleState) WriterOpened(ctx context.Context, w *changelog.Writer) err
 	if err != nil {
 		return fail(err)
 	}
+	// From here on the range holds a view: never kept by a reopen.
+	if err := p.setMarks(v, stream, []keygroup.Range{r}, markWriter, 0, resets, true); err != nil {
+		return fail(err)
+	}
+	p.step("writer marked")
 	if err := p.store.DropKeyGroups(ctx, stream, r); err != nil {
 		return fail(err)
 	}
+	p.step("dropped")
 	if err := p.importSnapshot(ctx, v, stream, pl); err != nil {
 		return fail(err)
 	}
+	p.step("imported")
 	if len(pl.Steps) > 0 {
 		if err := p.fold(ctx, v, stream, fmt.Sprintf("%s/base", nw.log), p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
 			return fail(err)
@@ -545,6 +877,7 @@ func (p *PebbleState) fold(ctx context.Context, v *pebbleStream, stream, logID s
 			return fmt.Errorf("stream %s: fold: %w", stream, err)
 		}
 		batch, arena = batch[:0], arena[:0]
+		p.step("folded")
 		return nil
 	}
 	for c, err := range seq {
@@ -1072,9 +1405,10 @@ func (p *PebbleState) WriterFenced(stream, writerID string) {
 // groups of a stream must not import and hydrate the whole stream, which
 // after a rescale would read the state of every other node's key groups
 // from the blob store; the others are folded when a read asks for them.
-func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int, v *pebbleStream, want keygroup.Range) error {
+func (p *PebbleState) refresh(ctx context.Context, stream string, cfg changelog.StreamConfig, v *pebbleStream, want keygroup.Range) error {
+	keyGroups := cfg.KeyGroups
 	v.mu.Lock()
-	v.sizeLocked(keyGroups)
+	v.sizeLocked(cfg)
 	check := v.checkedAt.IsZero() || time.Since(v.checkedAt) >= p.refreshEvery
 	if check {
 		v.checkedAt = time.Now() // concurrent readers skip the lookup
@@ -1112,10 +1446,11 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 	v.fold.Lock()
 	defer v.fold.Unlock()
 	v.mu.Lock()
-	if len(v.base) != keyGroups {
+	if len(v.base) != keyGroups || v.inc != cfg.Incarnation {
 		v.mu.Unlock()
 		return nil // resized meanwhile; the next read folds
 	}
+	resets := v.resets
 	cp := v.checkpoint
 	// Runs of key groups holding the same checkpoint (or stale), each
 	// advanced or refolded as one.
@@ -1141,19 +1476,49 @@ func (p *PebbleState) refresh(ctx context.Context, stream string, keyGroups int,
 		}
 	}
 	v.mu.Unlock()
+	if len(runs) == 0 {
+		return nil
+	}
 
+	// Step 1 of the marks' protocol (see PebbleState): every run is
+	// marked dirty before any of them changes. Not flushed here: an
+	// advance changes its run by batches only, which a crash recovers in
+	// commit order, after the mark; a refold's drop and import are
+	// durable at once, so it flushes the mark first (below).
+	rs := make([]keygroup.Range, len(runs))
+	for i, rn := range runs {
+		rs[i] = rn.r
+	}
+	if err := p.setMarks(v, stream, rs, markDirty, 0, resets, false); err != nil {
+		v.mu.Lock()
+		v.dirty = true
+		v.mu.Unlock()
+		return err
+	}
+	p.step("dirty marked")
 	for i, rn := range runs {
 		r := rn.r
 		advanced, err := p.advance(ctx, v, stream, rn.from, cp, r)
 		if err == nil && !advanced {
 			p.refolds.Add(1)
-			err = p.store.DropKeyGroups(ctx, stream, r)
+			if rn.from != staleKG { // marked clean until step 1
+				err = p.store.Flush()
+			}
+			if err == nil {
+				err = p.store.DropKeyGroups(ctx, stream, r)
+			}
+			p.step("dropped")
 			if err == nil && cp != 0 {
 				err = p.restore(ctx, v, stream, cp, r)
 			}
 		}
+		if err == nil {
+			// Step 3: after the data, not flushed.
+			err = p.setMarks(v, stream, []keygroup.Range{r}, markClean, cp, resets, false)
+			p.step("clean marked")
+		}
 		v.mu.Lock()
-		if len(v.base) != keyGroups {
+		if len(v.base) != keyGroups || v.resets != resets {
 			v.mu.Unlock()
 			return nil // the stream was recreated meanwhile: everything is stale
 		}
@@ -1198,6 +1563,9 @@ func (p *PebbleState) advance(ctx context.Context, v *pebbleStream, stream strin
 		return false, nil
 	}
 	parts, err := p.node.CheckpointParts(ctx, stream, from)
+	if errors.Is(err, changelog.ErrCheckpointNotFound) {
+		return false, nil // from is retired (e.g. while the node was down): refold
+	}
 	if err != nil {
 		return false, err
 	}
@@ -1224,7 +1592,7 @@ func (p *PebbleState) advance(ctx context.Context, v *pebbleStream, stream strin
 	if covered != int(r.Hi)-int(r.Lo)+1 {
 		return false, nil // some key groups do not start from from
 	}
-	logID := fmt.Sprintf("checkpoint %d..%d#%d", from, to, p.folds.Add(1))
+	logID := fmt.Sprintf("checkpoint %d..%d#%s", from, to, p.foldID())
 	if err := p.fold(ctx, v, stream, logID, p.node.ReplayPlan(ctx, pl), true, 0); err != nil {
 		return false, err
 	}
@@ -1243,7 +1611,8 @@ func (p *PebbleState) restore(ctx context.Context, v *pebbleStream, stream strin
 	if err := p.importSnapshot(ctx, v, stream, pl); err != nil {
 		return err
 	}
-	logID := fmt.Sprintf("checkpoint %d#%d", cp, p.folds.Add(1))
+	p.step("imported")
+	logID := fmt.Sprintf("checkpoint %d#%s", cp, p.foldID())
 	return p.fold(ctx, v, stream, logID, p.node.ReplayPlan(ctx, pl), true, 0)
 }
 
@@ -1259,6 +1628,7 @@ func (p *PebbleState) importSnapshot(ctx context.Context, v *pebbleStream, strea
 		if err := p.store.ImportSnapshot(ctx, p.node.BlobStore(), b.Snapshot, b.Ranges, materializer.ImportOptions{SkipApplied: true, Lazy: true}); err != nil {
 			return fmt.Errorf("stream %s: %w", stream, err)
 		}
+		p.imports.Add(1)
 		for _, r := range b.Ranges {
 			v.addUnnamed(r)
 		}
@@ -1300,7 +1670,7 @@ func (p *PebbleState) Get(ctx context.Context, stream string, kg uint16, state s
 		return nil, false, err
 	}
 	v := p.view(stream)
-	if err := p.refresh(ctx, stream, cfg.KeyGroups, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
+	if err := p.refresh(ctx, stream, cfg, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
 		return nil, false, err
 	}
 	if err := p.awaitFold(ctx, stream, v, keygroup.Range{Lo: kg, Hi: kg}); err != nil {
@@ -1322,7 +1692,7 @@ func (p *PebbleState) Scan(ctx context.Context, q ScanQuery) ([]Entry, bool, err
 		return nil, false, err
 	}
 	v := p.view(q.Stream)
-	if err := p.refresh(ctx, q.Stream, cfg.KeyGroups, v, q.KeyGroups); err != nil {
+	if err := p.refresh(ctx, q.Stream, cfg, v, q.KeyGroups); err != nil {
 		return nil, false, err
 	}
 	if err := p.awaitFold(ctx, q.Stream, v, q.KeyGroups); err != nil {

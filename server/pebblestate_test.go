@@ -284,8 +284,8 @@ func TestPebbleStateOps(t *testing.T) {
 }
 
 // A writer resumed after a restart serves what it appended before (Replay),
-// on top of the checkpoint it started from; the state directory is wiped
-// and rebuilt.
+// on top of the checkpoint it started from; until it resumes, its key
+// groups serve the checkpoint (its view is dropped by the reopen).
 func TestPebbleStateResumeAfterRestart(t *testing.T) {
 	dirs := newPebbleDirs(t)
 	n, _ := startPebbleNode(t, dirs, false)

@@ -50,7 +50,8 @@ type Options struct {
 	// server calls them.
 	State StateReader
 	// StateDir is the directory of the PebbleState serving reads. It is a
-	// cache rebuilt from the blob store: its store is wiped on New.
+	// cache of the blob store: New reopens it keeping the key groups that
+	// hold a complete checkpoint, and rebuilds the rest (OpenPebbleState).
 	StateDir string
 	// ReadWait bounds how long a read of key groups of a writer of this
 	// node waits for the PebbleState's fold to reach that writer's last
