@@ -530,12 +530,21 @@ func (n *Node) freshHandle(ctx context.Context, name string) (*streamHandle, err
 
 // Checkpoints returns the complete checkpoints of a stream, oldest first.
 func (n *Node) Checkpoints(ctx context.Context, stream string) ([]CheckpointComplete, error) {
+	_, cps, err := n.StreamCheckpoints(ctx, stream)
+	return cps, err
+}
+
+// StreamCheckpoints returns the stream's definition and its complete
+// checkpoints, oldest first, read from one view of its journal: a caller
+// that follows one incarnation of a name (a CDC feed) learns from the
+// definition that the stream was deleted and created again.
+func (n *Node) StreamCheckpoints(ctx context.Context, stream string) (StreamConfig, []CheckpointComplete, error) {
 	h, err := n.freshHandle(ctx, stream)
 	if err != nil {
-		return nil, err
+		return StreamConfig{}, nil, err
 	}
 	st := h.journal.snapshot()
-	return st.checkpoints, nil
+	return h.cfg, st.checkpoints, nil
 }
 
 func newNonce() string {

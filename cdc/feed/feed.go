@@ -122,7 +122,11 @@ type Config struct {
 	Notify func() <-chan struct{}
 	// CacheSize is each feed store's Pebble block cache (default 8 MiB).
 	CacheSize int64
-	Logger    *slog.Logger
+	// CacheBytes bounds each feed's in-memory cache of changed and read
+	// values (default 64 MiB): before-images of hot keys without a Pebble
+	// read.
+	CacheBytes int
+	Logger     *slog.Logger
 }
 
 const (

@@ -238,8 +238,14 @@ func (d delivered) String() string {
 // collect runs a feed with NoFollow and returns its events and messages.
 func collect(t *testing.T, node *changelog.Node, req Request) (evs []delivered, batches []Batch) {
 	t.Helper()
+	return collectWith(t, Config{Node: node, Dir: t.TempDir()}, req)
+}
+
+// collectWith is collect with a feed configuration.
+func collectWith(t *testing.T, cfg Config, req Request) (evs []delivered, batches []Batch) {
+	t.Helper()
 	req.NoFollow = true
-	err := Run(context.Background(), Config{Node: node, Dir: t.TempDir()}, req, func(b *Batch) error {
+	err := Run(context.Background(), cfg, req, func(b *Batch) error {
 		for _, e := range b.Events {
 			e.Key, e.Value = slices.Clone(e.Key), slices.Clone(e.Value)
 			evs = append(evs, delivered{checkpoint: b.Checkpoint, ev: e, token: b.Base.WithOrdinal(e.Ordinal)})
@@ -282,6 +288,17 @@ func TestFeedModel(t *testing.T) {
 					evs, batches := collect(t, wl.node, req)
 					checkState(t, wl, form, evs, batches)
 					checkResume(t, wl, req, evs, batches)
+					// A cache of a few hundred bytes: values are flushed to
+					// Pebble and evicted all the time, with the same events.
+					tiny, _ := collectWith(t, Config{Node: wl.node, Dir: t.TempDir(), CacheBytes: 600}, req)
+					if len(tiny) != len(evs) {
+						t.Fatalf("with a tiny cache: %d events, want %d", len(tiny), len(evs))
+					}
+					for i := range tiny {
+						if tiny[i].String() != evs[i].String() {
+							t.Fatalf("with a tiny cache, event %d is %v, want %v", i, tiny[i], evs[i])
+						}
+					}
 				})
 			}
 		})

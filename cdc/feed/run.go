@@ -50,6 +50,9 @@ func Run(ctx context.Context, cfg Config, req Request, send func(*Batch) error) 
 	if cfg.CacheSize <= 0 {
 		cfg.CacheSize = defaultCacheSize
 	}
+	if cfg.CacheBytes <= 0 {
+		cfg.CacheBytes = defaultCacheBytes
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -95,9 +98,13 @@ func (f *feed) token(snapshot bool, after, checkpoint, ordinal uint64) cdc.Token
 // checkpoints returns the complete checkpoint ids of the stream, in
 // journal order (ascending: a completion needs an id above the newest).
 func (f *feed) checkpoints(ctx context.Context) ([]uint64, error) {
-	cps, err := f.cfg.Node.Checkpoints(ctx, f.req.Stream)
+	scfg, cps, err := f.cfg.Node.StreamCheckpoints(ctx, f.req.Stream)
 	if err != nil {
 		return nil, err
+	}
+	if scfg.Incarnation != f.inc {
+		// Its checkpoints are another stream's: never continue with them.
+		return nil, fmt.Errorf("stream %s was deleted and created again: %w", f.req.Stream, changelog.ErrStreamNotFound)
 	}
 	ids := make([]uint64, len(cps))
 	for i, c := range cps {
@@ -237,11 +244,16 @@ func (f *feed) begin(ctx context.Context) (uint64, error) {
 			return 0, fmt.Errorf("%w: token of stream %q", ErrTokenMismatch, tok.Stream)
 		case tok.Incarnation != f.inc:
 			return 0, fmt.Errorf("%w: token of an earlier incarnation of stream %q (deleted and created again)", ErrTokenMismatch, tok.Stream)
-		// Ordinals count the events of the token's key groups in its form;
-		// a boundary, or the start of a snapshot, is the same position in
-		// any.
+		// Ordinals count the events of the token's key groups in its form,
+		// so a position inside a checkpoint or a snapshot resumes only
+		// with the same key groups and form. A boundary says the state of
+		// the token's key groups was delivered: it resumes any of them
+		// (not more), in any form; the start of a snapshot (ordinal 0)
+		// resumes anything (the scan starts with a reset).
 		case tok.Ordinal != 0 && tok.KeyGroups != f.r:
 			return 0, fmt.Errorf("%w: token of key groups %s, subscription has %s", ErrTokenMismatch, tok.KeyGroups, f.r)
+		case tok.Boundary() && !tok.KeyGroups.Covers(f.r):
+			return 0, fmt.Errorf("%w: token of key groups %s does not cover the subscription's %s (their state was not delivered)", ErrTokenMismatch, tok.KeyGroups, f.r)
 		case tok.Ordinal != 0 && tok.Form != f.req.Form:
 			return 0, fmt.Errorf("%w: token of the %s form, subscription asks for %s", ErrTokenMismatch, tok.Form, f.req.Form)
 		}
@@ -502,14 +514,18 @@ func (f *feed) materialize(ctx context.Context, after uint64, pl changelog.Resto
 // the restore plan of cp with after's state as its only base.
 func (f *feed) lineage(ctx context.Context, after, cp uint64) (changelog.RestorePlan, bool, error) {
 	node := f.cfg.Node
-	var base *changelog.Snapshot
+	var (
+		base       *changelog.Snapshot
+		afterParts []changelog.Part
+	)
 	if after != 0 {
-		parts, err := node.CheckpointParts(ctx, f.req.Stream, after)
+		var err error
+		afterParts, err = node.CheckpointParts(ctx, f.req.Stream, after)
 		if err != nil {
 			return changelog.RestorePlan{}, false, err
 		}
-		base = &changelog.Snapshot{Stream: f.req.Stream, Checkpoint: after, Logs: make(map[string]uint64, len(parts))}
-		for _, pt := range parts {
+		base = &changelog.Snapshot{Stream: f.req.Stream, Checkpoint: after, Logs: make(map[string]uint64, len(afterParts))}
+		for _, pt := range afterParts {
 			base.Logs[pt.LogID] = pt.UpToSQN
 		}
 	}
@@ -520,19 +536,53 @@ func (f *feed) lineage(ctx context.Context, after, cp uint64) (changelog.Restore
 	if err != nil {
 		return changelog.RestorePlan{}, false, err
 	}
-	covered := 0
+	// Every key group of the feed must continue its state at after: taken
+	// from after (a base of after), or empty at after and rebuilt from the
+	// empty state (no part in after, no base), or empty in both (no part
+	// in cp: key groups no writer owns hold nothing; a checkpoint cannot
+	// complete while owned ones are orphaned).
+	cpParts, err := node.CheckpointParts(ctx, f.req.Stream, cp)
+	if err != nil {
+		return changelog.RestorePlan{}, false, err
+	}
+	fromAfter, ownedAtCP, ownedAtAfter := f.keyGroupSet(), f.keyGroupSet(), f.keyGroupSet()
 	for _, b := range pl.Bases {
 		if b.Snapshot.Checkpoint != after {
 			return changelog.RestorePlan{}, false, nil
 		}
 		for _, br := range b.Ranges {
-			covered += int(br.Hi) - int(br.Lo) + 1
+			fromAfter.add(br)
 		}
 	}
-	if after != 0 && covered != int(f.r.Hi)-int(f.r.Lo)+1 {
-		return changelog.RestorePlan{}, false, nil // some key groups do not continue from after
+	for _, p := range cpParts {
+		ownedAtCP.add(p.KeyGroups)
+	}
+	for _, p := range afterParts {
+		ownedAtAfter.add(p.KeyGroups)
+	}
+	for i := range fromAfter.in {
+		if !fromAfter.in[i] && ownedAtCP.in[i] && ownedAtAfter.in[i] {
+			return changelog.RestorePlan{}, false, nil // a key group does not continue from after
+		}
 	}
 	return pl, true, nil
+}
+
+// keyGroups is a set of the feed's key groups.
+type keyGroups struct {
+	r  keygroup.Range
+	in []bool // in[g-r.Lo]
+}
+
+func (f *feed) keyGroupSet() keyGroups {
+	return keyGroups{r: f.r, in: make([]bool, int(f.r.Hi)-int(f.r.Lo)+1)}
+}
+
+// add adds the key groups of o that are the feed's.
+func (k keyGroups) add(o keygroup.Range) {
+	for g := max(int(o.Lo), int(k.r.Lo)); g <= min(int(o.Hi), int(k.r.Hi)); g++ {
+		k.in[g-int(k.r.Lo)] = true
+	}
 }
 
 // apply folds one change into the state and emits the events it causes.

@@ -21,14 +21,14 @@ const foldLog = "cdc-feed"
 
 // The overlay holds the values of recently changed or read keys: changed
 // ones until they are applied to Pebble (dirty), then as a cache of the
-// state, bounded by overlayLimitBytes. Before-images of hot keys are then
+// state, bounded by Config.CacheBytes. Before-images of hot keys are then
 // a map lookup, not a Pebble read.
 const (
 	// feedMemTableSize: each feed has a store; Pebble's default (32 MiB,
 	// and two of them while one flushes) would dominate a node serving
 	// many subscriptions.
 	feedMemTableSize  = 8 << 20
-	overlayLimitBytes = 64 << 20
+	defaultCacheBytes = 64 << 20
 	// overlayDirtyBytes: dirty entries are applied to Pebble when they
 	// reach this.
 	overlayDirtyBytes = 16 << 20
@@ -166,7 +166,27 @@ func (s *state) get(kg uint16, st string, key []byte) ([]byte, bool, error) {
 	e := &overlayEntry{kg: kg, state: st, key: append([]byte(nil), key...), value: v, deleted: !ok}
 	s.overlay[string(k)] = e
 	s.ovBytes += e.size()
+	if s.ovBytes >= s.cfg.CacheBytes {
+		// Reads alone (a retract feed's deletes of missing keys) must not
+		// grow the cache past its bound either.
+		s.trim(e)
+	}
 	return e.value, ok, nil
+}
+
+// trim evicts clean entries (never keep, which the caller holds) until the
+// cache is at half its bound or only dirty entries are left.
+func (s *state) trim(keep *overlayEntry) {
+	for k, e := range s.overlay { // map order: a random eviction
+		if s.ovBytes < s.cfg.CacheBytes/2 {
+			return
+		}
+		if e.dirty || e == keep {
+			continue
+		}
+		s.ovBytes -= e.size()
+		delete(s.overlay, k)
+	}
 }
 
 // set records the key's new value (deleted: removed).
@@ -187,7 +207,7 @@ func (s *state) set(ctx context.Context, kg uint16, st string, key, value []byte
 		s.dirty = append(s.dirty, e)
 	}
 	s.dirtyBytes += len(key) + len(value) + 32
-	if s.dirtyBytes >= overlayDirtyBytes || s.ovBytes >= overlayLimitBytes {
+	if s.dirtyBytes >= min(overlayDirtyBytes, s.cfg.CacheBytes/4) || s.ovBytes >= s.cfg.CacheBytes {
 		return s.flush(ctx)
 	}
 	return nil
@@ -216,14 +236,8 @@ func (s *state) flush(ctx context.Context) error {
 		clear(s.dirty)
 		s.dirty, s.dirtyBytes = s.dirty[:0], 0
 	}
-	if s.ovBytes >= overlayLimitBytes {
-		for k, e := range s.overlay { // map order: a random eviction
-			s.ovBytes -= e.size()
-			delete(s.overlay, k)
-			if s.ovBytes < overlayLimitBytes/2 {
-				break
-			}
-		}
+	if s.ovBytes >= s.cfg.CacheBytes {
+		s.trim(nil)
 	}
 	return nil
 }

@@ -361,12 +361,16 @@ func (s *Subscription) validate() error {
 	bad := func(format string, args ...any) error {
 		return withSentinel(invalid(op, "token "+format, args...), ErrBadToken)
 	}
+	// The node decides the rest (docs/cdc.md, "Tokens"): a position inside
+	// a checkpoint or a snapshot resumes only with its key groups and form,
+	// a boundary with any form and key groups it covers. Checked here only
+	// where the answer cannot depend on the stream (its key-group count).
 	switch {
 	case t.Stream != s.stream:
 		return bad("of stream %q, not %q", t.Stream, s.stream)
-	case t.Form != o.Form.cdc():
+	case t.Ordinal != 0 && t.Form != o.Form.cdc():
 		return bad("of the %v form, not %v", t.Form, o.Form)
-	case o.KeyGroups != nil && (int(t.KeyGroups.Lo) != o.KeyGroups.Lo || int(t.KeyGroups.Hi) != o.KeyGroups.Hi):
+	case t.Ordinal != 0 && o.KeyGroups != nil && (int(t.KeyGroups.Lo) != o.KeyGroups.Lo || int(t.KeyGroups.Hi) != o.KeyGroups.Hi):
 		return bad("of key groups %d..%d, not %d..%d", t.KeyGroups.Lo, t.KeyGroups.Hi, o.KeyGroups.Lo, o.KeyGroups.Hi)
 	}
 	return nil
