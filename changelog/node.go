@@ -75,7 +75,10 @@ type Options struct {
 	// subscription is expired and holds nothing (subscription.go; default
 	// DefaultSubscriptionMaxHold, 24h; negative: no cap).
 	SubscriptionMaxHold time.Duration
-	Logger              *slog.Logger
+	// SubscriptionMaxHoldFor overrides SubscriptionMaxHold for the streams
+	// it names (negative: no cap for that stream).
+	SubscriptionMaxHoldFor map[string]time.Duration
+	Logger                 *slog.Logger
 }
 
 // ErrClosed: the node or writer was closed.

@@ -143,12 +143,17 @@ func subscriptionKey(ns streamNS, name string, seq uint64) string {
 	return fmt.Sprintf("%s%020d", subscriptionPrefix(ns, name), seq)
 }
 
-// maxHold returns the cap, 0 for none.
-func (n *Node) maxHold() time.Duration {
-	if n.opts.SubscriptionMaxHold < 0 {
+// maxHold returns the cap of a stream's subscriptions, 0 for none: its
+// entry in SubscriptionMaxHoldFor, else SubscriptionMaxHold.
+func (n *Node) maxHold(stream string) time.Duration {
+	cap := n.opts.SubscriptionMaxHold
+	if c, ok := n.opts.SubscriptionMaxHoldFor[stream]; ok {
+		cap = c
+	}
+	if cap < 0 {
 		return 0
 	}
-	return n.opts.SubscriptionMaxHold
+	return cap
 }
 
 // holdExpired reports whether a subscription holding hold is past the cap
@@ -201,7 +206,7 @@ func (n *Node) checkNotExpired(stream string, s *journalState, hold uint64) erro
 	if holdForgotten(s, hold) {
 		return fmt.Errorf("stream %s: checkpoint %d or a later one was forgotten: %w", stream, hold, ErrCheckpointNotRestorable)
 	}
-	if holdExpired(s, hold, n.clock.Now(), n.maxHold()) {
+	if holdExpired(s, hold, n.clock.Now(), n.maxHold(stream)) {
 		return fmt.Errorf("stream %s: checkpoint %d: %w", stream, hold, ErrSubscriptionExpired)
 	}
 	return nil
@@ -293,8 +298,8 @@ func (n *Node) CommitSubscription(ctx context.Context, stream, name string, toke
 		now := n.clock.Now()
 		// Conservatively expired: a GC round on a node whose clock is
 		// ahead by the tolerated skew may have released the old hold.
-		curExpired := cur.Expired || holdExpired(&js, cur.Hold, now.Add(gcMarkerSkew), n.maxHold())
-		newExpired := holdExpired(&js, hold, now, n.maxHold())
+		curExpired := cur.Expired || holdExpired(&js, cur.Hold, now.Add(gcMarkerSkew), n.maxHold(stream))
+		newExpired := holdExpired(&js, hold, now, n.maxHold(stream))
 		check := !newExpired && (hold < cur.Hold || curExpired)
 		next := cur
 		next.Token, next.Hold, next.UpdatedAtMs = bytes.Clone(token), hold, now.UnixMilli()
@@ -330,7 +335,7 @@ func (n *Node) Subscription(ctx context.Context, stream, name string) (Subscript
 		return SubscriptionRecord{}, err
 	}
 	js := h.journal.snapshot()
-	rec.Expired = rec.Expired || holdExpired(&js, rec.Hold, n.clock.Now(), n.maxHold())
+	rec.Expired = rec.Expired || holdExpired(&js, rec.Hold, n.clock.Now(), n.maxHold(stream))
 	return rec, nil
 }
 
@@ -348,7 +353,7 @@ func (n *Node) Subscriptions(ctx context.Context, stream string) ([]Subscription
 	js := h.journal.snapshot()
 	now := n.clock.Now()
 	for i := range recs {
-		recs[i].Expired = recs[i].Expired || holdExpired(&js, recs[i].Hold, now, n.maxHold())
+		recs[i].Expired = recs[i].Expired || holdExpired(&js, recs[i].Hold, now, n.maxHold(stream))
 	}
 	return recs, nil
 }
@@ -683,7 +688,7 @@ func (n *Node) subscriptionHolds(ctx context.Context, h *streamHandle, js *journ
 		if rec.Expired {
 			continue
 		}
-		if holdExpired(js, rec.Hold, now, n.maxHold()) {
+		if holdExpired(js, rec.Hold, now, n.maxHold(h.cfg.Name)) {
 			if mark {
 				n.markExpired(ctx, ns, rec, now)
 			}
@@ -708,7 +713,7 @@ func (n *Node) markExpired(ctx context.Context, ns streamNS, rec SubscriptionRec
 		return
 	}
 	n.log.Info("subscription expired: it no longer holds truncation or garbage collection back",
-		"stream", ns.name, "subscription", rec.Name, "hold", rec.Hold, "cap", n.maxHold(), "at", now)
+		"stream", ns.name, "subscription", rec.Name, "hold", rec.Hold, "cap", n.maxHold(ns.name), "at", now)
 	n.deleteOlderSubscriptions(ctx, ns, rec.Name, next.Seq)
 }
 

@@ -435,3 +435,34 @@ func TestSubscriptionStreamDelete(t *testing.T) {
 		t.Fatalf("recreated stream has subscriptions %+v %v", recs, err)
 	}
 }
+
+// SubscriptionMaxHoldFor gives a stream its own cap: a stream with a short
+// one expires where the node's default would still hold, and one with no
+// cap (negative) never does.
+func TestSubscriptionMaxHoldPerStream(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		cap     time.Duration
+		expired bool
+	}{{"short", time.Hour, true}, {"none", -1, false}, {"default", 0, false}} {
+		t.Run(c.name, func(t *testing.T) {
+			clk := &offsetClock{}
+			e := newSubEnv(t, nil, 8, func(o *Options) {
+				o.Clock = clk
+				if c.cap != 0 {
+					o.SubscriptionMaxHoldFor = map[string]time.Duration{"s": c.cap}
+				}
+			})
+			a := e.open(e.full(), 0)
+			e.steps(a, 1, 2)
+			if _, err := e.n.CreateSubscription(e.ctx, "s", SubscriptionRecord{Name: "x", Hold: 1}); err != nil {
+				t.Fatal(err)
+			}
+			clk.advance(2 * time.Hour) // past the short cap, far inside the default 24h
+			rec, err := e.n.Subscription(e.ctx, "s", "x")
+			if err != nil || rec.Expired != c.expired {
+				t.Fatalf("after 2h with cap %v: %+v %v, want expired %v", c.cap, rec, err, c.expired)
+			}
+		})
+	}
+}

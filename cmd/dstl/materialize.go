@@ -53,16 +53,17 @@ func (m *materializeFlags) config(log *slog.Logger) materializer.Config {
 }
 
 type materializeOptions struct {
-	blobURL    string
-	dataDir    string
-	streams    []string
-	once       bool
-	listen     string
-	logFormat  string
-	logLevel   string
-	gcInterval time.Duration
-	cdcMaxHold time.Duration
-	mat        materializeFlags
+	blobURL       string
+	dataDir       string
+	streams       []string
+	once          bool
+	listen        string
+	logFormat     string
+	logLevel      string
+	gcInterval    time.Duration
+	cdcMaxHold    time.Duration
+	cdcMaxHoldFor map[string]string
+	mat           materializeFlags
 }
 
 func newMaterializeCommand() *cobra.Command {
@@ -101,6 +102,7 @@ download of the newest snapshot.`,
 	f.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of snapshot garbage collection (negative disables it)")
 	f.DurationVar(&o.cdcMaxHold, "cdc-max-hold", changelog.DefaultSubscriptionMaxHold, "retention cap of registered CDC subscriptions, as for 'dstl serve' (use the same value on every node)")
+	f.StringToStringVar(&o.cdcMaxHoldFor, "cdc-max-hold-for", nil, "--cdc-max-hold for some streams, as for 'dstl serve'")
 	o.mat.add(f)
 	addConfigFlag(cmd)
 	return cmd
@@ -112,6 +114,10 @@ func materialize(cmd *cobra.Command, o materializeOptions) error {
 		return errors.New("--blob is required: the materializer reads the blob store the nodes write (e.g. --blob ./dstl-data/blobs)")
 	}
 	log, err := newLogger(o.logFormat, o.logLevel)
+	if err != nil {
+		return err
+	}
+	maxHoldFor, err := parseMaxHoldFor(o.cdcMaxHoldFor)
 	if err != nil {
 		return err
 	}
@@ -129,7 +135,7 @@ func materialize(cmd *cobra.Command, o materializeOptions) error {
 	defer store.Close()
 	// A node without writers: it reads journals, parts and segments, and
 	// its garbage collection deletes the snapshot records nothing uses.
-	node, err := changelog.Open(ctx, changelog.Options{Store: store, DataDir: filepath.Join(dataDir, "node"), Logger: log, GCInterval: o.gcInterval, SubscriptionMaxHold: o.cdcMaxHold})
+	node, err := changelog.Open(ctx, changelog.Options{Store: store, DataDir: filepath.Join(dataDir, "node"), Logger: log, GCInterval: o.gcInterval, SubscriptionMaxHold: o.cdcMaxHold, SubscriptionMaxHoldFor: maxHoldFor})
 	if err != nil {
 		return fmt.Errorf("open node: %w", err)
 	}

@@ -48,6 +48,7 @@ type serveOptions struct {
 	gcInterval        time.Duration
 	gcGrace           time.Duration
 	cdcMaxHold        time.Duration
+	cdcMaxHoldFor     map[string]string
 	tlsCert, tlsKey   string
 	shutdownTimeout   time.Duration
 	materialize       bool
@@ -106,6 +107,7 @@ uploads everything acknowledged and exits 0. A second signal exits at once.`,
 	f.DurationVar(&o.gcInterval, "gc-interval", time.Minute, "period of garbage collection: truncation below published snapshots, segments, unused snapshot records (negative disables it)")
 	f.DurationVar(&o.gcGrace, "gc-grace", 10*time.Minute, "segments younger than this are never collected (an upload may still be in flight)")
 	f.DurationVar(&o.cdcMaxHold, "cdc-max-hold", changelog.DefaultSubscriptionMaxHold, "how far back a registered CDC subscription may hold truncation and garbage collection: once the oldest checkpoint it has not consumed completed longer ago, it is expired and holds nothing (negative: no cap)")
+	f.StringToStringVar(&o.cdcMaxHoldFor, "cdc-max-hold-for", nil, "--cdc-max-hold for some streams: STREAM=DURATION[,STREAM=DURATION...] (repeatable)")
 	f.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate file (PEM); with --tls-key serves TLS instead of h2c")
 	f.StringVar(&o.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	f.DurationVar(&o.shutdownTimeout, "shutdown-timeout", time.Minute, "how long a graceful shutdown may take to upload what is pending")
@@ -144,6 +146,10 @@ func serve(ctx context.Context, o serveOptions) error {
 	if (o.tlsCert == "") != (o.tlsKey == "") {
 		return errors.New("--tls-cert and --tls-key go together")
 	}
+	maxHoldFor, err := parseMaxHoldFor(o.cdcMaxHoldFor)
+	if err != nil {
+		return err
+	}
 	dataDir, err := filepath.Abs(o.dataDir)
 	if err != nil {
 		return fmt.Errorf("data dir %q: %w", o.dataDir, err)
@@ -173,7 +179,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		GCInterval:        o.gcInterval,
 		GCGrace:           o.gcGrace,
 		// 0 would mean the default to the node: keep "no cap" explicit.
-		SubscriptionMaxHold: o.cdcMaxHold,
+		SubscriptionMaxHold: o.cdcMaxHold, SubscriptionMaxHoldFor: maxHoldFor,
 	}
 	nodeOpts.Scheduler.Interval = o.uploadInterval
 	nodeOpts.Scheduler.BatchDelay = o.batchDelay
@@ -365,4 +371,20 @@ func hydrateBandwidth(flag int64) int64 {
 		return -1
 	}
 	return flag
+}
+
+// parseMaxHoldFor parses --cdc-max-hold-for: stream names and durations.
+func parseMaxHoldFor(m map[string]string) (map[string]time.Duration, error) {
+	out := make(map[string]time.Duration, len(m))
+	for stream, v := range m {
+		if err := changelog.ValidateStreamName(stream); err != nil {
+			return nil, fmt.Errorf("--cdc-max-hold-for %s=%s: %w", stream, v, err)
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return nil, fmt.Errorf("--cdc-max-hold-for %s=%s: %w", stream, v, err)
+		}
+		out[stream] = d
+	}
+	return out, nil
 }
