@@ -22,6 +22,7 @@ import (
 
 	"github.com/dstl-dev/dstl/api/dstl/v1/dstlv1/dstlv1connect"
 	"github.com/dstl-dev/dstl/changelog"
+	"github.com/dstl-dev/dstl/internal/zstdwire"
 	"github.com/dstl-dev/dstl/materializer"
 )
 
@@ -231,6 +232,8 @@ func (s *Server) Handler() http.Handler {
 		connect.WithReadMaxBytes(s.opts.MaxMessageBytes),
 		connect.WithCompressMinBytes(compressMinBytes),
 		connect.WithCompression("gzip", newGzipReader, newGzipWriter),
+		// Registered last: preferred by clients that accept it (the SDK).
+		connect.WithCompression(zstdwire.Name, zstdwire.NewDecompressor, zstdwire.NewCompressor),
 	}
 	mux := http.NewServeMux()
 	mux.Handle(dstlv1connect.NewStreamServiceHandler(&streamService{s}, opts...))

@@ -565,3 +565,43 @@ func TestRegisteredSubscriptions(t *testing.T) {
 		}
 	})
 }
+
+// A remote client and the node agree on zstd for large responses (both
+// register it after gzip, so it is preferred), and the events arrive
+// intact.
+func TestSubscribeResponsesUseZstd(t *testing.T) {
+	var mu sync.Mutex
+	encodings := map[string]bool{}
+	url := serveTCP(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h.ServeHTTP(w, r)
+			mu.Lock()
+			defer mu.Unlock()
+			for _, k := range []string{"Connect-Content-Encoding", "Content-Encoding", "Grpc-Encoding"} {
+				if v := w.Header().Get(k); v != "" {
+					encodings[v] = true
+				}
+			}
+		})
+	})
+	c, err := dstl.Dial(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cw := newCDCWriter(t, c, "s")
+	var kvs []string
+	for i := range 500 {
+		kvs = append(kvs, fmt.Sprintf("key-%03d=%s", i, strings.Repeat("v", 40)))
+	}
+	cw.commit(kvs...)
+	got, _ := drain(t, c.Subscribe(t.Context(), "s", dstl.SubscribeOptions{NoFollow: true}))
+	if len(got) != 501 {
+		t.Fatalf("%d events, want 500 and a marker", len(got))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !encodings["zstd"] {
+		t.Fatalf("response encodings %v, want zstd", encodings)
+	}
+}
