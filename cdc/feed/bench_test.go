@@ -2,17 +2,13 @@ package feed
 
 import (
 	"context"
-	"encoding/binary"
-	"fmt"
-	"math/rand/v2"
 	"os"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/dstl-dev/dstl/cdc"
-	"github.com/dstl-dev/dstl/changelog"
-	"github.com/dstl-dev/dstl/changelog/keygroup"
+	"github.com/dstl-dev/dstl/cdc/cdctest"
 )
 
 // BenchmarkReplay measures a feed replaying committed changes from the blob
@@ -33,42 +29,7 @@ func BenchmarkReplay(b *testing.B) {
 	}
 	ctx := context.Background()
 	node := openNode(b)
-	if _, err := node.CreateStream(ctx, "s", 128); err != nil {
-		b.Fatal(err)
-	}
-	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Full(128)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(1, 2))
-	batch := make([]changelog.Change, 0, 1000)
-	var id uint64
-	for i := 0; i < total; i++ {
-		key := fmt.Appendf(nil, "key-%012d", i%100_000)
-		// Half random, half text: roughly what zstd makes of real values.
-		value := make([]byte, 100)
-		for j := 0; j < 50; j += 8 {
-			binary.LittleEndian.PutUint64(value[j:], rng.Uint64())
-		}
-		copy(value[56:], "status=active;region=eu-west-1;tier=standard;x")
-		c := changelog.Change{KeyGroup: keygroup.Of(key, 128), State: "v", Op: changelog.OpPut, Key: key, Value: value}
-		if i%10 == 9 {
-			c.Op, c.Value = changelog.OpDelete, nil
-		}
-		batch = append(batch, c)
-		if len(batch) == cap(batch) || i == total-1 {
-			if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
-				b.Fatal(err)
-			}
-			batch = batch[:0]
-		}
-		if (i+1)%(total/10) == 0 || i == total-1 {
-			id++
-			if _, err := w.Checkpoint(ctx, id, nil); err != nil {
-				b.Fatal(err)
-			}
-		}
-	}
+	id := cdctest.WriteReplayWorkload(b, node, "s", total)
 	parts, err := node.CheckpointParts(ctx, "s", id)
 	if err != nil {
 		b.Fatal(err)

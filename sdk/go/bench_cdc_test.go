@@ -22,9 +22,9 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/dstl-dev/dstl/cdc"
+	"github.com/dstl-dev/dstl/cdc/cdctest"
 	"github.com/dstl-dev/dstl/cdc/feed"
 	"github.com/dstl-dev/dstl/changelog"
-	"github.com/dstl-dev/dstl/changelog/keygroup"
 	"github.com/dstl-dev/dstl/materializer"
 	dstl "github.com/dstl-dev/dstl/sdk/go"
 	"github.com/dstl-dev/dstl/server"
@@ -171,48 +171,6 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 	return s[max(0, min(i, len(s)-1))]
 }
 
-// writeReplayWorkload writes cdc/feed BenchmarkReplay's workload: total
-// changes (100k keys, 16-byte keys, 100-byte values half random, 10%
-// deletes) as 10 checkpoints of stream "s", with the node's own writer.
-func writeReplayWorkload(b *testing.B, node *changelog.Node, total int) {
-	ctx := b.Context()
-	if _, err := node.CreateStream(ctx, "s", 128); err != nil {
-		b.Fatal(err)
-	}
-	w, err := node.OpenWriter(ctx, changelog.WriterConfig{Stream: "s", KeyGroups: keygroup.Full(128)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(1, 2))
-	batch := make([]changelog.Change, 0, 1000)
-	var id uint64
-	for i := 0; i < total; i++ {
-		key := fmt.Appendf(nil, "key-%012d", i%100_000)
-		value := make([]byte, 100)
-		for j := 0; j < 50; j += 8 {
-			binary.LittleEndian.PutUint64(value[j:], rng.Uint64())
-		}
-		copy(value[56:], "status=active;region=eu-west-1;tier=standard;x")
-		c := changelog.Change{KeyGroup: keygroup.Of(key, 128), State: "v", Op: changelog.OpPut, Key: key, Value: value}
-		if i%10 == 9 {
-			c.Op, c.Value = changelog.OpDelete, nil
-		}
-		batch = append(batch, c)
-		if len(batch) == cap(batch) || i == total-1 {
-			if _, _, err := w.Append(ctx, batch, changelog.Buffered); err != nil {
-				b.Fatal(err)
-			}
-			batch = batch[:0]
-		}
-		if (i+1)%max(1, total/10) == 0 || i == total-1 {
-			id++
-			if _, err := w.Checkpoint(ctx, id, nil); err != nil {
-				b.Fatal(err)
-			}
-		}
-	}
-}
-
 // BenchmarkSubscribeReplay replays cdc/feed BenchmarkReplay's workload (1M
 // committed changes by default) through Client.Subscribe with NoFollow
 // into a consumer that counts and discards the events: mode=feed is the
@@ -221,7 +179,7 @@ func writeReplayWorkload(b *testing.B, node *changelog.Node, total int) {
 func BenchmarkSubscribeReplay(b *testing.B) {
 	total := benchEnvInt(b, "DSTL_BENCH_CHANGES", 1_000_000)
 	n := openCDCBenchNode(b, benchBlobURL(b), server.Options{})
-	writeReplayWorkload(b, n.node, total)
+	cdctest.WriteReplayWorkload(b, n.node, "s", total)
 	for _, mode := range []string{"feed", "embedded", "remote", "remote-gzip"} {
 		for _, form := range []dstl.Form{dstl.FormUpsert, dstl.FormRetract} {
 			b.Run("mode="+mode+"/form="+form.String(), func(b *testing.B) {
