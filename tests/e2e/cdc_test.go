@@ -526,19 +526,11 @@ func (w *cdcWriter) resume(c *apiClients) {
 // checkpoints it makes.
 func (w *cdcWriter) waitTruncated(n *node, after uint64, timeout time.Duration) *dstlv1.CheckpointPart {
 	w.t.Helper()
-	var part *dstlv1.CheckpointPart
-	poll(w.t, timeout, fmt.Sprintf("a checkpoint of %s whose part of epoch %d is truncated after SQN %d", w.stream, w.epoch, after), func() (bool, string) {
+	return waitPartTruncated(w.t, n, w.stream, w.epoch, after, timeout, func() uint64 {
 		w.appendRandom(1, "poll", false)
 		w.ckpt()
-		cp := getCheckpointCLI(w.t, n.URL, w.stream, w.cp)
-		parts := cp.GetParts()
-		if len(parts) != 1 || parts[0].GetEpoch() != w.epoch {
-			w.t.Fatalf("checkpoint %d of %s: parts %v, want one of epoch %d", w.cp, w.stream, parts, w.epoch)
-		}
-		part = parts[0]
-		return part.GetTruncatedBefore() > after+1, fmt.Sprintf("checkpoint %d: part %v; materialization %v", w.cp, part, cp.GetMaterialization())
+		return w.cp
 	})
-	return part
 }
 
 // waitEarlyCollected checkpoints until no segment on the blob store holds

@@ -354,17 +354,28 @@ func (w *matWriter) checkpoint() {
 // and returns that part.
 func (w *matWriter) waitTruncated(n *node, after uint64, timeout time.Duration) *dstlv1.CheckpointPart {
 	w.t.Helper()
-	var part *dstlv1.CheckpointPart
-	poll(w.t, timeout, fmt.Sprintf("a checkpoint of %s whose part of epoch %d is truncated after SQN %d", w.stream, w.epoch, after), func() (bool, string) {
+	return waitPartTruncated(w.t, n, w.stream, w.epoch, after, timeout, func() uint64 {
 		w.appendRandom(1, "poll", false)
 		w.checkpoint()
-		cp := getCheckpointCLI(w.t, n.URL, w.stream, w.cp)
+		return w.cp
+	})
+}
+
+// waitPartTruncated runs step (a change and a checkpoint of the only
+// writer, epoch; it returns the checkpoint's id) until the checkpoint's
+// part is truncated after SQN after, and returns that part.
+func waitPartTruncated(t *testing.T, n *node, stream string, epoch, after uint64, timeout time.Duration, step func() uint64) *dstlv1.CheckpointPart {
+	t.Helper()
+	var part *dstlv1.CheckpointPart
+	poll(t, timeout, fmt.Sprintf("a checkpoint of %s whose part of epoch %d is truncated after SQN %d", stream, epoch, after), func() (bool, string) {
+		id := step()
+		cp := getCheckpointCLI(t, n.URL, stream, id)
 		parts := cp.GetParts()
-		if len(parts) != 1 || parts[0].GetEpoch() != w.epoch {
-			w.t.Fatalf("checkpoint %d of %s: parts %v, want one of epoch %d", w.cp, w.stream, parts, w.epoch)
+		if len(parts) != 1 || parts[0].GetEpoch() != epoch {
+			t.Fatalf("checkpoint %d of %s: parts %v, want one of epoch %d", id, stream, parts, epoch)
 		}
 		part = parts[0]
-		return part.GetTruncatedBefore() > after+1, fmt.Sprintf("checkpoint %d: part %v; materialization %v", w.cp, part, cp.GetMaterialization())
+		return part.GetTruncatedBefore() > after+1, fmt.Sprintf("checkpoint %d: part %v; materialization %v", id, part, cp.GetMaterialization())
 	})
 	return part
 }
