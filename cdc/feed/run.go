@@ -33,6 +33,9 @@ type feed struct {
 	skip    uint64 // events of the current checkpoint already delivered
 	reset   bool   // the next batch sent carries Reset
 	newest  uint64
+	// complete: the complete checkpoints of the last journal read
+	// (checkpoints), oldest first.
+	complete []changelog.CheckpointComplete
 
 	// descent: the checkpoints the complete checkpoint descentOf descends
 	// from (next).
@@ -113,6 +116,7 @@ func (f *feed) checkpoints(ctx context.Context) ([]uint64, error) {
 	if len(ids) > 0 {
 		f.newest = ids[len(ids)-1]
 	}
+	f.complete = cps
 	return ids, nil
 }
 
@@ -164,12 +168,10 @@ func (f *feed) next(ctx context.Context, ids []uint64, after uint64) (uint64, bo
 	}
 	newest := ids[len(ids)-1]
 	if f.descentOf != newest {
+		// The journal view ids came from (checkpoints): no second read, and
+		// the incarnation it checked.
 		anc := map[uint64]bool{}
-		cps, err := f.cfg.Node.Checkpoints(ctx, f.req.Stream)
-		if err != nil {
-			return 0, false, err
-		}
-		if err := f.ancestors(ctx, cps, newest, f.r, anc, 0); err != nil {
+		if err := f.ancestors(ctx, f.complete, newest, f.r, anc, 0); err != nil {
 			return 0, false, err
 		}
 		f.descent, f.descentOf = anc, newest
